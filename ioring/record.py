@@ -1,0 +1,152 @@
+"""The 64-byte slot record: vyre-runtime's VRRL record, kept byte for byte.
+
+Layout (little-endian, no padding) — `RECORD_DTYPE` below *is* the spec::
+
+    offset  size  field           notes
+    ------  ----  --------------  ------------------------------------------------
+         0     4  magic           u32 0xDEADBEEF; anything else is malformed
+         4     8  timestamp_ns    u64 host wall clock, ns since the Unix epoch
+        12     4  slot_idx        u32 ring slot the host published into
+        16     4  tenant_id       u32 must equal the publisher's tenant
+        20     4  opcode          u32
+        24    16  args            4 x u32
+        40     4  epoch           u32 epoch observed at publish time
+        44     4  slot_status     u32 terminal status, 0 when unknown
+        48     4  failure_class   u32 0 none, 1 device loss, 2 transient queue,
+                                      3 program bug, 4 unclassified (other = 4)
+        52     4  backend_code    u32 stable backend error code, 0 = none
+        56     8  output_digest   u64 first 8 bytes of BLAKE3(output), LE
+
+ringtail never rewrites a record: it stores and returns the published bytes.
+This module only encodes, decodes and checks records; it does no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import blake3
+import numpy
+
+RECORD_SIZE_BYTES = 64
+RECORD_MAGIC = 0xDEADBEEF
+
+RECORD_DTYPE = numpy.dtype(
+    [
+        ("magic", "<u4"),
+        ("timestamp_ns", "<u8"),
+        ("slot_idx", "<u4"),
+        ("tenant_id", "<u4"),
+        ("opcode", "<u4"),
+        ("args", "<u4", (4,)),
+        ("epoch", "<u4"),
+        ("slot_status", "<u4"),
+        ("failure_class", "<u4"),
+        ("backend_code", "<u4"),
+        ("output_digest", "<u8"),
+    ]
+)
+assert RECORD_DTYPE.itemsize == RECORD_SIZE_BYTES
+assert RECORD_DTYPE.fields["tenant_id"][1] == 16  # offsets are the contract
+
+_STRUCT = struct.Struct("<IQIII4IIIIIQ")
+assert _STRUCT.size == RECORD_SIZE_BYTES
+TENANT_ID_OFFSET = 16
+
+FAILURE_CLASS_NAMES = {
+    0: "none",
+    1: "device_loss",
+    2: "transient_queue",
+    3: "program_bug",
+    4: "unclassified",
+}
+
+
+def failure_class_name(value: int) -> str:
+    """Name of a failure class; any unknown value reads as unclassified."""
+    return FAILURE_CLASS_NAMES.get(value, "unclassified")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SlotRecord:
+    """One decoded slot record (for tools and tests; hot paths use bytes/numpy)."""
+
+    timestamp_ns: int = 0
+    slot_idx: int = 0
+    tenant_id: int = 0
+    opcode: int = 0
+    args: tuple[int, int, int, int] = (0, 0, 0, 0)
+    epoch: int = 0
+    slot_status: int = 0
+    failure_class: int = 0
+    backend_code: int = 0
+    output_digest: int = 0
+    magic: int = RECORD_MAGIC
+
+    def encode(self) -> bytes:
+        return _STRUCT.pack(
+            self.magic,
+            self.timestamp_ns,
+            self.slot_idx,
+            self.tenant_id,
+            self.opcode,
+            *self.args,
+            self.epoch,
+            self.slot_status,
+            self.failure_class,
+            self.backend_code,
+            self.output_digest,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> "SlotRecord":
+        if len(data) != RECORD_SIZE_BYTES:
+            raise ValueError(
+                f"a slot record is {RECORD_SIZE_BYTES} bytes, got {len(data)}"
+            )
+        (magic, ts, slot, tenant, opcode, a0, a1, a2, a3, epoch, status,
+         failure, backend, digest) = _STRUCT.unpack(data)
+        return cls(ts, slot, tenant, opcode, (a0, a1, a2, a3), epoch, status,
+                   failure, backend, digest, magic)
+
+    @property
+    def has_failure_evidence(self) -> bool:
+        """False when the last four words are all zero."""
+        return bool(self.slot_status or self.failure_class or self.backend_code
+                    or self.output_digest)
+
+    def to_json_dict(self) -> dict:
+        """Every field decoded: failure class by name, digest as 16 hex digits."""
+        return {
+            "magic": f"0x{self.magic:08x}",
+            "timestamp_ns": self.timestamp_ns,
+            "slot_idx": self.slot_idx,
+            "tenant_id": self.tenant_id,
+            "opcode": self.opcode,
+            "args": list(self.args),
+            "epoch": self.epoch,
+            "slot_status": self.slot_status,
+            "failure_class": failure_class_name(self.failure_class),
+            "backend_code": self.backend_code,
+            "output_digest": f"{self.output_digest:016x}",
+        }
+
+
+def output_digest(output: bytes) -> int:
+    """The record's output_digest: first 8 bytes of BLAKE3(output), little-endian."""
+    return int.from_bytes(blake3.blake3(output).digest(8), "little")
+
+
+def iter_records(data: bytes | memoryview):
+    """Yield memoryviews of each 64-byte record in `data` (length must divide)."""
+    assert len(data) % RECORD_SIZE_BYTES == 0
+    view = memoryview(data)
+    for offset in range(0, len(view), RECORD_SIZE_BYTES):
+        yield view[offset:offset + RECORD_SIZE_BYTES]
+
+
+def as_array(data: bytes | memoryview) -> numpy.ndarray:
+    """A read-only structured view of concatenated records (no copy)."""
+    assert len(data) % RECORD_SIZE_BYTES == 0
+    return numpy.frombuffer(data, dtype=RECORD_DTYPE)
