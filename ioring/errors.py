@@ -60,3 +60,17 @@ class RingBusyError(RingError):
 
 class BackendUnavailableError(RingError):
     """The requested I/O backend cannot be used on this system."""
+
+
+class RingRangeError(RingError):
+    """A read asked for sequences that are not retained (evicted or not yet written)."""
+
+    def __init__(self, first_sequence: int, count: int, oldest: int, next_sequence: int):
+        self.first_sequence = first_sequence
+        self.count = count
+        self.oldest_sequence = oldest
+        self.next_sequence = next_sequence
+        super().__init__(
+            f"sequences {first_sequence}..{first_sequence + count - 1} are not all "
+            f"retained (retained: {oldest}..{next_sequence - 1}); read from "
+            f"oldest_sequence or later and below next_sequence")

@@ -1,0 +1,27 @@
+"""ioring: ringtail's storage engine (ring-file format, io_uring writer, reader,
+recovery, VRRL import/export). Knows nothing of sockets, tenants or Trio.
+
+The public surface is re-exported here explicitly; tests pin it.
+"""
+
+from ioring.chain import IO_CHOICES, ChainResult, FDATASYNC, Write, open_backend
+from ioring.errors import (BackendUnavailableError, RingBusyError, RingClosedError,
+                           RingCorruptError, RingError, RingFailedError, RingFormatError,
+                           RingRangeError, VrrlFormatError)
+from ioring.format import (BATCH_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT_MAX,
+                           CAPACITY_RECORD_COUNT_MIN, CHUNK_RECORD_COUNT, FORMAT_VERSION,
+                           Layout)
+from ioring.record import (FAILURE_CLASS_NAMES, RECORD_DTYPE, RECORD_MAGIC,
+                           RECORD_SIZE_BYTES, SlotRecord, failure_class_name)
+from ioring.recovery import RecoveryReport
+from ioring.ring import SYNC_CHOICES, BatchTicket, RingFile, RingStatistics, open_ring
+
+__all__ = [
+    "BATCH_RECORD_COUNT_MAX", "CAPACITY_RECORD_COUNT_MAX", "CAPACITY_RECORD_COUNT_MIN",
+    "CHUNK_RECORD_COUNT", "FAILURE_CLASS_NAMES", "FDATASYNC", "FORMAT_VERSION", "IO_CHOICES",
+    "RECORD_DTYPE", "RECORD_MAGIC", "RECORD_SIZE_BYTES", "SYNC_CHOICES",
+    "BackendUnavailableError", "BatchTicket", "ChainResult", "Layout", "RecoveryReport",
+    "RingBusyError", "RingClosedError", "RingCorruptError", "RingError", "RingFailedError",
+    "RingFile", "RingFormatError", "RingRangeError", "RingStatistics", "SlotRecord",
+    "VrrlFormatError", "Write", "failure_class_name", "open_backend", "open_ring",
+]

@@ -1,0 +1,280 @@
+"""ringtail's ring file: byte layout, encoding and checksums (no I/O here).
+
+docs/FORMAT.md is the contract; this module is its executable form. All
+integers are little-endian. A ring of capacity C records (C a multiple of 64)
+holding T = C / 64 chunks is laid out as::
+
+    offset                      size             what
+    --------------------------  ---------------  ---------------------------------
+    0                           4096             header copy 0 (128 bytes used)
+    4096                        4096             header copy 1 (128 bytes used)
+    8192                        table_size       chunk table A: T entries x 32 B
+    8192 + table_size           table_size       chunk table B: T entries x 32 B
+    data_offset                 C x 64           records, slot = sequence mod C
+
+    table_size  = T * 32 rounded up to 4096
+    data_offset = 8192 + 2 * table_size
+
+Header (128 bytes; generation g is written to copy g mod 2)::
+
+      0   8  magic               b"RINGTAIL"
+      8   4  format_version      u32 = 1
+     12   4  header_size         u32 = 128
+     16   8  generation          u64, +1 per header write
+     24   8  capacity            u64 records
+     32   8  oldest_sequence     u64 first retained sequence
+     40   8  next_sequence       u64 the cursor: sequence of the next record
+     48   8  batch_first_sequence u64 cursor before the batch this header commits
+     56   4  tenant_id           u32
+     60   4  chunk_record_count  u32 = 64
+     64   8  created_ns          u64 ns since the Unix epoch
+     72   8  file_id             u64 random, mixed into every chunk checksum
+     80  32  reserved            zero
+    112  16  checksum            BLAKE3(bytes 0..112), first 16 bytes
+
+Chunk entry (32 bytes; chunk k holds sequences [64k, 64k+64) at table
+position k mod T; each position has a copy in table A and in table B)::
+
+      0   8  first_sequence      u64 = 64k
+      8   4  record_count        u32 1..64 (0: empty entry)
+     12   4  reserved            zero
+     16  16  checksum            BLAKE3(file_id u64 || first_sequence u64 ||
+                                 records || record_count u32), first 16 bytes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import blake3
+
+from ioring.record import RECORD_SIZE_BYTES
+
+FORMAT_MAGIC = b"RINGTAIL"
+FORMAT_VERSION = 1
+
+PAGE_SIZE_BYTES = 4096  # header copies and tables start on their own page
+SECTOR_SIZE_BYTES = 512  # the unit a torn write is assumed to tear at
+HEADER_SIZE_BYTES = 128
+HEADER_COPY_COUNT = 2
+HEADER_COPY_OFFSETS = (0, PAGE_SIZE_BYTES)
+CHECKSUM_SIZE_BYTES = 16
+
+# A chunk is the unit of checksumming and of eviction: 64 records = 4 KiB,
+# one page. Smaller chunks cost more table space and more hash calls per
+# replayed record; larger ones evict more records at once.
+CHUNK_RECORD_COUNT = 64
+CHUNK_SIZE_BYTES = CHUNK_RECORD_COUNT * RECORD_SIZE_BYTES
+CHUNK_ENTRY_SIZE_BYTES = 32
+TABLE_OFFSET = HEADER_COPY_COUNT * PAGE_SIZE_BYTES
+
+# Capacity bounds, in records. The minimum of two chunks lets a batch evict
+# the oldest chunk without touching the chunk it appends to. The maximum keeps
+# the in-memory chunk-table mirror (capacity bytes: 16 MiB) and a full-file
+# verify (1 GiB of data) affordable on a sidecar.
+CAPACITY_RECORD_COUNT_MIN = 2 * CHUNK_RECORD_COUNT
+CAPACITY_RECORD_COUNT_MAX = 1 << 24
+
+# A batch never wraps past its own start: at most capacity minus one chunk,
+# and never more than this (an Iovec holds at most 1,024 entries; 4,096
+# records = 256 KiB per batch buffer).
+BATCH_RECORD_COUNT_MAX = 4096
+
+assert CHUNK_SIZE_BYTES == PAGE_SIZE_BYTES
+assert HEADER_SIZE_BYTES <= PAGE_SIZE_BYTES
+assert PAGE_SIZE_BYTES % CHUNK_ENTRY_SIZE_BYTES == 0
+assert BATCH_RECORD_COUNT_MAX % CHUNK_RECORD_COUNT == 0
+
+_HEADER = struct.Struct("<8sIIQQQQQIIQQ32s")
+_HEADER_CHECKED_SIZE = HEADER_SIZE_BYTES - CHECKSUM_SIZE_BYTES
+assert _HEADER.size == _HEADER_CHECKED_SIZE
+_ENTRY_PREFIX = struct.Struct("<QII")
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    """One header copy, decoded."""
+
+    generation: int
+    capacity: int
+    oldest_sequence: int
+    next_sequence: int
+    batch_first_sequence: int
+    tenant_id: int
+    created_ns: int
+    file_id: int
+    format_version: int = FORMAT_VERSION
+    chunk_record_count: int = CHUNK_RECORD_COUNT
+
+    def encode(self) -> bytes:
+        body = _HEADER.pack(
+            FORMAT_MAGIC, self.format_version, HEADER_SIZE_BYTES,
+            self.generation, self.capacity, self.oldest_sequence,
+            self.next_sequence, self.batch_first_sequence, self.tenant_id,
+            self.chunk_record_count, self.created_ns, self.file_id, bytes(32),
+        )
+        return body + checksum(body)
+
+    @property
+    def copy_index(self) -> int:
+        return self.generation % HEADER_COPY_COUNT
+
+
+class HeaderDecodeError(ValueError):
+    """A header copy is unusable; `reason` is a short stable phrase."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+
+
+def decode_header(data: bytes) -> Header:
+    """Decode one header copy; raise HeaderDecodeError if unusable.
+
+    Checks, in order: size, magic, checksum, version, field sanity. A wrong
+    magic or version with a good checksum is a format problem, not damage.
+    """
+    if len(data) < HEADER_SIZE_BYTES:
+        raise HeaderDecodeError("truncated", f"{len(data)} of {HEADER_SIZE_BYTES} bytes")
+    data = bytes(data[:HEADER_SIZE_BYTES])
+    (magic, version, header_size, generation, capacity, oldest, next_sequence,
+     batch_first, tenant_id, chunk_count, created_ns, file_id, _reserved
+     ) = _HEADER.unpack_from(data)
+    if magic != FORMAT_MAGIC:
+        raise HeaderDecodeError("bad magic", repr(magic))
+    if checksum(data[:_HEADER_CHECKED_SIZE]) != data[_HEADER_CHECKED_SIZE:]:
+        raise HeaderDecodeError("checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise HeaderDecodeError("unsupported version", str(version))
+    if header_size != HEADER_SIZE_BYTES or chunk_count != CHUNK_RECORD_COUNT:
+        raise HeaderDecodeError("unsupported geometry",
+                                f"header_size={header_size} chunk={chunk_count}")
+    if not oldest <= batch_first <= next_sequence or next_sequence - oldest > capacity:
+        raise HeaderDecodeError(
+            "inconsistent cursor",
+            f"oldest={oldest} batch_first={batch_first} next={next_sequence}")
+    return Header(generation, capacity, oldest, next_sequence, batch_first,
+                  tenant_id, created_ns, file_id, version, chunk_count)
+
+
+def checksum(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest(CHECKSUM_SIZE_BYTES)
+
+
+# -- geometry ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Layout:
+    """Where everything lies for a given capacity."""
+
+    capacity: int
+
+    @property
+    def chunk_count(self) -> int:
+        return self.capacity // CHUNK_RECORD_COUNT
+
+    @property
+    def table_size_bytes(self) -> int:
+        raw = self.chunk_count * CHUNK_ENTRY_SIZE_BYTES
+        return -(-raw // PAGE_SIZE_BYTES) * PAGE_SIZE_BYTES
+
+    def table_offset(self, table_index: int) -> int:
+        return TABLE_OFFSET + table_index * self.table_size_bytes
+
+    @property
+    def data_offset(self) -> int:
+        return TABLE_OFFSET + 2 * self.table_size_bytes
+
+    @property
+    def file_size_bytes(self) -> int:
+        return self.data_offset + self.capacity * RECORD_SIZE_BYTES
+
+    @property
+    def batch_record_count_max(self) -> int:
+        return min(BATCH_RECORD_COUNT_MAX, self.capacity - CHUNK_RECORD_COUNT)
+
+    def record_offset(self, sequence: int) -> int:
+        """File offset of a sequence's record: O(1) arithmetic."""
+        return self.data_offset + (sequence % self.capacity) * RECORD_SIZE_BYTES
+
+    def entry_offset(self, table_index: int, chunk_index: int) -> int:
+        position = chunk_index % self.chunk_count
+        return self.table_offset(table_index) + position * CHUNK_ENTRY_SIZE_BYTES
+
+    def oldest_after_append(self, oldest: int, next_sequence: int) -> int:
+        """Oldest retained sequence once records up to `next_sequence` exist.
+
+        Writing the first record of a chunk evicts the whole chunk that held
+        its table position, so eviction happens a chunk at a time.
+        """
+        last_chunk = (next_sequence - 1) // CHUNK_RECORD_COUNT
+        return max(oldest, (last_chunk + 1) * CHUNK_RECORD_COUNT - self.capacity)
+
+
+def capacity_problem(capacity: int) -> str | None:
+    """Why a capacity is unusable, or None if it is fine."""
+    if capacity < CAPACITY_RECORD_COUNT_MIN:
+        return (f"capacity {capacity} is below CAPACITY_RECORD_COUNT_MIN "
+                f"({CAPACITY_RECORD_COUNT_MIN}); use at least {CAPACITY_RECORD_COUNT_MIN} records")
+    if capacity > CAPACITY_RECORD_COUNT_MAX:
+        return (f"capacity {capacity} exceeds CAPACITY_RECORD_COUNT_MAX "
+                f"({CAPACITY_RECORD_COUNT_MAX}); use a smaller capacity")
+    if capacity % CHUNK_RECORD_COUNT:
+        return (f"capacity {capacity} is not a multiple of CHUNK_RECORD_COUNT "
+                f"({CHUNK_RECORD_COUNT}); round it to "
+                f"{max(CAPACITY_RECORD_COUNT_MIN, capacity // CHUNK_RECORD_COUNT * CHUNK_RECORD_COUNT)}")
+    return None
+
+
+# -- chunk entries ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkEntry:
+    first_sequence: int
+    record_count: int
+    checksum: bytes
+
+    def encode(self) -> bytes:
+        return _ENTRY_PREFIX.pack(self.first_sequence, self.record_count, 0) + self.checksum
+
+
+EMPTY_ENTRY = ChunkEntry(0, 0, bytes(CHECKSUM_SIZE_BYTES))
+
+
+def decode_entry(data: bytes | memoryview) -> ChunkEntry:
+    first_sequence, record_count, _ = _ENTRY_PREFIX.unpack_from(data)
+    return ChunkEntry(first_sequence, record_count,
+                      bytes(data[16:CHUNK_ENTRY_SIZE_BYTES]))
+
+
+def chunk_hasher(file_id: int, first_sequence: int) -> "blake3.blake3":
+    """A hasher primed for a chunk; feed its records, then `finish_chunk`."""
+    hasher = blake3.blake3(_U64.pack(file_id))
+    hasher.update(_U64.pack(first_sequence))
+    return hasher
+
+
+def finish_chunk(hasher: "blake3.blake3", record_count: int) -> bytes:
+    """Checksum of a chunk whose records were fed to `hasher` (not consumed)."""
+    final = hasher.copy()
+    final.update(_U32.pack(record_count))
+    return final.digest(CHECKSUM_SIZE_BYTES)
+
+
+def chunk_checksum(file_id: int, first_sequence: int, records: bytes | memoryview) -> bytes:
+    hasher = chunk_hasher(file_id, first_sequence)
+    hasher.update(records)
+    return finish_chunk(hasher, len(records) // RECORD_SIZE_BYTES)
+
+
+def entry_matches(entry: ChunkEntry, file_id: int, first_sequence: int,
+                  records: bytes | memoryview) -> bool:
+    """True if `entry` describes exactly these records of this chunk of this file."""
+    return (entry.first_sequence == first_sequence
+            and entry.record_count * RECORD_SIZE_BYTES == len(records)
+            and chunk_checksum(file_id, first_sequence, records) == entry.checksum)

@@ -1,0 +1,122 @@
+"""Verified reads from a ring file: every returned byte passed its chunk checksum.
+
+`ChunkTable` mirrors both on-disk chunk tables and knows which copy is
+current for each table position. `read_verified` turns a sequence range into
+file ranges (O(1) arithmetic), reads whole chunks, checks each against its
+entry (position, first sequence, count and checksum) and returns only the
+asked-for records. Used by the writer (`RingFile.read`) and by the offline
+tools (`verify`, `inspect`) alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ioring.errors import RingCorruptError, RingRangeError
+from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
+                           ChunkEntry, Layout, chunk_checksum, decode_entry)
+from ioring.record import RECORD_SIZE_BYTES
+
+NO_COPY = 0xFF
+
+
+class ChunkTable:
+    """In-memory mirror of tables A and B plus the current copy per position."""
+
+    def __init__(self, layout: Layout, table_a: bytes, table_b: bytes):
+        self.layout = layout
+        self.tables = [bytearray(table_a), bytearray(table_b)]
+        self.current = bytearray([NO_COPY]) * layout.chunk_count
+
+    def entry(self, table_index: int, position: int) -> ChunkEntry:
+        start = position * CHUNK_ENTRY_SIZE_BYTES
+        return decode_entry(self.tables[table_index][start:start + CHUNK_ENTRY_SIZE_BYTES])
+
+    def current_entry(self, chunk_index: int) -> ChunkEntry | None:
+        position = chunk_index % self.layout.chunk_count
+        copy = self.current[position]
+        return None if copy == NO_COPY else self.entry(copy, position)
+
+    def install(self, table_index: int, position: int, encoded: bytes) -> None:
+        start = position * CHUNK_ENTRY_SIZE_BYTES
+        self.tables[table_index][start:start + CHUNK_ENTRY_SIZE_BYTES] = encoded
+        self.current[position] = table_index
+
+    def candidates(self, chunk_index: int, count_max: int = CHUNK_RECORD_COUNT
+                   ) -> list[tuple[int, ChunkEntry]]:
+        """Both copies' entries that claim this chunk with at most `count_max`
+        records, largest count first."""
+        position = chunk_index % self.layout.chunk_count
+        found = []
+        for copy in (0, 1):
+            entry = self.entry(copy, position)
+            if (entry.first_sequence == chunk_index * CHUNK_RECORD_COUNT
+                    and 0 < entry.record_count <= count_max):
+                found.append((copy, entry))
+        found.sort(key=lambda item: -item[1].record_count)
+        return found
+
+
+def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
+                  first_sequence: int, count: int, oldest: int, next_sequence: int) -> bytes:
+    """Records [first_sequence, first_sequence + count), each chunk verified.
+
+    Raises:
+        RingRangeError: part of the range is not retained.
+        RingCorruptError: a chunk failed its checks; names the file and offset.
+    """
+    if count <= 0 or first_sequence < oldest or first_sequence + count > next_sequence:
+        raise RingRangeError(first_sequence, count, oldest, next_sequence)
+    layout = table.layout
+    end = first_sequence + count
+    chunk_first = first_sequence // CHUNK_RECORD_COUNT
+    chunk_last = (end - 1) // CHUNK_RECORD_COUNT
+    pieces = []
+    chunk = chunk_first
+    while chunk <= chunk_last:
+        # One pread per run of chunks that lie contiguously in the file.
+        position = chunk % layout.chunk_count
+        run = min(chunk_last - chunk + 1, layout.chunk_count - position)
+        run_start = chunk * CHUNK_RECORD_COUNT
+        run_end = min((chunk + run) * CHUNK_RECORD_COUNT, next_sequence)
+        offset = layout.record_offset(run_start)
+        size = (run_end - run_start) * RECORD_SIZE_BYTES
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise RingCorruptError(path, offset + len(data),
+                                   f"file ends inside the data region (read {len(data)} of {size} bytes)")
+        view = memoryview(data)
+        for index in range(run):
+            check_chunk(path, table, file_id, chunk + index,
+                        view[index * CHUNK_RECORD_COUNT * RECORD_SIZE_BYTES:
+                             (index + 1) * CHUNK_RECORD_COUNT * RECORD_SIZE_BYTES],
+                        offset + index * CHUNK_RECORD_COUNT * RECORD_SIZE_BYTES)
+        skip = (max(first_sequence, run_start) - run_start) * RECORD_SIZE_BYTES
+        take = (min(end, run_end) - max(first_sequence, run_start)) * RECORD_SIZE_BYTES
+        pieces.append(view[skip:skip + take] if skip or take != size else data)
+        chunk += run
+    return pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
+
+
+def check_chunk(path: str, table: ChunkTable, file_id: int, chunk_index: int,
+                records: memoryview, offset: int) -> None:
+    """Raise RingCorruptError unless `records` match the chunk's current entry."""
+    entry = table.current_entry(chunk_index)
+    first = chunk_index * CHUNK_RECORD_COUNT
+    count = len(records) // RECORD_SIZE_BYTES
+    position = chunk_index % table.layout.chunk_count
+    if entry is None or entry.first_sequence != first:
+        raise RingCorruptError(
+            path, offset,
+            f"no chunk-table entry for sequences {first}..{first + count - 1} "
+            f"(table position {position}); run `ringtail verify` and restore or move the file")
+    if entry.record_count != count:
+        raise RingCorruptError(
+            path, offset,
+            f"chunk-table entry for sequence {first} holds {entry.record_count} records, "
+            f"expected {count}; run `ringtail verify`")
+    if chunk_checksum(file_id, first, records) != entry.checksum:
+        raise RingCorruptError(
+            path, offset,
+            f"records {first}..{first + count - 1} failed their checksum; the bytes on disk "
+            f"were damaged; run `ringtail verify` and restore from a copy")

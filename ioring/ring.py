@@ -1,0 +1,467 @@
+"""RingFile: one tenant's ring file — batched durable appends and verified reads.
+
+A batch becomes one chain (see ioring/chain.py)::
+
+    data write(s)  ->  chunk-table write(s)  ->  header copy  ->  fdatasync
+
+The chain is submitted without waiting; its result arrives on
+`completion_fd`. Only when `reap()` sees the whole chain succeed does the
+durable cursor (`next_sequence`) advance and the batch count as committed.
+One chain is in flight per ring at a time; the caller gathers the next batch
+meanwhile (group commit).
+
+Write rules that make crashes safe (docs/FORMAT.md):
+
+- records go to slots the ring has already given up: never onto a retained,
+  acknowledged record;
+- the chunk entry of a chunk that already holds acknowledged records is
+  written to the *other* table copy, so a torn entry write leaves the old,
+  still-valid entry in place;
+- the header goes to copy (generation mod 2), so the previous header copy
+  survives a torn header write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import select
+import time
+from typing import Callable
+
+from ioring.chain import FDATASYNC, Backend, Operation, Write, open_backend
+from ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
+                           RingFormatError)
+from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
+                           HEADER_COPY_OFFSETS, ChunkEntry, Header, Layout,
+                           capacity_problem, chunk_hasher, finish_chunk)
+from ioring.reader import NO_COPY, ChunkTable, read_verified
+from ioring.record import RECORD_SIZE_BYTES
+from ioring.recovery import RecoveryReport, recover
+
+SYNC_CHOICES = ("batch", "none")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchTicket:
+    """A submitted batch: its sequences are first_sequence..last_sequence."""
+
+    tag: int
+    first_sequence: int
+    record_count: int
+
+    @property
+    def last_sequence(self) -> int:
+        return self.first_sequence + self.record_count - 1
+
+    @property
+    def next_sequence(self) -> int:
+        return self.first_sequence + self.record_count
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RingStatistics:
+    backend: str
+    sync: str
+    capacity: int
+    oldest_sequence: int
+    next_sequence: int
+    batches_committed: int
+    records_committed: int
+    fdatasync_count: int
+    in_flight: bool
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    ticket: BatchTicket
+    table_index: int
+    entries: list[tuple[int, bytes]]  # (position, encoded entry)
+    tail_hasher: object | None
+    header: Header
+    operations: list[Operation]
+
+
+class RingFile:
+    """One ring file, open for appending and reading.
+
+    Use `open_ring()` to get one.
+
+    Resource handling: owns the file descriptor and an I/O backend (an
+    io_uring instance or a worker thread, each with an eventfd). `close()`
+    waits for a chain in flight, then releases them; use it as a context
+    manager.
+
+    Error handling: a failed chain puts the ring in a failed state: `reap()`
+    raises RingFailedError, and so does every later `submit()`. The durable
+    cursor never moves past a failed chain. Reopen the file to recover.
+    """
+
+    def __init__(self, path: str, fd: int, header: Header, layout: Layout,
+                 table: ChunkTable, report: RecoveryReport, backend: Backend, sync: str,
+                 observer: Callable[[list[Operation]], None] | None):
+        self.path = path
+        self._fd = fd
+        self._header = header
+        self.layout = layout
+        self._table = table
+        self.recovery_report = report
+        self._backend = backend
+        self.sync = sync
+        self._observer = observer
+        self.oldest_sequence = header.oldest_sequence
+        self.next_sequence = header.next_sequence
+        self._pending: _Pending | None = None
+        self._failure: RingFailedError | None = None
+        self._closed = False
+        self._tail_hasher = self._load_tail_hasher()
+        self._tag = 0
+        self._batches = self._records = self._fdatasyncs = 0
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """Which I/O backend is active: "uring" or "threads"."""
+        return self._backend.name
+
+    @property
+    def completion_fd(self) -> int:
+        """Readable when a submitted chain has completed: then call `reap()`."""
+        return self._backend.completion_fd
+
+    @property
+    def capacity(self) -> int:
+        return self._header.capacity
+
+    @property
+    def tenant_id(self) -> int:
+        return self._header.tenant_id
+
+    @property
+    def created_ns(self) -> int:
+        return self._header.created_ns
+
+    @property
+    def batch_record_count_max(self) -> int:
+        return self.layout.batch_record_count_max
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def failed(self) -> RingFailedError | None:
+        return self._failure
+
+    def statistics(self) -> RingStatistics:
+        return RingStatistics(self.backend, self.sync, self.capacity, self.oldest_sequence,
+                              self.next_sequence, self._batches, self._records,
+                              self._fdatasyncs, self.in_flight)
+
+    # -- writing -------------------------------------------------------------------
+
+    def submit(self, records: bytes) -> BatchTicket:
+        """Start writing a batch of whole records; returns at once.
+
+        `records` must be immutable `bytes`: the kernel reads it later.
+        Records being evicted by this batch stop being readable now.
+
+        Raises:
+            RingBusyError: a chain is still in flight (reap it first).
+            RingFailedError: an earlier chain failed.
+            RingClosedError: the ring was closed.
+            ValueError: empty, not whole records, or over the batch maximum.
+        """
+        self._check_writable()
+        if self._pending is not None:
+            raise RingBusyError(f"{self.path}: a batch is in flight; reap it before submitting")
+        if not isinstance(records, bytes):
+            raise TypeError("records must be bytes (immutable until the chain completes)")
+        count, remainder = divmod(len(records), RECORD_SIZE_BYTES)
+        if remainder or not 0 < count <= self.batch_record_count_max:
+            raise ValueError(
+                f"a batch is 1..{self.batch_record_count_max} whole {RECORD_SIZE_BYTES}-byte "
+                f"records; got {len(records)} bytes; split it into smaller batches")
+        self._tag += 1
+        first = self.next_sequence
+        ticket = BatchTicket(self._tag, first, count)
+        pending = self._plan(ticket, records)
+        self.oldest_sequence = pending.header.oldest_sequence
+        if self._observer is not None:
+            self._observer(pending.operations)
+        self._backend.submit(self._fd, pending.operations, ticket.tag)
+        self._pending = pending
+        return ticket
+
+    def _plan(self, ticket: BatchTicket, records: bytes) -> _Pending:
+        layout = self.layout
+        first, end = ticket.first_sequence, ticket.next_sequence
+        operations: list[Operation] = []
+        slot = first % self.capacity
+        split = min(ticket.record_count, self.capacity - slot) * RECORD_SIZE_BYTES
+        operations.append(Write(layout.record_offset(first), records if split == len(records)
+                                else records[:split]))
+        if split != len(records):
+            operations.append(Write(layout.data_offset, records[split:]))
+        # Chunk entries: the first chunk's entry goes to the copy that is not
+        # current, so a torn write keeps the acknowledged entry.
+        first_chunk = first // CHUNK_RECORD_COUNT
+        current = self._table.current[first_chunk % layout.chunk_count]
+        table_index = 0 if current == NO_COPY else 1 - current
+        entries: list[tuple[int, bytes]] = []
+        hasher = self._tail_hasher if first % CHUNK_RECORD_COUNT else None
+        assert hasher is not None or first % CHUNK_RECORD_COUNT == 0
+        view = memoryview(records)
+        chunk = first_chunk
+        while chunk * CHUNK_RECORD_COUNT < end:
+            start = chunk * CHUNK_RECORD_COUNT
+            if hasher is None:
+                hasher = chunk_hasher(self._header.file_id, start)
+            else:
+                hasher = hasher.copy()
+            piece_start = max(start, first)
+            piece_end = min(start + CHUNK_RECORD_COUNT, end)
+            hasher.update(view[(piece_start - first) * RECORD_SIZE_BYTES:
+                               (piece_end - first) * RECORD_SIZE_BYTES])
+            count = piece_end - start
+            entry = ChunkEntry(start, count, finish_chunk(hasher, count))
+            entries.append((chunk % layout.chunk_count, entry.encode()))
+            chunk += 1
+            if piece_end == start + CHUNK_RECORD_COUNT:
+                hasher = None
+        operations.extend(self._entry_writes(table_index, entries))
+        header = dataclasses.replace(
+            self._header, generation=self._header.generation + 1,
+            oldest_sequence=layout.oldest_after_append(self.oldest_sequence, end),
+            next_sequence=end, batch_first_sequence=first)
+        operations.append(Write(HEADER_COPY_OFFSETS[header.copy_index], header.encode()))
+        if self.sync == "batch":
+            operations.append(FDATASYNC)
+        return _Pending(ticket, table_index, entries, hasher, header, operations)
+
+    def _entry_writes(self, table_index: int, entries: list[tuple[int, bytes]]) -> list[Write]:
+        """Entries at consecutive positions, one write per contiguous run."""
+        writes = []
+        run_start = 0
+        for index in range(1, len(entries) + 1):
+            if index == len(entries) or entries[index][0] != entries[index - 1][0] + 1:
+                position = entries[run_start][0]
+                data = b"".join(encoded for _, encoded in entries[run_start:index])
+                offset = self.layout.table_offset(table_index) + position * CHUNK_ENTRY_SIZE_BYTES
+                writes.append(Write(offset, data))
+                run_start = index
+        return writes
+
+    def reap(self) -> list[BatchTicket]:
+        """Collect finished chains; return the batches now committed.
+
+        Raises:
+            RingFailedError: the chain failed; nothing of it counts as written.
+        """
+        if self._closed:
+            raise RingClosedError(f"{self.path}: ring is closed")
+        committed = []
+        for result in self._backend.reap():
+            pending = self._pending
+            assert pending is not None and result.tag == pending.ticket.tag
+            self._pending = None
+            if not result.ok:
+                self._failure = RingFailedError(
+                    self.path, result.errno,
+                    f"batch {pending.ticket.first_sequence}..{pending.ticket.last_sequence} "
+                    f"was not written: {result.message}; the ring refuses writes until "
+                    "reopened (check free space and the disk)")
+                raise self._failure
+            self._commit(pending)
+            committed.append(pending.ticket)
+        if self._failure is not None:
+            raise self._failure
+        return committed
+
+    def _commit(self, pending: _Pending) -> None:
+        for position, encoded in pending.entries:
+            self._table.install(pending.table_index, position, encoded)
+        self._tail_hasher = pending.tail_hasher
+        self._header = pending.header
+        self.next_sequence = pending.header.next_sequence
+        self._batches += 1
+        self._records += pending.ticket.record_count
+        self._fdatasyncs += self.sync == "batch"
+
+    def wait(self) -> list[BatchTicket]:
+        """Block until the chain in flight completes (for tools and tests)."""
+        committed = []
+        while self._pending is not None:
+            select.select([self.completion_fd], [], [])
+            committed.extend(self.reap())
+        return committed
+
+    def append(self, records: bytes) -> BatchTicket:
+        """Submit one batch and wait for it: the blocking convenience."""
+        ticket = self.submit(records)
+        self.wait()
+        return ticket
+
+    # -- reading -----------------------------------------------------------------
+
+    def read(self, first_sequence: int, count: int) -> bytes:
+        """Committed records [first_sequence, first_sequence + count), verified.
+
+        Raises:
+            RingRangeError: part of the range is not retained.
+            RingCorruptError: stored bytes failed their checks (names the offset).
+        """
+        if self._closed:
+            raise RingClosedError(f"{self.path}: ring is closed")
+        return read_verified(self._fd, self.path, self._table, self._header.file_id,
+                             first_sequence, count, self.oldest_sequence, self.next_sequence)
+
+    def file_ranges(self, first_sequence: int, count: int) -> list[tuple[int, int]]:
+        """(offset, size) file ranges holding these records, in order (at most two)."""
+        ranges = []
+        sequence, end = first_sequence, first_sequence + count
+        while sequence < end:
+            slot = sequence % self.capacity
+            run = min(end - sequence, self.capacity - slot)
+            ranges.append((self.layout.record_offset(sequence), run * RECORD_SIZE_BYTES))
+            sequence += run
+        return ranges
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise RingClosedError(f"{self.path}: ring is closed")
+        if self._failure is not None:
+            raise self._failure
+
+    def _load_tail_hasher(self):
+        next_sequence = self.next_sequence
+        if next_sequence % CHUNK_RECORD_COUNT == 0 or next_sequence == self.oldest_sequence:
+            return None
+        start = next_sequence - next_sequence % CHUNK_RECORD_COUNT
+        records = self.read(start, next_sequence - start) if start >= self.oldest_sequence \
+            else None
+        if records is None:
+            return None
+        hasher = chunk_hasher(self._header.file_id, start)
+        hasher.update(records)
+        return hasher
+
+    def close(self) -> None:
+        """Wait for a chain in flight, then release the backend and the file."""
+        if self._closed:
+            return
+        try:
+            if self._pending is not None and self._failure is None:
+                try:
+                    self.wait()
+                except RingFailedError:
+                    pass  # already recorded in self._failure; closing anyway
+        finally:
+            self._closed = True
+            self._backend.close()
+            os.close(self._fd)
+
+    def __enter__(self) -> "RingFile":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
+    """Write a new, empty ring file atomically (temp file, fsync, rename).
+
+    Raises:
+        RingFormatError: the capacity is out of bounds.
+        FileExistsError: `path` exists.
+    """
+    problem = capacity_problem(capacity)
+    if problem:
+        raise RingFormatError(path, problem)
+    layout = Layout(capacity)
+    header = Header(generation=1, capacity=capacity, oldest_sequence=0, next_sequence=0,
+                    batch_first_sequence=0, tenant_id=tenant_id, created_ns=time.time_ns(),
+                    file_id=int.from_bytes(secrets.token_bytes(8), "little"))
+    temporary = f"{path}.creating"
+    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, layout.file_size_bytes)
+        for generation in (0, 1):
+            copy = dataclasses.replace(header, generation=generation)
+            os.pwrite(fd, copy.encode(), HEADER_COPY_OFFSETS[copy.copy_index])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.path.exists(path):
+        os.unlink(temporary)
+        raise FileExistsError(path)
+    os.rename(temporary, path)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id: int = 0,
+              io: str = "auto", sync: str = "batch",
+              observer: Callable[[list[Operation]], None] | None = None) -> RingFile:
+    """Open (recovering) or create a ring file.
+
+    Args:
+        path: the ring file.
+        capacity: records; if given and the file does not exist, it is created.
+        tenant_id: stored in a new file; checked against an existing one.
+        io: "auto" (io_uring, falling back to threads), "uring" or "threads".
+        sync: "batch" (fdatasync per batch) or "none".
+        observer: called with each chain's operations before submission
+            (tests use it to enumerate crash states).
+
+    Raises:
+        FileNotFoundError: no file and no capacity.
+        RingFormatError: not a ring file, unsupported version, bad geometry, or
+            the file belongs to another tenant.
+        RingCorruptError: both header copies are damaged.
+        BackendUnavailableError: io="uring" and io_uring is refused.
+    """
+    path = os.fspath(path)
+    if sync not in SYNC_CHOICES:
+        raise ValueError(f"sync={sync!r} is not one of {', '.join(SYNC_CHOICES)}")
+    created = False
+    if capacity is not None and not os.path.exists(path):
+        create_ring_file(path, capacity, tenant_id)
+        created = True
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    opened = False
+    try:
+        header, layout, table, report = recover(fd, path)
+        if header.tenant_id != tenant_id:
+            raise RingFormatError(
+                path, f"ring file belongs to tenant {header.tenant_id}, not {tenant_id}; "
+                      "check the data directory and the tenant id")
+        if created:
+            report = dataclasses.replace(report, created=True)
+        if report.dropped_tail or report.dropped_head:
+            header = _persist_recovered(fd, header)
+        backend = open_backend(io)
+        opened = True
+    finally:
+        if not opened:
+            os.close(fd)
+    return RingFile(path, fd, header, layout, table, report, backend, sync, observer)
+
+
+def _persist_recovered(fd: int, header: Header) -> Header:
+    """Make a recovery cut durable before any new batch is written."""
+    header = dataclasses.replace(header, generation=header.generation + 1)
+    os.pwrite(fd, header.encode(), HEADER_COPY_OFFSETS[header.copy_index])
+    os.fdatasync(fd)
+    return header
