@@ -1,0 +1,1 @@
+"""The ringtail Trio daemon: protocol codec, listeners, tenants, batching, subscribers, CLI."""
