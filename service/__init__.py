@@ -1,1 +1,0 @@
-"""The ringtail Trio daemon: protocol codec, listeners, tenants, batching, subscribers, CLI."""
