@@ -1,0 +1,184 @@
+"""Group commit: one tenant's publish requests become one ring batch per write.
+
+Publishers (every connection of the tenant) call `await writer.publish(records)`
+which queues the records and returns a `PublishRequest`; its `done` event is
+set when the records are durable (under the ring's sync mode) or failed.
+The writer task pulls: while a chain is in flight, new requests gather; when
+the chain completes, everything gathered (up to the ring's batch maximum)
+goes out as the next chain. Never one write per request.
+
+Bounded: at most PENDING_RECORD_COUNT_MAX records wait per tenant; a publisher
+that would exceed it waits (backpressure) until the writer frees space.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import trio
+
+from ioring import RingError, RingFailedError, RingFile
+from ioring.record import RECORD_SIZE_BYTES
+
+log = logging.getLogger("ringtail.batcher")
+
+# Records waiting for the writer, per tenant: 16,384 x 64 B = 1 MiB. Enough
+# for four full publish batches to gather behind one in flight; past it,
+# publishers wait, so daemon memory stays bounded when the disk is slow.
+PENDING_RECORD_COUNT_MAX = 16_384
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class PublishRequest:
+    """One publish frame's records on their way to disk."""
+
+    records: bytes
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    first_sequence: int = -1
+    last_sequence: int = -1
+    error: RingError | None = None
+    enqueued_ns: int = 0
+
+    @property
+    def record_count(self) -> int:
+        return len(self.records) // RECORD_SIZE_BYTES
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WriterStatistics:
+    batches: int
+    records: int
+    pending_records: int
+    failed: bool
+
+
+class TenantWriter:
+    """Owns the write side of one ring: queue, batching, commit notifications.
+
+    Resource handling: `run()` is the writer task (start it in the nursery of
+    the owner); `close()` lets it finish every queued request, then return.
+    Error handling: a failed chain fails its requests and every later one with
+    the ring's RingFailedError; the daemon keeps serving other tenants.
+    """
+
+    def __init__(self, ring: RingFile,
+                 on_commit: Callable[[int, bytes], None],
+                 on_batch: Callable[[int, int, int], None] | None = None):
+        self.ring = ring
+        self._on_commit = on_commit
+        self._on_batch = on_batch
+        self._queue: collections.deque[tuple[PublishRequest, int]] = collections.deque()
+        self._pending_records = 0
+        self._work = trio.Event()
+        self._space = trio.Event()
+        self._closing = False
+        self._batches = 0
+        self._records = 0
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(self._batches, self._records, self._pending_records,
+                                self.ring.failed is not None)
+
+    async def publish(self, records: bytes) -> PublishRequest:
+        """Queue records (waiting for space if the tenant is over its bound)."""
+        request = PublishRequest(records, enqueued_ns=time.perf_counter_ns())
+        count = request.record_count
+        assert 0 < count <= PENDING_RECORD_COUNT_MAX
+        while self._pending_records and self._pending_records + count > PENDING_RECORD_COUNT_MAX:
+            if self._space.is_set():
+                self._space = trio.Event()
+            await self._space.wait()
+        if self.ring.failed is not None or self._closing:
+            request.error = self.ring.failed or RingError("tenant writer is closed")
+            request.done.set()
+            return request
+        self._queue.append((request, 0))
+        self._pending_records += count
+        self._work.set()
+        return request
+
+    def close(self) -> None:
+        """Finish what is queued, then let `run()` return."""
+        self._closing = True
+        self._work.set()
+
+    async def run(self) -> None:
+        fd = self.ring.completion_fd
+        batch_max = self.ring.batch_record_count_max
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._work = trio.Event()
+                await self._work.wait()
+                continue
+            parts, data = self._take(batch_max)
+            try:
+                ticket = self.ring.submit(data)
+                # Buffers belong to the kernel until reaped: never abandon a
+                # chain in flight, even when cancelled.
+                with trio.CancelScope(shield=True):
+                    while self.ring.in_flight:
+                        await trio.lowlevel.wait_readable(fd)
+                        self.ring.reap()
+            except RingError as error:
+                log.error("ring %s failed: %s", self.ring.path, error)
+                self._fail(parts, error)
+                continue
+            self._resolve(parts, ticket.first_sequence)
+            self._batches += 1
+            self._records += ticket.record_count
+            if self._on_batch is not None:
+                self._on_batch(ticket.record_count, len(parts), ticket.first_sequence)
+            self._on_commit(ticket.first_sequence, data)
+
+    def _take(self, batch_max: int) -> tuple[list[tuple[PublishRequest, int, int]], bytes]:
+        """Pop up to batch_max records: (request, first index, count) per part."""
+        parts = []
+        buffers = []
+        room = batch_max
+        while self._queue and room:
+            request, start = self._queue[0]
+            count = min(request.record_count - start, room)
+            if start == 0 and count == request.record_count:
+                buffers.append(request.records)
+                self._queue.popleft()
+            else:
+                buffers.append(request.records[start * RECORD_SIZE_BYTES:
+                                               (start + count) * RECORD_SIZE_BYTES])
+                if start + count == request.record_count:
+                    self._queue.popleft()
+                else:
+                    self._queue[0] = (request, start + count)
+            parts.append((request, start, count))
+            room -= count
+        taken = batch_max - room
+        self._pending_records -= taken
+        self._space.set()
+        return parts, buffers[0] if len(buffers) == 1 else b"".join(buffers)
+
+    def _resolve(self, parts, first_sequence: int) -> None:
+        sequence = first_sequence
+        for request, start, count in parts:
+            if start == 0:
+                request.first_sequence = sequence
+            sequence += count
+            if start + count == request.record_count:
+                request.last_sequence = sequence - 1
+                request.done.set()
+
+    def _fail(self, parts, error: RingError) -> None:
+        failed = error if isinstance(error, RingFailedError) else error
+        for request, _, _ in parts:
+            request.error = failed
+            request.done.set()
+        while self._queue:
+            request, _ = self._queue.popleft()
+            request.error = failed
+            request.done.set()
+        self._pending_records = 0
+        self._space.set()

@@ -1,0 +1,362 @@
+"""`ringtail` command line (the contract is in shared DESIGN.md and README.md).
+
+Exit status: 0 success, 1 operational failure (rejected, damaged,
+unreachable), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+import trio
+
+from ioring import RingError, SlotRecord
+from ioring.record import RECORD_SIZE_BYTES
+from service.config import DEFAULT_SOCKET, ConfigError, ServeConfig, load_config, resolve_paths
+from service.protocol import PUBLISH_RECORD_COUNT_MAX, End, Gap, Records
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """An operational failure to report in one line, exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringtail", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument("--data-dir")
+    serve.add_argument("--socket")
+    serve.add_argument("--config")
+    serve.add_argument("--sync", choices=("batch", "none"))
+    serve.add_argument("--io", choices=("auto", "uring", "threads"))
+    serve.add_argument("--capacity", type=int, help="records per tenant ring created on first use")
+
+    publish = commands.add_parser("publish", help="publish records to a tenant")
+    publish.add_argument("--socket", default=DEFAULT_SOCKET)
+    publish.add_argument("--tenant", type=int, required=True)
+    publish.add_argument("--raw", action="store_true", help="read N x 64-byte records from stdin")
+    publish.add_argument("--count", type=int, default=1, help="synthetic records to publish")
+    publish.add_argument("--rate", type=float, default=0.0, help="records/s (0: as fast as possible)")
+
+    tail = commands.add_parser("tail", help="replay and follow a tenant's records")
+    tail.add_argument("--socket", default=DEFAULT_SOCKET)
+    tail.add_argument("--tenant", type=int, required=True)
+    tail.add_argument("--from", dest="start", default="oldest", help="oldest | latest | SEQ")
+    tail.add_argument("--follow", action="store_true")
+    tail.add_argument("--format", choices=("table", "json", "raw"), default="table")
+
+    verify = commands.add_parser("verify", help="full checksum scan of a ring file or data dir")
+    verify.add_argument("path")
+    inspect = commands.add_parser("inspect", help="header, sequences, capacity and fill")
+    inspect.add_argument("path")
+
+    import_vrrl = commands.add_parser("import-vrrl", help="publish a VRRL0001 log's records")
+    import_vrrl.add_argument("file")
+    import_vrrl.add_argument("--socket", default=DEFAULT_SOCKET)
+    import_vrrl.add_argument("--tenant", type=int)
+
+    export_vrrl = commands.add_parser("export-vrrl", help="write a tenant's records as VRRL0001")
+    export_vrrl.add_argument("--socket", default=DEFAULT_SOCKET)
+    export_vrrl.add_argument("--tenant", type=int, required=True)
+    export_vrrl.add_argument("--out", required=True)
+    export_vrrl.add_argument("--capacity", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) and EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as error:
+        print(f"ringtail: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CommandError, RingError, OSError) as error:
+        print(f"ringtail {args.command}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+def serve_config(args) -> ServeConfig:
+    config = ServeConfig()
+    if args.config:
+        config = load_config(args.config, config)
+    overrides = {key: value for key, value in (
+        ("data_dir", args.data_dir), ("socket", args.socket), ("sync", args.sync),
+        ("io", args.io), ("capacity", args.capacity)) if value is not None}
+    return resolve_paths(dataclasses.replace(config, **overrides).validate())
+
+
+def command_serve(args) -> int:
+    from service.server import Daemon
+    config = serve_config(args)
+    trio.run(Daemon(config).serve)
+    return EXIT_OK
+
+
+# -- clients ----------------------------------------------------------------------
+
+
+def read_stdin_records() -> bytes:
+    data = sys.stdin.buffer.read()
+    if len(data) % RECORD_SIZE_BYTES:
+        raise CommandError(f"stdin held {len(data)} bytes, not a whole number of "
+                           f"{RECORD_SIZE_BYTES}-byte records")
+    return data
+
+
+def split_batches(data: bytes, count_max: int = PUBLISH_RECORD_COUNT_MAX) -> list[bytes]:
+    step = count_max * RECORD_SIZE_BYTES
+    return [data[offset:offset + step] for offset in range(0, len(data), step)]
+
+
+def synthetic_records(tenant_id: int, count: int) -> bytes:
+    import time
+    now = time.time_ns()
+    return b"".join(SlotRecord(timestamp_ns=now + index, slot_idx=index, tenant_id=tenant_id,
+                               opcode=index % 16).encode() for index in range(count))
+
+
+def command_publish(args) -> int:
+    from service.client import Client, RingtailError
+    data = read_stdin_records() if args.raw else synthetic_records(args.tenant, args.count)
+    if not data:
+        raise CommandError("nothing to publish")
+
+    async def run():
+        async with await Client.connect(args.socket, args.tenant) as client:
+            batches = split_batches(data)
+            if args.rate > 0:
+                acks = []
+                per_batch = PUBLISH_RECORD_COUNT_MAX / args.rate
+                for batch in batches:
+                    acks.extend(await client.publish_many([batch]))
+                    await trio.sleep(per_batch)  # pacing the offered load, not synchronisation
+                return acks
+            return await client.publish_many(batches)
+
+    try:
+        acks = trio.run(run)
+    except RingtailError as error:
+        raise CommandError(f"rejected: {error}") from error
+    print(f"acknowledged {len(data) // RECORD_SIZE_BYTES} records: sequences "
+          f"{acks[0].first_sequence}..{acks[-1].last_sequence}")
+    return EXIT_OK
+
+
+def parse_start(text: str) -> tuple[str, int]:
+    if text in ("oldest", "latest"):
+        return text, 0
+    try:
+        return "sequence", int(text)
+    except ValueError:
+        raise CommandError(f"--from {text!r}: use oldest, latest or a sequence number") from None
+
+
+TABLE_COLUMNS = ("sequence", "timestamp_ns", "slot", "opcode", "args", "epoch", "status",
+                 "failure", "backend", "digest")
+
+
+def record_row(sequence: int, record: SlotRecord) -> tuple:
+    return (sequence, record.timestamp_ns, record.slot_idx, record.opcode,
+            ",".join(map(str, record.args)), record.epoch, record.slot_status,
+            SlotRecord.to_json_dict(record)["failure_class"], record.backend_code,
+            f"{record.output_digest:016x}")
+
+
+def command_tail(args) -> int:
+    from service.client import Client, RingtailError
+    start, value = parse_start(args.start)
+    out = sys.stdout.buffer
+    widths = (10, 20, 6, 6, 23, 6, 6, 15, 7, 16)
+    if args.format == "table":
+        print("  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths)), flush=True)
+
+    async def run():
+        async with await Client.connect(args.socket, args.tenant) as client:
+            async for event in client.subscribe(start, value, follow=args.follow):
+                if isinstance(event, Gap):
+                    print(f"ringtail tail: gap: sequences {event.first_lost_sequence}.."
+                          f"{event.last_lost_sequence} were evicted before they were read",
+                          file=sys.stderr)
+                elif isinstance(event, Records):
+                    write_records(event, args.format, out, widths)
+                elif isinstance(event, End):
+                    return
+
+    try:
+        trio.run(run)
+    except RingtailError as error:
+        raise CommandError(str(error)) from error
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def write_records(event: Records, fmt: str, out, widths) -> None:
+    if fmt == "raw":
+        out.write(event.records)
+        out.flush()
+        return
+    count = len(event.records) // RECORD_SIZE_BYTES
+    sequences = event.sequences or range(event.first_sequence, event.first_sequence + count)
+    lines = []
+    for index, sequence in enumerate(sequences):
+        record = SlotRecord.decode(event.records[index * 64:(index + 1) * 64])
+        if fmt == "json":
+            lines.append(json.dumps({"sequence": sequence, **record.to_json_dict()}))
+        else:
+            lines.append("  ".join(str(v).rjust(w) for v, w in zip(record_row(sequence, record), widths)))
+    out.write(("\n".join(lines) + "\n").encode())
+    out.flush()
+
+
+# -- files ------------------------------------------------------------------------
+
+
+def ring_paths(path: str) -> list[str]:
+    if os.path.isdir(path):
+        found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if name.endswith(".ring"))
+        if not found:
+            raise CommandError(f"{path} holds no .ring files")
+        return found
+    return [path]
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def command_inspect(args) -> int:
+    from ioring.scan import inspect_ring
+    for index, path in enumerate(ring_paths(args.path)):
+        if index:
+            print()
+        print_table(inspect_ring(path).rows())
+    return EXIT_OK
+
+
+def command_verify(args) -> int:
+    from ioring.scan import verify_ring
+    damaged = 0
+    for path in ring_paths(args.path):
+        report = verify_ring(path, progress_bar(f"verify {os.path.basename(path)}"))
+        status = "ok" if report.ok else f"DAMAGED ({len(report.damaged)} ranges)"
+        print(f"{path}: {status}: {report.verified_record_count} records verified"
+              + (f", {report.evicted_during_scan} evicted during the scan"
+                 if report.evicted_during_scan else ""))
+        for line in report.damaged:
+            print(f"  {line}")
+        damaged += not report.ok
+    return EXIT_FAILURE if damaged else EXIT_OK
+
+
+def progress_bar(label: str):
+    """A progress callback that draws a bar on a terminal, and nothing otherwise."""
+    if not sys.stdout.isatty():
+        return None
+
+    def draw(done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        filled = int(fraction * 30)
+        end = "\n" if done >= total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%}",
+              end=end, file=sys.stderr, flush=True)
+    return draw
+
+
+def command_import_vrrl(args) -> int:
+    from ioring.vrrl import import_vrrl
+    from service.client import Client, RingtailError
+    records = import_vrrl(args.file)
+    by_tenant: dict[int, list[bytes]] = {}
+    for record in records:
+        by_tenant.setdefault(int.from_bytes(record[16:20], "little"), []).append(record)
+    skipped = 0
+    if args.tenant is not None:
+        skipped = sum(len(v) for k, v in by_tenant.items() if k != args.tenant)
+        by_tenant = {args.tenant: by_tenant.get(args.tenant, [])}
+    draw = progress_bar("import")
+    total = sum(len(v) for v in by_tenant.values())
+
+    async def run():
+        done = 0
+        for tenant_id, tenant_records in by_tenant.items():
+            if not tenant_records:
+                continue
+            async with await Client.connect(args.socket, tenant_id) as client:
+                for batch in split_batches(b"".join(tenant_records)):
+                    acks = await client.publish_many([batch])
+                    done += len(batch) // RECORD_SIZE_BYTES
+                    if draw:
+                        draw(done, total)
+                print(f"tenant {tenant_id}: {len(tenant_records)} records imported, "
+                      f"last sequence {acks[-1].last_sequence}")
+
+    try:
+        trio.run(run)
+    except RingtailError as error:
+        raise CommandError(f"rejected: {error}") from error
+    print(f"imported {total} of {len(records)} records from {args.file}"
+          + (f"; skipped {skipped} of other tenants" if args.tenant is not None else ""))
+    return EXIT_OK
+
+
+def command_export_vrrl(args) -> int:
+    from ioring.vrrl import VRRL_CAPACITY_MAX, export_vrrl
+    from service.client import Client, RingtailError
+
+    async def run() -> list[bytes]:
+        records: list[bytes] = []
+        async with await Client.connect(args.socket, args.tenant) as client:
+            async for event in client.subscribe("oldest", follow=False):
+                if isinstance(event, Records):
+                    data = event.records
+                    records.extend(data[i:i + 64] for i in range(0, len(data), 64))
+        return records
+
+    try:
+        records = trio.run(run)
+    except RingtailError as error:
+        raise CommandError(str(error)) from error
+    capacity = args.capacity or max(1, min(len(records), VRRL_CAPACITY_MAX))
+    export_vrrl(records, args.out, capacity)
+    print(f"exported {min(len(records), capacity)} records of tenant {args.tenant} "
+          f"to {args.out} (capacity {capacity})")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "serve": command_serve,
+    "publish": command_publish,
+    "tail": command_tail,
+    "verify": command_verify,
+    "inspect": command_inspect,
+    "import-vrrl": command_import_vrrl,
+    "export-vrrl": command_export_vrrl,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Clients of the ringtail daemon.
+
+`Client` is the Trio client: `await client.publish(records)` returns the Ack
+once the batch is durable; `client.subscribe(...)` is an async iterator of
+Records, Gap and End events. The synchronous `Publisher` for plain Python GPU
+workers lives in service/publisher.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import AsyncIterator, Iterable
+
+import trio
+
+from service import protocol
+from service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, ErrorCode, Gap, Hello,
+                              Publish, Records, StartKind, Subscribe, Welcome)
+
+RECEIVE_SIZE_BYTES = 256 * 1024
+# Publish batches sent but not yet acknowledged by one pipelined publisher.
+PIPELINE_BATCH_COUNT_MAX = 16
+
+
+class RingtailError(Exception):
+    """The daemon answered with an Error frame (or the connection broke)."""
+
+    def __init__(self, code: int, message: str, batch_id: int = 0,
+                 record_index: int = protocol.RECORD_INDEX_NONE):
+        self.code = code
+        self.message = message
+        self.batch_id = batch_id
+        self.record_index = record_index
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = f"code {code}"
+        where = "" if record_index == protocol.RECORD_INDEX_NONE else f" (record {record_index})"
+        super().__init__(f"{name}{where}: {message}")
+
+    @classmethod
+    def from_event(cls, event: Error) -> "RingtailError":
+        return cls(event.code, event.message, event.batch_id, event.record_index)
+
+
+class Client:
+    """One connection to a daemon, for one tenant.
+
+    Resource handling: owns the stream; use `async with await Client.connect(...)`
+    or call `aclose()`.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, tenant_id: int):
+        self.stream = stream
+        self.tenant_id = tenant_id
+        self.connection = protocol.Connection(protocol.CLIENT)
+        self.welcome: Welcome | None = None
+        self._batch_ids = itertools.count(1)
+
+    @classmethod
+    async def connect(cls, socket_path: str, tenant_id: int, *, token: bytes = b"",
+                      client_name: str = "ringtail-client") -> "Client":
+        """Connect over the Unix socket and complete the handshake.
+
+        Raises:
+            OSError: the socket cannot be reached.
+            RingtailError: the daemon refused the Hello.
+        """
+        stream = await trio.open_unix_socket(socket_path)
+        client = cls(stream, tenant_id)
+        try:
+            await client._handshake(token, client_name)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return client
+
+    async def _handshake(self, token: bytes, client_name: str) -> None:
+        await self._send(Hello(self.tenant_id, token, client_name))
+        event = await self.next_event()
+        if isinstance(event, Error):
+            raise RingtailError.from_event(event)
+        if not isinstance(event, Welcome):
+            raise RingtailError(ErrorCode.MALFORMED_FRAME, f"expected Welcome, got {event!r}")
+        self.welcome = event
+
+    async def _send(self, event) -> None:
+        await self.stream.send_all(self.connection.send(event))
+
+    async def next_event(self):
+        """The next event from the daemon.
+
+        Raises:
+            RingtailError: the connection closed (code SHUTTING_DOWN if cleanly).
+        """
+        while True:
+            event = self.connection.next_event()
+            if event is CLOSED:
+                raise RingtailError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+            if event is not NEED_DATA:
+                return event
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE_BYTES)
+            except trio.BrokenResourceError as error:
+                raise RingtailError(ErrorCode.SHUTTING_DOWN, f"connection lost: {error}") from error
+            self.connection.receive_data(data)
+
+    async def publish(self, records: bytes) -> Ack:
+        """Publish one batch and wait until it is durable.
+
+        Raises:
+            RingtailError: the batch was rejected (code and record index say why).
+        """
+        acks = await self.publish_many([records])
+        return acks[0]
+
+    async def publish_many(self, batches: Iterable[bytes],
+                           window: int = PIPELINE_BATCH_COUNT_MAX) -> list[Ack]:
+        """Publish batches with up to `window` unacknowledged; acks in order.
+
+        Raises:
+            RingtailError: at the first rejected batch (earlier ones are durable).
+        """
+        acks: list[Ack] = []
+        in_flight: collections.deque[int] = collections.deque()
+        for records in batches:
+            if len(in_flight) >= window:
+                acks.append(await self._reply(in_flight.popleft()))
+            batch_id = next(self._batch_ids)
+            await self._send(Publish(batch_id, records))
+            in_flight.append(batch_id)
+        while in_flight:
+            acks.append(await self._reply(in_flight.popleft()))
+        return acks
+
+    async def _reply(self, batch_id: int) -> Ack:
+        while True:
+            event = await self.next_event()
+            if isinstance(event, Ack):
+                if event.batch_id != batch_id:
+                    raise RingtailError(ErrorCode.INTERNAL,
+                                        f"ack for batch {event.batch_id}, expected {batch_id}")
+                return event
+            if isinstance(event, Error):
+                raise RingtailError.from_event(event)
+
+    async def subscribe(self, start: StartKind | str = StartKind.OLDEST, start_value: int = 0,
+                        *, follow: bool = False, opcodes: Iterable[int] = (),
+                        epoch_min: int = 0, epoch_max: int = 0xFFFF_FFFF,
+                        failure_only: bool = False) -> AsyncIterator[Records | Gap | End]:
+        """Yield Records and Gap events; End (and return) when not following.
+
+        Raises:
+            RingtailError: the daemon sent an Error.
+        """
+        if isinstance(start, str):
+            start = StartKind[start.upper()]
+        await self._send(Subscribe(start, start_value, follow, failure_only, epoch_min,
+                                   epoch_max, frozenset(opcodes)))
+        while True:
+            event = await self.next_event()
+            if isinstance(event, Error):
+                raise RingtailError.from_event(event)
+            if isinstance(event, (Records, Gap)):
+                yield event
+            elif isinstance(event, End):
+                yield event
+                return
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()

@@ -1,0 +1,347 @@
+"""The Trio daemon: Unix-socket listener, connection handlers, orderly shutdown.
+
+Each connection runs three pieces in its own nursery:
+
+- the receive loop: bytes -> protocol events; a Publish is checked (magic,
+  tenant) and queued with the tenant's writer, waiting if the tenant is over
+  its pending bound (backpressure reaches the socket);
+- the reply task: sends each batch's Ack (or Error) in request order once
+  the batch is durable;
+- for a subscriber, the subscription task (service/subscribers.py).
+
+Shutdown on SIGTERM/SIGINT: stop accepting, stop reading new frames, let every
+queued batch be written and acknowledged (or reported failed), close the
+rings (the header of the last batch is already durable), exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import signal
+import socket as stdlib_socket
+
+import numpy
+import trio
+
+from ioring import RingCorruptError, RingError
+from ioring.record import RECORD_DTYPE, RECORD_MAGIC
+from service import protocol
+from service.config import ServeConfig
+from service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
+                              Publish, RemoteProtocolError, Subscribe, Welcome)
+from service.subscribers import run_subscription
+from service.tenants import TenantLimitError, TenantRegistry, UnknownTenantError
+
+log = logging.getLogger("ringtail.server")
+
+# Connections at once (each costs two small tasks and up to one frame of
+# buffered input, RECEIVE_BUFFER_BYTES_MAX).
+CONNECTION_COUNT_MAX = 1024
+# Subscribers per tenant (each holds one replay read, 256 KiB, at most).
+SUBSCRIBER_COUNT_MAX = 256
+# Seconds a new connection has to send its Hello.
+HANDSHAKE_TIMEOUT_S = 10.0
+# Seconds shutdown waits for connections to take their last acks.
+SHUTDOWN_GRACE_S = 30.0
+# Publish batches a connection may have queued but not yet acknowledged; past
+# it the receive loop stops reading (backpressure). 64 x 256 KiB max = 16 MiB
+# worst case per connection, bounded further by the writer's pending bound.
+CONNECTION_UNACKED_BATCH_COUNT_MAX = 64
+RECEIVE_SIZE_BYTES = 256 * 1024
+LISTEN_BACKLOG = 128
+
+assert HANDSHAKE_TIMEOUT_S > 0
+
+
+@dataclasses.dataclass(slots=True)
+class DaemonStatistics:
+    connections: int = 0
+    connections_total: int = 0
+    rejected_batches: int = 0
+    protocol_errors: int = 0
+
+
+class Daemon:
+    """One ringtail daemon: owns the listener, the connections and the tenants.
+
+    Resource handling: `serve()` runs until `shutdown()` (or a signal), then
+    closes everything it opened, the socket file included.
+    """
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.registry = TenantRegistry(config.data_dir, config.default_tenant, config.io,
+                                       create_on_first_use=config.create_tenants,
+                                       settings=config.tenants)
+        self.stats = DaemonStatistics()
+        self._accept_scope = trio.CancelScope()
+        self._connection_scopes: set[trio.CancelScope] = set()
+        self._stopping = False
+
+    def shutdown(self) -> None:
+        """Stop accepting and reading; queued batches still get acknowledged."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("shutting down: finishing batches in flight")
+        self._accept_scope.cancel()
+        for scope in list(self._connection_scopes):
+            scope.cancel()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.registry.open_existing()
+        listener = await bind_unix_listener(self.config.socket, self.config.socket_mode)
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(self.registry.run)
+                signal_scope = trio.CancelScope()
+                root.start_soon(self._watch_signals, signal_scope)
+                log.info("ringtail ready: socket %s, data dir %s, sync=%s, io=%s",
+                         self.config.socket, self.config.data_dir, self.config.sync,
+                         self.config.io)
+                task_status.started()
+                try:
+                    async with trio.open_nursery() as connections:
+                        with self._accept_scope:
+                            while True:
+                                stream = await listener.accept()
+                                connections.start_soon(self._handle, stream)
+                        # A peer that stops reading its acks cannot hold shutdown forever.
+                        connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
+                finally:
+                    signal_scope.cancel()
+                    self.registry.close()  # writers drain their queues, then stop
+        finally:
+            await listener.aclose()
+            try:
+                os.unlink(self.config.socket)
+            except FileNotFoundError:
+                pass
+        log.info("ringtail stopped")
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.shutdown()
+
+    # -- one connection ------------------------------------------------------------
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        handler = _ConnectionHandler(self, stream)
+        try:
+            if self.stats.connections > CONNECTION_COUNT_MAX:
+                await handler.send_error(
+                    ErrorCode.TOO_MANY_CONNECTIONS,
+                    f"{CONNECTION_COUNT_MAX} connections are open (CONNECTION_COUNT_MAX); "
+                    "close idle connections and retry with backoff")
+                return
+            await handler.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; nothing of theirs is pending on us
+        finally:
+            self.stats.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+
+class _ConnectionHandler:
+    def __init__(self, daemon: Daemon, stream: trio.abc.Stream):
+        self.daemon = daemon
+        self.stream = stream
+        self.connection = protocol.Connection(protocol.SERVER)
+        self.send_lock = trio.Lock()
+        self.tenant = None
+        self.receive_scope = trio.CancelScope()
+        self.subscription_scope = trio.CancelScope()
+
+    async def send(self, event) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(self.connection.send(event))
+
+    async def send_records(self, first_sequence: int, records: bytes, sequences) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(
+                self.connection.send_records(first_sequence, records, sequences))
+
+    async def send_error(self, code: ErrorCode, message: str, batch_id: int = 0,
+                         record_index: int = protocol.RECORD_INDEX_NONE) -> None:
+        await self.send(Error(int(code), message[:protocol.ERROR_MESSAGE_SIZE_BYTES_MAX],
+                              batch_id, record_index))
+
+    async def next_event(self):
+        while True:
+            event = self.connection.next_event()
+            if event is not NEED_DATA:
+                return event
+            data = await self.stream.receive_some(RECEIVE_SIZE_BYTES)
+            self.connection.receive_data(data)
+
+    async def run(self) -> None:
+        daemon = self.daemon
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as handshake:
+            try:
+                hello = await self.next_event()
+            except RemoteProtocolError as error:
+                await self.protocol_error(error)
+                return
+        if handshake.cancelled_caught:
+            await self.send_error(ErrorCode.HANDSHAKE_TIMEOUT,
+                                  f"no Hello within HANDSHAKE_TIMEOUT_S ({HANDSHAKE_TIMEOUT_S} s); "
+                                  "send Hello right after connecting")
+            return
+        if hello is CLOSED or not isinstance(hello, Hello):
+            return
+        try:
+            self.tenant = daemon.registry.get(hello.tenant_id)
+        except (UnknownTenantError, TenantLimitError) as error:
+            await self.send_error(ErrorCode.UNKNOWN_TENANT, str(error))
+            return
+        except RingError as error:
+            log.error("tenant %d cannot be opened: %s", hello.tenant_id, error)
+            await self.send_error(ErrorCode.STORAGE_FAILED,
+                                  f"tenant {hello.tenant_id}'s ring cannot be opened: {error}")
+            return
+        ring = self.tenant.ring
+        await self.send(Welcome(hello.tenant_id, protocol.PUBLISH_RECORD_COUNT_MAX,
+                                ring.oldest_sequence, ring.next_sequence, ring.capacity,
+                                "ringtail"))
+        send_replies, receive_replies = trio.open_memory_channel(
+            CONNECTION_UNACKED_BATCH_COUNT_MAX)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.reply_loop, receive_replies)
+            scope = self.receive_scope
+            daemon._connection_scopes.add(scope)
+            try:
+                with scope, send_replies:
+                    if daemon._stopping:
+                        scope.cancel()
+                    await self.receive_loop(nursery, send_replies)
+            finally:
+                daemon._connection_scopes.discard(scope)
+            # Replies drain (acks for every queued batch); a subscription ends.
+            self.subscription_scope.cancel()
+
+    async def receive_loop(self, nursery: trio.Nursery, replies) -> None:
+        while True:
+            try:
+                event = await self.next_event()
+            except RemoteProtocolError as error:
+                if not error.fatal:
+                    self.daemon.stats.rejected_batches += 1
+                    await replies.send((error.batch_id, None, error))
+                    continue
+                await self.protocol_error(error)
+                return
+            if event is CLOSED:
+                return
+            if isinstance(event, Publish):
+                # A batch read off the socket is queued and answered even if
+                # shutdown starts meanwhile.
+                with trio.CancelScope(shield=True):
+                    await self.publish(event, replies)
+            elif isinstance(event, Subscribe):
+                self.subscription_scope = trio.CancelScope()
+                nursery.start_soon(self.subscribe, event)
+            elif isinstance(event, Ping):
+                await self.send(Pong(event.nonce))
+
+    async def protocol_error(self, error: RemoteProtocolError) -> None:
+        self.daemon.stats.protocol_errors += 1
+        await self.send(Error.from_protocol_error(error))
+
+    async def publish(self, event: Publish, replies) -> None:
+        problem = check_records(event.records, self.tenant.tenant_id)
+        if problem is not None:
+            code, index, message = problem
+            self.daemon.stats.rejected_batches += 1
+            error = protocol.ProtocolError(code, message, batch_id=event.batch_id,
+                                           record_index=index)
+            await replies.send((event.batch_id, None, error))
+            return
+        request = await self.tenant.writer.publish(event.records)
+        await replies.send((event.batch_id, request, None))
+
+    async def reply_loop(self, replies) -> None:
+        async with replies:
+            async for batch_id, request, error in replies:
+                if error is not None:
+                    await self.send(Error(int(error.code), error.message, batch_id,
+                                          error.record_index))
+                    continue
+                await request.done.wait()
+                if request.error is not None:
+                    await self.send_error(ErrorCode.STORAGE_FAILED,
+                                          f"batch {batch_id} was not written: {request.error}",
+                                          batch_id)
+                else:
+                    await self.send(Ack(batch_id, request.first_sequence,
+                                        request.last_sequence))
+
+    async def subscribe(self, event: Subscribe) -> None:
+        tenant = self.tenant
+        if tenant.subscriber_count >= SUBSCRIBER_COUNT_MAX:
+            await self.send_error(ErrorCode.TOO_MANY_SUBSCRIBERS,
+                                  f"tenant {tenant.tenant_id} has {SUBSCRIBER_COUNT_MAX} "
+                                  "subscribers (SUBSCRIBER_COUNT_MAX); retry later")
+            self.receive_scope.cancel()
+            return
+        tenant.subscriber_count += 1
+        try:
+            with self.subscription_scope:
+                await run_subscription(tenant, event, self.send, self.send_records)
+        except RingCorruptError as error:
+            log.error("tenant %d: %s", tenant.tenant_id, error)
+            await self.send_error(ErrorCode.STORAGE_FAILED, f"replay stopped: {error}")
+            self.receive_scope.cancel()
+        finally:
+            tenant.subscriber_count -= 1
+
+
+def check_records(records: bytes, tenant_id: int) -> tuple[ErrorCode, int, str] | None:
+    """The first bad record of a publish batch (vectorised), or None."""
+    array = numpy.frombuffer(records, dtype=RECORD_DTYPE)
+    bad = numpy.flatnonzero(array["magic"] != RECORD_MAGIC)
+    if len(bad):
+        index = int(bad[0])
+        return (ErrorCode.BAD_RECORD_MAGIC, index,
+                f"record {index} has magic 0x{int(array['magic'][index]):08x}, expected "
+                f"0x{RECORD_MAGIC:08x}; the batch was rejected whole, fix the encoder and resend")
+    bad = numpy.flatnonzero(array["tenant_id"] != tenant_id)
+    if len(bad):
+        index = int(bad[0])
+        return (ErrorCode.WRONG_TENANT, index,
+                f"record {index} has tenant_id {int(array['tenant_id'][index])} but this "
+                f"connection is tenant {tenant_id}; the batch was rejected whole")
+    return None
+
+
+async def bind_unix_listener(path: str, mode: int) -> trio.SocketListener:
+    """Bind the Unix socket with `mode` from the start (no window with a wider mode).
+
+    A leftover socket file from a dead daemon is replaced; a live one is not.
+    """
+    if os.path.exists(path):
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody is listening
+        else:
+            raise OSError(errno.EADDRINUSE,
+                          f"another daemon is serving on {path}; stop it or use --socket")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    previous = os.umask(0o777 & ~mode)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(previous)
+    os.chmod(path, mode)
+    sock.listen(LISTEN_BACKLOG)
+    return trio.SocketListener(sock)

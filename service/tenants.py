@@ -1,0 +1,149 @@
+"""Tenants: one ring file, one writer and one commit signal per tenant id.
+
+The embedded default creates a tenant on first use with the default capacity.
+Each tenant's records live in their own file (`tenant-<id>.ring` in the data
+directory), so one tenant filling its ring never evicts another's records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+
+import trio
+
+from ioring import RingFile, open_ring
+from service.batcher import TenantWriter
+
+log = logging.getLogger("ringtail.tenants")
+
+# Tenants one daemon serves: each holds an open file, an io_uring (or a
+# thread) and an eventfd, plus a 16 MiB-max chunk-table mirror.
+TENANT_COUNT_MAX = 1024
+TENANT_ID_MAX = 0xFFFF_FFFF
+RING_FILE_PATTERN = re.compile(r"^tenant-(\d+)\.ring$")
+
+
+def ring_file_name(tenant_id: int) -> str:
+    return f"tenant-{tenant_id}.ring"
+
+
+class UnknownTenantError(Exception):
+    """The tenant does not exist and may not be created here."""
+
+
+class TenantLimitError(Exception):
+    """TENANT_COUNT_MAX tenants are open already."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TenantSettings:
+    capacity: int
+    sync: str = "batch"
+
+
+class Tenant:
+    """One tenant's ring, its writer, and the signal subscribers wait on."""
+
+    def __init__(self, tenant_id: int, ring: RingFile):
+        self.tenant_id = tenant_id
+        self.ring = ring
+        self.writer = TenantWriter(ring, self._committed_batch)
+        self._committed = trio.Event()
+        self.subscriber_count = 0
+        self.gaps = 0
+
+    def _committed_batch(self, first_sequence: int, data: bytes) -> None:
+        committed, self._committed = self._committed, trio.Event()
+        committed.set()
+
+    async def wait_beyond(self, sequence: int) -> None:
+        """Return once a record at or past `sequence` is committed."""
+        while self.ring.next_sequence <= sequence:
+            await self._committed.wait()
+
+
+class TenantRegistry:
+    """Opens, creates and owns every tenant's ring and writer.
+
+    Resource handling: writers run in the nursery given to `run()`; `close()`
+    stops writers after their queues drain and closes every ring.
+    """
+
+    def __init__(self, data_dir: str, default: TenantSettings, io: str,
+                 create_on_first_use: bool = True,
+                 settings: dict[int, TenantSettings] | None = None):
+        self.data_dir = data_dir
+        self.default = default
+        self.io = io
+        self.create_on_first_use = create_on_first_use
+        self.settings = dict(settings or {})
+        self.tenants: dict[int, Tenant] = {}
+        self._nursery: trio.Nursery | None = None
+        self._closing = trio.Event()
+
+    def open_existing(self) -> None:
+        """Open (recover) every ring file in the data dir and every configured tenant."""
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        ids = set(self.settings)
+        for name in sorted(os.listdir(self.data_dir)):
+            match = RING_FILE_PATTERN.match(name)
+            if match:
+                ids.add(int(match.group(1)))
+        for tenant_id in sorted(ids):
+            self._open(tenant_id)
+
+    def _open(self, tenant_id: int) -> Tenant:
+        if len(self.tenants) >= TENANT_COUNT_MAX:
+            raise TenantLimitError(
+                f"{TENANT_COUNT_MAX} tenants are open (TENANT_COUNT_MAX); "
+                "remove unused tenants or run another daemon")
+        settings = self.settings.get(tenant_id, self.default)
+        path = os.path.join(self.data_dir, ring_file_name(tenant_id))
+        ring = open_ring(path, capacity=settings.capacity, tenant_id=tenant_id,
+                         io=self.io, sync=settings.sync)
+        log.info("tenant %d: %s; io=%s sync=%s capacity=%d", tenant_id,
+                 ring.recovery_report.summary(), ring.backend, ring.sync, ring.capacity)
+        tenant = Tenant(tenant_id, ring)
+        self.tenants[tenant_id] = tenant
+        if self._nursery is not None:
+            self._nursery.start_soon(tenant.writer.run)
+        return tenant
+
+    def get(self, tenant_id: int, create: bool = True) -> Tenant:
+        """The tenant, opened or (embedded default) created on first use.
+
+        Raises:
+            UnknownTenantError: not configured and creation is not allowed.
+            TenantLimitError: too many tenants.
+        """
+        tenant = self.tenants.get(tenant_id)
+        if tenant is not None:
+            return tenant
+        known = tenant_id in self.settings
+        if not known and not (create and self.create_on_first_use):
+            raise UnknownTenantError(
+                f"tenant {tenant_id} is not configured on this daemon; add it to the config")
+        return self._open(tenant_id)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run every writer until `close()`; then close the rings."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for tenant in self.tenants.values():
+                    nursery.start_soon(tenant.writer.run)
+                nursery.start_soon(self._closing.wait)  # keeps the nursery open
+                task_status.started()
+        finally:
+            self._nursery = None
+            for tenant in self.tenants.values():
+                tenant.ring.close()
+
+    def close(self) -> None:
+        """Ask every writer to finish its queue and stop."""
+        self._closing.set()
+        for tenant in self.tenants.values():
+            tenant.writer.close()
