@@ -35,6 +35,19 @@ from typing import ClassVar
 
 from ioring.record import RECORD_SIZE_BYTES
 
+__all__ = [
+    "CLIENT", "CLOSED", "ERROR_CODE_INFO", "ERROR_MESSAGE_SIZE_BYTES_MAX",
+    "FRAME_HEADER_SIZE_BYTES", "FRAME_SIZE_BYTES_MAX", "NAME_SIZE_BYTES_MAX", "NEED_DATA",
+    "PROTOCOL_VERSION", "PUBLISH_RECORD_COUNT_MAX", "RECEIVE_BUFFER_BYTES_MAX",
+    "RECORDS_FLAG_SPARSE", "RECORDS_FRAME_RECORD_COUNT_MAX", "RECORD_INDEX_NONE",
+    "RECORD_SIZE_BYTES", "SERVER", "SUBSCRIBE_FLAG_FAILURE_ONLY", "SUBSCRIBE_FLAG_FOLLOW",
+    "SUBSCRIBE_OPCODE_COUNT_MAX", "TOKEN_SIZE_BYTES_MAX", "U64_MAX",
+    "Ack", "Connection", "ConnectionStatistics", "End", "Error", "ErrorCode", "ErrorCodeInfo",
+    "Event", "FrameType", "Gap", "Hello", "LocalProtocolError", "Ping", "Pong",
+    "ProtocolError", "Publish", "Records", "RemoteProtocolError", "Role", "StartKind", "State",
+    "Subscribe", "Welcome", "decode_frame", "encode_event", "encode_records_frame",
+]
+
 PROTOCOL_VERSION = 1
 FRAME_HEADER_SIZE_BYTES = 8
 
@@ -148,6 +161,8 @@ class ErrorCode(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ErrorCodeInfo:
+    """One error code's contract: fatal or not, what it means, what the client should do."""
+
     fatal: bool
     meaning: str
     action: str
@@ -155,27 +170,69 @@ class ErrorCodeInfo:
 
 _E = ErrorCode
 ERROR_CODE_INFO: dict[ErrorCode, ErrorCodeInfo] = {
-    _E.MALFORMED_FRAME: ErrorCodeInfo(True, "a frame was truncated, garbled or had a bad field", "fix the peer's encoder against docs/PROTOCOL.md"),
-    _E.FRAME_TOO_LARGE: ErrorCodeInfo(True, "a header declared more than FRAME_SIZE_BYTES_MAX payload bytes", "send smaller publish batches"),
-    _E.UNKNOWN_FRAME_TYPE: ErrorCodeInfo(True, "the frame_type is not one of this protocol version", "check both sides speak the same protocol version"),
-    _E.UNSUPPORTED_VERSION: ErrorCodeInfo(True, "the Hello (or Welcome) named a protocol version the peer does not speak", "use a client built for the server's protocol version"),
-    _E.BAD_RECORD_SIZE: ErrorCodeInfo(False, "a Publish carried no records or bytes that are not a multiple of 64", "send whole 64-byte records, at least one per batch"),
-    _E.BAD_RECORD_MAGIC: ErrorCodeInfo(False, "a published record's magic is not 0xDEADBEEF (record_index names it)", "fix the record encoder; resend the batch"),
-    _E.WRONG_TENANT: ErrorCodeInfo(False, "a published record's tenant_id differs from the Hello's (record_index names it)", "publish each tenant's records on that tenant's connection"),
-    _E.HELLO_REQUIRED: ErrorCodeInfo(True, "a frame other than Hello came before Hello", "send Hello first"),
-    _E.UNEXPECTED_FRAME: ErrorCodeInfo(True, "a frame is not allowed in the connection's current state", "follow the state table; publish and subscribe on separate connections"),
-    _E.AUTH_FAILED: ErrorCodeInfo(True, "the credentials (token or peer uid/gid) were refused", "check the token or the socket's allow-list"),
-    _E.FORBIDDEN: ErrorCodeInfo(True, "the credentials lack the role for the request (publish, subscribe)", "grant the role or use other credentials"),
-    _E.QUOTA_EXCEEDED: ErrorCodeInfo(False, "the tenant's records-per-second quota refused the batch", "back off and resend the batch later"),
-    _E.BATCH_TOO_LARGE: ErrorCodeInfo(False, "a Publish had more records than Welcome.publish_record_count_max", "split the batch and resend"),
-    _E.UNKNOWN_TENANT: ErrorCodeInfo(True, "the Hello named a tenant this daemon does not serve", "check the tenant id or the daemon's config"),
-    _E.STORAGE_FAILED: ErrorCodeInfo(False, "the ring write failed; the batch is not durable", "resend later; alert the operator"),
-    _E.SHUTTING_DOWN: ErrorCodeInfo(True, "the daemon is stopping", "reconnect with backoff; resend unacknowledged batches"),
-    _E.BAD_SUBSCRIBE: ErrorCodeInfo(True, "the Subscribe request is invalid (start, epochs, opcodes)", "fix the request"),
-    _E.HANDSHAKE_TIMEOUT: ErrorCodeInfo(True, "no Hello arrived in time", "send Hello right after connecting"),
-    _E.TOO_MANY_CONNECTIONS: ErrorCodeInfo(True, "the tenant's or daemon's connection limit is reached", "close idle connections; reconnect with backoff"),
-    _E.TOO_MANY_SUBSCRIBERS: ErrorCodeInfo(True, "the tenant's subscriber limit is reached", "close other subscriptions; retry with backoff"),
-    _E.INTERNAL: ErrorCodeInfo(True, "a bug on the sending side", "report it with the message; reconnect"),
+    _E.MALFORMED_FRAME: ErrorCodeInfo(
+        True, "a frame was truncated, garbled or had a bad field",
+        "fix the peer's encoder against docs/PROTOCOL.md"),
+    _E.FRAME_TOO_LARGE: ErrorCodeInfo(
+        True, "a header declared more than FRAME_SIZE_BYTES_MAX payload bytes",
+        "send smaller publish batches"),
+    _E.UNKNOWN_FRAME_TYPE: ErrorCodeInfo(
+        True, "the frame_type is not one of this protocol version",
+        "check both sides speak the same protocol version"),
+    _E.UNSUPPORTED_VERSION: ErrorCodeInfo(
+        True, "the Hello (or Welcome) named a protocol version the peer does not speak",
+        "use a client built for the server's protocol version"),
+    _E.BAD_RECORD_SIZE: ErrorCodeInfo(
+        False, "a Publish carried no records or bytes that are not a multiple of 64",
+        "send whole 64-byte records, at least one per batch"),
+    _E.BAD_RECORD_MAGIC: ErrorCodeInfo(
+        False, "a published record's magic is not 0xDEADBEEF (record_index names it)",
+        "fix the record encoder; resend the batch"),
+    _E.WRONG_TENANT: ErrorCodeInfo(
+        False, "a published record's tenant_id differs from the Hello's (record_index names it)",
+        "publish each tenant's records on that tenant's connection"),
+    _E.HELLO_REQUIRED: ErrorCodeInfo(
+        True, "a frame other than Hello came before Hello",
+        "send Hello first"),
+    _E.UNEXPECTED_FRAME: ErrorCodeInfo(
+        True, "a frame is not allowed in the connection's current state",
+        "follow the state table; publish and subscribe on separate connections"),
+    _E.AUTH_FAILED: ErrorCodeInfo(
+        True, "the credentials (token or peer uid/gid) were refused",
+        "check the token or the socket's allow-list"),
+    _E.FORBIDDEN: ErrorCodeInfo(
+        True, "the credentials lack the role for the request (publish, subscribe)",
+        "grant the role or use other credentials"),
+    _E.QUOTA_EXCEEDED: ErrorCodeInfo(
+        False, "the tenant's records-per-second quota refused the batch",
+        "back off and resend the batch later"),
+    _E.BATCH_TOO_LARGE: ErrorCodeInfo(
+        False, "a Publish had more records than Welcome.publish_record_count_max",
+        "split the batch and resend"),
+    _E.UNKNOWN_TENANT: ErrorCodeInfo(
+        True, "the Hello named a tenant this daemon does not serve",
+        "check the tenant id or the daemon's config"),
+    _E.STORAGE_FAILED: ErrorCodeInfo(
+        False, "the ring write failed; the batch is not durable",
+        "resend later; alert the operator"),
+    _E.SHUTTING_DOWN: ErrorCodeInfo(
+        True, "the daemon is stopping",
+        "reconnect with backoff; resend unacknowledged batches"),
+    _E.BAD_SUBSCRIBE: ErrorCodeInfo(
+        True, "the Subscribe request is invalid (start, epochs, opcodes)",
+        "fix the request"),
+    _E.HANDSHAKE_TIMEOUT: ErrorCodeInfo(
+        True, "no Hello arrived in time",
+        "send Hello right after connecting"),
+    _E.TOO_MANY_CONNECTIONS: ErrorCodeInfo(
+        True, "the tenant's or daemon's connection limit is reached",
+        "close idle connections; reconnect with backoff"),
+    _E.TOO_MANY_SUBSCRIBERS: ErrorCodeInfo(
+        True, "the tenant's subscriber limit is reached",
+        "close other subscriptions; retry with backoff"),
+    _E.INTERNAL: ErrorCodeInfo(
+        True, "a bug on the sending side",
+        "report it with the message; reconnect"),
 }
 assert set(ERROR_CODE_INFO) == set(ErrorCode)
 
@@ -301,8 +358,8 @@ def _check_records(event: object, count_max: int, limit_name: str, code: ErrorCo
                        " at least one", code, **where)
     if count > count_max:
         code = _E.BATCH_TOO_LARGE if code is _E.BAD_RECORD_SIZE else code
-        raise _invalid(event, f"{count} records exceed {limit_name} ({count_max}); split them"
-                       " into smaller batches", code, **where)
+        raise _invalid(event, f"{count} records exceed {limit_name} ({count_max}); split them",
+                       code, **where)
     return count
 
 
