@@ -70,15 +70,19 @@ CHUNK_ENTRY_SIZE_BYTES = 32
 TABLE_OFFSET = HEADER_COPY_COUNT * PAGE_SIZE_BYTES
 
 # Capacity bounds, in records. The minimum of two chunks lets a batch evict
-# the oldest chunk without touching the chunk it appends to. The maximum keeps
+# the oldest chunk without touching the chunk it appends to (batches of at
+# most 32 records at that size). The maximum keeps
 # the in-memory chunk-table mirror (capacity bytes: 16 MiB) and a full-file
 # verify (1 GiB of data) affordable on a sidecar.
 CAPACITY_RECORD_COUNT_MIN = 2 * CHUNK_RECORD_COUNT
 CAPACITY_RECORD_COUNT_MAX = 1 << 24
 
-# A batch never wraps past its own start: at most capacity minus one chunk,
-# and never more than this (an Iovec holds at most 1,024 entries; 4,096
-# records = 256 KiB per batch buffer).
+# Records per batch: never more than this (4,096 records = 256 KiB per batch
+# buffer), and never more than (capacity - 64) / 2, so that a batch plus the
+# one after it, plus a chunk, fit in the ring: then the records a batch in
+# flight may overwrite (its evictions) and the records of the batch before it
+# (the tail recovery verifies) never share a chunk, and recovery can tell a
+# torn tail from an eviction (docs/FORMAT.md, "Recovery").
 BATCH_RECORD_COUNT_MAX = 4096
 
 assert CHUNK_SIZE_BYTES == PAGE_SIZE_BYTES
@@ -195,7 +199,7 @@ class Layout:
 
     @property
     def batch_record_count_max(self) -> int:
-        return min(BATCH_RECORD_COUNT_MAX, self.capacity - CHUNK_RECORD_COUNT)
+        return min(BATCH_RECORD_COUNT_MAX, (self.capacity - CHUNK_RECORD_COUNT) // 2)
 
     def record_offset(self, sequence: int) -> int:
         """File offset of a sequence's record: O(1) arithmetic."""

@@ -1,21 +1,29 @@
 """Recovery on open: pick a header, rebuild the chunk table, verify the edges.
 
-The algorithm (docs/FORMAT.md, "Recovery", is the contract):
+The algorithm (docs/FORMAT.md, "Recovery", is the contract). Let H be the
+header, R the most records one batch can hold (`batch_record_count_max`):
 
 1. Decode both header copies; use the valid one with the highest generation.
-2. Load both chunk tables. For every retained chunk, the current copy is the
-   one whose entry names that chunk with the largest record count.
-3. Tail: records in [batch_first_sequence, next_sequence) belong to the last
-   batch, whose fdatasync may not have completed. Verify those chunks; cut
-   the cursor at the first record that does not verify.
-4. Head: a batch in flight may have been overwriting the oldest chunks.
-   Verify chunks from the oldest while they lie inside that batch's reach;
-   advance the oldest past each one that fails (reported as a gap).
-5. Records below batch_first_sequence were durable when the header was
-   written; they are verified on every read, not here.
+2. Load both chunk tables. The current copy of a chunk is the entry that names
+   it with the largest record count not past H's cursor.
+3. Head: a batch after H (in flight at the crash) wrote at most R records and
+   so overwrote nothing at or past H.next + R - capacity. Verify every chunk
+   below that line; each one that fails was being evicted: the oldest moves
+   past it (and past every older chunk, to stay contiguous).
+4. Tail: H's own batch, [H.batch_first_sequence, H.next), may be torn (its
+   fdatasync may not have completed). Verify those chunks; cut the cursor at
+   the first record that does not verify.
+5. Roll forward: if nothing was cut, records of one batch past H.next whose
+   chunk entries and data all verify are kept (their header copy was torn, or
+   damaged later), and the chunks they evict are dropped by the usual rule.
+6. Scrub: chunk entries that claim records at or past the recovered cursor
+   are erased, so they can never outrank the entries of the different records
+   that will be written at those sequences.
+7. Chunks between head and tail were durable when H was written; every read
+   verifies them.
 
-Recovery reports what it did and never exposes a record it did not verify
-or a sequence at or beyond the header's cursor.
+Recovery reports what it did, never exposes a record it did not verify, and
+its caller makes a changed result durable before writing anything new.
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ import dataclasses
 import os
 
 from ioring.errors import RingCorruptError, RingFormatError
-from ioring.format import (BATCH_RECORD_COUNT_MAX, CHUNK_RECORD_COUNT,
+from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
                            HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, PAGE_SIZE_BYTES,
                            Header, HeaderDecodeError, Layout, capacity_problem,
                            chunk_checksum, decode_header)
-from ioring.reader import ChunkTable
+from ioring.reader import NO_COPY, ChunkTable
 from ioring.record import RECORD_SIZE_BYTES
 
 
@@ -46,6 +54,7 @@ class RecoveryReport:
     verified_record_count: int
     dropped_tail: tuple[int, int] | None = None
     dropped_head: tuple[int, int] | None = None
+    rolled_forward: tuple[int, int] | None = None
 
     def summary(self) -> str:
         if self.created:
@@ -59,6 +68,9 @@ class RecoveryReport:
         if self.dropped_tail:
             parts.append("dropped unverified tail %d..%d (never acknowledged, or damaged)"
                          % self.dropped_tail)
+        if self.rolled_forward:
+            parts.append("recovered %d..%d past the header's cursor (verified; the newest "
+                         "header copy was torn or damaged)" % self.rolled_forward)
         if self.dropped_head:
             parts.append("lost oldest %d..%d (evicted by a batch in flight at the crash)"
                          % self.dropped_head)
@@ -115,56 +127,129 @@ def check_geometry(fd: int, path: str, header: Header) -> Layout:
     return layout
 
 
-def recover(fd: int, path: str) -> tuple[Header, Layout, ChunkTable, RecoveryReport]:
-    """Run the recovery algorithm; return the header to continue from.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recovery:
+    """What `recover` decided: the header to continue from and the writes that
+    make the decision durable (stale chunk entries to erase)."""
 
-    The returned header has the recovered oldest/next; the caller persists it
-    (as a new generation) if it differs from the one on disk.
+    header: Header
+    layout: Layout
+    table: ChunkTable
+    report: RecoveryReport
+    scrub_writes: tuple[tuple[int, bytes], ...]  # (file offset, zero bytes)
+
+    @property
+    def changed(self) -> bool:
+        report = self.report
+        return bool(self.scrub_writes or report.dropped_tail or report.dropped_head
+                    or report.rolled_forward)
+
+
+def recover(fd: int, path: str) -> Recovery:
+    """Run the recovery algorithm (module docstring); decide, do not write.
+
+    The caller persists a changed result: scrub writes, fdatasync, then the
+    returned header as a new generation, fdatasync.
     """
     header, copy, other_problem = read_header(fd, path)
     layout = check_geometry(fd, path, header)
     table_size = layout.table_size_bytes
     table = ChunkTable(layout, os.pread(fd, table_size, layout.table_offset(0)),
                        os.pread(fd, table_size, layout.table_offset(1)))
-    oldest, next_sequence = header.oldest_sequence, header.next_sequence
-    for chunk in range(oldest // CHUNK_RECORD_COUNT,
-                       -(-next_sequence // CHUNK_RECORD_COUNT)):
-        candidates = table.candidates(chunk, _count_max(chunk, next_sequence))
-        if candidates:
-            table.current[chunk % layout.chunk_count] = candidates[0][0]
+    file_id = header.file_id
+    header_oldest, header_next = header.oldest_sequence, header.next_sequence
+    reach = layout.batch_record_count_max  # the most one batch after this header writes
+    # Sequences below window_end may have been overwritten by that batch.
+    window_end = min(header_next, header_next + reach - header.capacity)
+    tail_start = header.batch_first_sequence
+    # batch_record_count_max keeps evictions and the tail in different chunks.
+    assert window_end <= tail_start - tail_start % CHUNK_RECORD_COUNT or window_end <= header_oldest
+    oldest, next_sequence = header_oldest, header_next
     verified = 0
-    # Tail: cut at the first chunk of the last batch that does not verify.
-    new_next = next_sequence
-    for chunk in range(header.batch_first_sequence // CHUNK_RECORD_COUNT,
-                       -(-next_sequence // CHUNK_RECORD_COUNT)):
+    for chunk in range(header_oldest // CHUNK_RECORD_COUNT,
+                       -(-header_next // CHUNK_RECORD_COUNT)):
         first = chunk * CHUNK_RECORD_COUNT
-        good = _verified_count(fd, layout, table, header.file_id, chunk,
-                               _count_max(chunk, next_sequence))
-        verified += good
-        if first + good < min(next_sequence, first + CHUNK_RECORD_COUNT):
-            new_next = max(first + good, oldest)
+        count_max = _count_max(chunk, header_next)
+        in_window = first < window_end
+        if not in_window and first + count_max <= tail_start:
+            candidates = table.candidates(chunk, count_max)  # verified on every read
+            table.current[chunk % layout.chunk_count] = candidates[0][0] if candidates else NO_COPY
+            continue
+        good = _verified_count(fd, layout, table, file_id, chunk, count_max)
+        if good == count_max:
+            verified += good
+        elif in_window:  # evicted by the batch in flight: this chunk and all older go
+            oldest = min(header_next, first + CHUNK_RECORD_COUNT)
+            verified = 0
+        else:  # the header's own batch is torn here: cut
+            next_sequence = max(first + good, oldest)
+            verified += good
             break
-    # Head: the in-flight batch could reach this far past the old cursor.
-    reach = next_sequence + min(BATCH_RECORD_COUNT_MAX, layout.batch_record_count_max)
-    new_oldest = oldest
-    while new_oldest < new_next and new_oldest + header.capacity < reach + CHUNK_RECORD_COUNT:
-        chunk = new_oldest // CHUNK_RECORD_COUNT
-        expected = min(new_next, (chunk + 1) * CHUNK_RECORD_COUNT) - chunk * CHUNK_RECORD_COUNT
-        good = _verified_count(fd, layout, table, header.file_id, chunk, expected)
-        if good >= expected:
-            verified += expected
-            break
-        new_oldest = min(new_next, (chunk + 1) * CHUNK_RECORD_COUNT)
+    if next_sequence == header_next:
+        next_sequence = _roll_forward(fd, layout, table, file_id, header_next, reach)
+        oldest = layout.oldest_after_append(oldest, next_sequence) \
+            if next_sequence > header_next else oldest
+    oldest = min(oldest, next_sequence)
+    scrub = _scrub_beyond(layout, table, next_sequence, max(header_next, next_sequence) + reach)
     report = RecoveryReport(
         path=path, created=False, header_copy=copy, header_generation=header.generation,
-        other_copy_problem=other_problem, oldest_sequence=new_oldest,
-        next_sequence=new_next, verified_record_count=verified,
-        dropped_tail=(new_next, next_sequence - 1) if new_next < next_sequence else None,
-        dropped_head=(oldest, new_oldest - 1) if new_oldest > oldest else None)
+        other_copy_problem=other_problem, oldest_sequence=oldest,
+        next_sequence=next_sequence, verified_record_count=verified,
+        dropped_tail=(next_sequence, header_next - 1) if next_sequence < header_next else None,
+        dropped_head=(header_oldest, oldest - 1) if oldest > header_oldest else None,
+        rolled_forward=(header_next, next_sequence - 1) if next_sequence > header_next else None)
     recovered = dataclasses.replace(
-        header, oldest_sequence=new_oldest, next_sequence=new_next,
-        batch_first_sequence=max(new_oldest, min(header.batch_first_sequence, new_next)))
-    return recovered, layout, table, report
+        header, oldest_sequence=oldest, next_sequence=next_sequence,
+        batch_first_sequence=max(oldest, min(header.batch_first_sequence, next_sequence)))
+    return Recovery(recovered, layout, table, report, scrub)
+
+
+def _roll_forward(fd: int, layout: Layout, table: ChunkTable, file_id: int,
+                  next_sequence: int, reach: int) -> int:
+    """Extend the cursor over records of one batch past it that fully verify.
+
+    A batch whose data and chunk entries landed but whose header copy did not
+    (torn, or damaged later) is recovered instead of silently dropped.
+    """
+    limit = next_sequence + reach
+    while next_sequence < limit:
+        chunk = next_sequence // CHUNK_RECORD_COUNT
+        first = chunk * CHUNK_RECORD_COUNT
+        have = next_sequence - first
+        count_max = min(CHUNK_RECORD_COUNT, limit - first)
+        previous = table.current[chunk % layout.chunk_count]
+        good = _verified_count(fd, layout, table, file_id, chunk, count_max, have + 1)
+        if good <= have:
+            table.current[chunk % layout.chunk_count] = previous
+            break
+        next_sequence = first + good
+        if good < CHUNK_RECORD_COUNT:
+            break
+    return next_sequence
+
+
+def _scrub_beyond(layout: Layout, table: ChunkTable, next_sequence: int,
+                  end: int) -> tuple[tuple[int, bytes], ...]:
+    """Erase chunk entries that claim records at or past the recovered cursor.
+
+    They come from a batch that did not survive; left in place, one could
+    later tie with, or outrank, the entry of different records written at
+    the same sequences.
+    """
+    writes = []
+    empty = bytes(CHUNK_ENTRY_SIZE_BYTES)
+    for chunk in range(next_sequence // CHUNK_RECORD_COUNT, -(-end // CHUNK_RECORD_COUNT)):
+        position = chunk % layout.chunk_count
+        for copy in (0, 1):
+            entry = table.entry(copy, position)
+            if (entry.first_sequence == chunk * CHUNK_RECORD_COUNT and entry.record_count
+                    and entry.first_sequence + entry.record_count > next_sequence):
+                start = position * CHUNK_ENTRY_SIZE_BYTES
+                table.tables[copy][start:start + CHUNK_ENTRY_SIZE_BYTES] = empty
+                if table.current[position] == copy:
+                    table.current[position] = NO_COPY
+                writes.append((layout.entry_offset(copy, chunk), empty))
+    return tuple(writes)
 
 
 def _count_max(chunk: int, next_sequence: int) -> int:
@@ -173,15 +258,18 @@ def _count_max(chunk: int, next_sequence: int) -> int:
 
 
 def _verified_count(fd: int, layout: Layout, table: ChunkTable, file_id: int,
-                    chunk: int, count_max: int) -> int:
-    """Records of `chunk` that verify against its best entry; marks it current."""
+                    chunk: int, count_max: int, count_min: int = 1) -> int:
+    """Records of `chunk` that verify against its best entry (count_min..count_max
+    records); marks that entry current."""
     position = chunk % layout.chunk_count
     first = chunk * CHUNK_RECORD_COUNT
     data = os.pread(fd, CHUNK_RECORD_COUNT * RECORD_SIZE_BYTES, layout.record_offset(first))
     for copy, entry in table.candidates(chunk, count_max):
+        if entry.record_count < count_min:
+            break
         records = data[:entry.record_count * RECORD_SIZE_BYTES]
         if chunk_checksum(file_id, first, records) == entry.checksum:
             table.current[position] = copy
             return entry.record_count
-    table.current[position] = 0xFF
+    table.current[position] = NO_COPY
     return 0

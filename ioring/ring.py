@@ -436,32 +436,47 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
     if sync not in SYNC_CHOICES:
         raise ValueError(f"sync={sync!r} is not one of {', '.join(SYNC_CHOICES)}")
     created = False
-    if capacity is not None and not os.path.exists(path):
-        create_ring_file(path, capacity, tenant_id)
-        created = True
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    backend = open_backend(io)  # validates io before any file is made
+    fd = -1
     opened = False
     try:
-        header, layout, table, report = recover(fd, path)
+        if capacity is not None and not os.path.exists(path):
+            create_ring_file(path, capacity, tenant_id)
+            created = True
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        recovery = recover(fd, path)
+        header, report = recovery.header, recovery.report
         if header.tenant_id != tenant_id:
             raise RingFormatError(
                 path, f"ring file belongs to tenant {header.tenant_id}, not {tenant_id}; "
                       "check the data directory and the tenant id")
         if created:
             report = dataclasses.replace(report, created=True)
-        if report.dropped_tail or report.dropped_head:
-            header = _persist_recovered(fd, header)
-        backend = open_backend(io)
+        if recovery.changed:
+            header = _persist_recovered(fd, recovery)
         opened = True
     finally:
         if not opened:
-            os.close(fd)
-    return RingFile(path, fd, header, layout, table, report, backend, sync, observer)
+            if fd >= 0:
+                os.close(fd)
+            backend.close()
+    return RingFile(path, fd, header, recovery.layout, recovery.table, report, backend, sync,
+                    observer)
 
 
-def _persist_recovered(fd: int, header: Header) -> Header:
-    """Make a recovery cut durable before any new batch is written."""
-    header = dataclasses.replace(header, generation=header.generation + 1)
+def _persist_recovered(fd: int, recovery) -> Header:
+    """Make a recovery decision durable before any new batch is written.
+
+    Stale entries are erased (and synced) first, then the new header copy is
+    written (and synced): a crash in between leaves the old header, from which
+    recovery decides the same again.
+    """
+    for offset, data in recovery.scrub_writes:
+        os.pwrite(fd, data, offset)
+    if recovery.scrub_writes:
+        os.fdatasync(fd)
+    header = dataclasses.replace(recovery.header, generation=recovery.header.generation + 1,
+                                 batch_first_sequence=recovery.header.next_sequence)
     os.pwrite(fd, header.encode(), HEADER_COPY_OFFSETS[header.copy_index])
     os.fdatasync(fd)
     return header
