@@ -62,6 +62,7 @@ class DaemonStatistics:
     connections_total: int = 0
     rejected_batches: int = 0
     protocol_errors: int = 0
+    peers_gone: int = 0  # connections that broke while we still had something to send
 
 
 class Daemon:
@@ -92,13 +93,16 @@ class Daemon:
             scope.cancel()
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.registry.open_existing()
+        # The socket first: it is what tells a second daemon that this one is
+        # alive, so a refused `serve` never opens (and recovers) live rings.
         listener = await bind_unix_listener(self.config.socket, self.config.socket_mode)
         try:
+            self.registry.open_existing()
             async with trio.open_nursery() as root:
                 await root.start(self.registry.run)
                 signal_scope = trio.CancelScope()
-                root.start_soon(self._watch_signals, signal_scope)
+                # Started, not start_soon: "ready" promises SIGTERM is an orderly stop.
+                await root.start(self._watch_signals, signal_scope)
                 log.info("ringtail ready: socket %s, data dir %s, sync=%s, io=%s",
                          self.config.socket, self.config.data_dir, self.config.sync,
                          self.config.io)
@@ -122,8 +126,10 @@ class Daemon:
                 pass
         log.info("ringtail stopped")
 
-    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+    async def _watch_signals(self, scope: trio.CancelScope, *,
+                             task_status=trio.TASK_STATUS_IGNORED) -> None:
         with scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
                 self.shutdown()
@@ -142,8 +148,12 @@ class Daemon:
                     "close idle connections and retry with backoff")
                 return
             await handler.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer went away; nothing of theirs is pending on us
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The peer went away. except*: the handler's own nursery (reply
+            # loop, subscription) raises these inside an ExceptionGroup, and one
+            # peer hanging up must never take the daemon down. Its queued
+            # batches are still written ("may or may not have been stored").
+            self.stats.peers_gone += 1
         finally:
             self.stats.connections -= 1
             await trio.aclose_forcefully(stream)
@@ -161,10 +171,14 @@ class _ConnectionHandler:
 
     async def send(self, event) -> None:
         async with self.send_lock:
+            if self.connection.state is protocol.State.CLOSING:
+                return  # a fatal Error was the last frame; pending acks/records are dropped
             await self.stream.send_all(self.connection.send(event))
 
     async def send_records(self, first_sequence: int, records: bytes, sequences) -> None:
         async with self.send_lock:
+            if self.connection.state is protocol.State.CLOSING:
+                return  # as in send(): nothing follows a fatal Error
             await self.stream.send_all(
                 self.connection.send_records(first_sequence, records, sequences))
 
@@ -183,16 +197,33 @@ class _ConnectionHandler:
 
     async def run(self) -> None:
         daemon = self.daemon
-        with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as handshake:
-            try:
-                hello = await self.next_event()
-            except RemoteProtocolError as error:
-                await self.protocol_error(error)
-                return
+        # Shutdown cancels the handshake too: a peer that never says Hello must
+        # not hold the daemon's exit for HANDSHAKE_TIMEOUT_S.
+        handshake = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
+        hello = failure = None
+        daemon._connection_scopes.add(handshake)
+        try:
+            with handshake:
+                if daemon._stopping:
+                    handshake.cancel()
+                try:
+                    hello = await self.next_event()
+                except RemoteProtocolError as error:
+                    failure = error
+        finally:
+            daemon._connection_scopes.discard(handshake)
+        if failure is not None:
+            await self.protocol_error(failure)
+            return
         if handshake.cancelled_caught:
-            await self.send_error(ErrorCode.HANDSHAKE_TIMEOUT,
-                                  f"no Hello within HANDSHAKE_TIMEOUT_S ({HANDSHAKE_TIMEOUT_S} s); "
-                                  "send Hello right after connecting")
+            if daemon._stopping:
+                await self.send_error(ErrorCode.SHUTTING_DOWN,
+                                      "the daemon is shutting down; reconnect with backoff")
+            else:
+                await self.send_error(
+                    ErrorCode.HANDSHAKE_TIMEOUT,
+                    f"no Hello within HANDSHAKE_TIMEOUT_S ({HANDSHAKE_TIMEOUT_S} s); "
+                    "send Hello right after connecting")
             return
         if hello is CLOSED or not isinstance(hello, Hello):
             return
@@ -201,7 +232,7 @@ class _ConnectionHandler:
         except (UnknownTenantError, TenantLimitError) as error:
             await self.send_error(ErrorCode.UNKNOWN_TENANT, str(error))
             return
-        except RingError as error:
+        except (RingError, OSError) as error:  # OSError: creating the file (ENOSPC, EACCES)
             log.error("tenant %d cannot be opened: %s", hello.tenant_id, error)
             await self.send_error(ErrorCode.STORAGE_FAILED,
                                   f"tenant {hello.tenant_id}'s ring cannot be opened: {error}")
