@@ -18,6 +18,7 @@ import dataclasses
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,8 @@ import trio
 
 from ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from service.client import Client
-from service.protocol import End, Gap, Records, StartKind
+from service.protocol import (FRAME_HEADER_SIZE_BYTES, End, Gap, Hello, Records, StartKind,
+                              decode_frame, encode_event)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Seconds a daemon may take to log "ringtail ready", or to exit after a signal,
@@ -371,3 +373,65 @@ async def read_all(socket_path: str, tenant_id: int, start: StartKind | str = St
                     replay.end = event
     assert replay.end is not None, "a non-follow subscription must finish with End"
     return replay
+
+
+# -- raw connections ---------------------------------------------------------------
+
+RAW_TIMEOUT_S = 30.0
+
+
+class RawPeer:
+    """A Unix-socket connection that speaks frames by hand (for bad input).
+
+    Frames from the daemon are cut by their 8-byte header and decoded with
+    `protocol.decode_frame`, so no client-side state table gets in the way.
+    """
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.buffer = bytearray()
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, socket_path: str) -> "RawPeer":
+        return cls(await trio.open_unix_socket(socket_path))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def hello(self, tenant_id: int) -> object:
+        """Send Hello, return the daemon's answer (Welcome or Error)."""
+        await self.send(encode_event(Hello(tenant_id, b"", "raw-test")))
+        return await self.read_frame()
+
+    async def read_frame(self):
+        """The next frame's event, or None once the daemon closed the connection."""
+        with trio.fail_after(RAW_TIMEOUT_S):
+            while True:
+                if len(self.buffer) >= FRAME_HEADER_SIZE_BYTES:
+                    (size,) = struct.unpack_from("<I", self.buffer)
+                    end = FRAME_HEADER_SIZE_BYTES + size
+                    if len(self.buffer) >= end:
+                        frame = bytes(self.buffer[:end])
+                        del self.buffer[:end]
+                        return decode_frame(frame)
+                if self.closed:
+                    assert not self.buffer, (
+                        f"the daemon closed the connection inside a frame: {bytes(self.buffer)!r}")
+                    return None
+                try:
+                    data = await self.stream.receive_some(256 * 1024)
+                except trio.BrokenResourceError:  # ECONNRESET: it closed with our bytes unread
+                    data = b""
+                if not data:
+                    self.closed = True
+                self.buffer += data
+
+    async def frames_until_closed(self) -> list:
+        frames = []
+        while (event := await self.read_frame()) is not None:
+            frames.append(event)
+        return frames
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)

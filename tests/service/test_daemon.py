@@ -1,0 +1,191 @@
+"""The daemon's basics, against a real `ringtail serve` process and its Unix socket:
+tenant isolation, one sequence space per tenant shared by many connections,
+sequences across restarts, the socket file (mode, a live one, a stale one),
+and orderly shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import stat
+
+import trio
+
+from ioring.errors import RingFormatError
+from ioring.record import SlotRecord
+from ioring.ring import open_ring
+from service.client import Client
+from service.protocol import Error, ErrorCode
+from tests.service.conftest import RawPeer, RecordFactory, read_all, split_records
+
+TIMEOUT_S = 60
+
+
+async def test_each_tenant_keeps_its_records_in_its_own_ring_file(daemon):
+    """A noisy tenant overflowing its ring evicts only its own records."""
+    server = daemon(capacity=256, sync="none")
+    quiet, noisy = RecordFactory(1, seed=1), RecordFactory(2, seed=2)
+    quiet_data = quiet.records(100)
+    noisy_batches = [noisy.records(150) for _ in range(14)]  # 2,100 records: 8 rings' worth
+    with trio.fail_after(TIMEOUT_S):
+        async with await Client.connect(server.socket_path, 1) as client:
+            [ack] = await client.publish_many([quiet_data])
+        async with await Client.connect(server.socket_path, 2) as client:
+            noisy_acks = await client.publish_many(noisy_batches)
+        assert (ack.first_sequence, ack.last_sequence) == (0, 99)
+        assert noisy_acks[-1].last_sequence == 2099
+
+        quiet_replay = await read_all(server.socket_path, 1)
+        noisy_replay = await read_all(server.socket_path, 2)
+    assert quiet_replay.gaps == [] and quiet_replay.sequences == list(range(100))
+    assert quiet_replay.data == quiet_data
+    noisy_all = b"".join(noisy_batches)
+    first = noisy_replay.sequences[0]
+    assert first > 0 and noisy_replay.gaps == []  # OLDEST starts at the oldest retained
+    assert noisy_replay.sequences == list(range(first, 2100))
+    assert noisy_replay.data == noisy_all[first * 64:]
+
+    assert server.stop() == 0
+    assert sorted(os.listdir(server.data_dir)) == ["tenant-1.ring", "tenant-2.ring"]
+    with open_ring(server.ring_path(1), tenant_id=1, io="threads") as ring:
+        assert (ring.oldest_sequence, ring.next_sequence) == (0, 100)
+        assert ring.read(0, 100) == quiet_data
+    with open_ring(server.ring_path(2), tenant_id=2, io="threads") as ring:
+        stored = ring.read(ring.oldest_sequence, ring.next_sequence - ring.oldest_sequence)
+        assert {SlotRecord.decode(r).tenant_id for r in split_records(stored)} == {2}
+        assert stored == noisy_all[ring.oldest_sequence * 64:]
+    try:
+        open_ring(server.ring_path(1), tenant_id=2, io="threads").close()
+    except RingFormatError as error:
+        assert "belongs to tenant 1" in str(error)
+    else:
+        raise AssertionError("tenant 1's file opened as tenant 2's")
+
+
+async def test_concurrent_connections_of_one_tenant_get_disjoint_contiguous_sequences(daemon):
+    """8 pipelined publishers: every ack's range fits its batch, no two overlap,
+    together they cover 0..N-1 without a hole, and each connection's acks rise."""
+    server = daemon()
+    factory = RecordFactory(5, seed=5)
+    rng = random.Random(5)
+    plans = [[factory.records(rng.randint(1, 200)) for _ in range(25)] for _ in range(8)]
+    results: dict[int, list] = {}
+
+    async def publisher(index: int) -> None:
+        async with await Client.connect(server.socket_path, 5) as client:
+            results[index] = await client.publish_many(plans[index], window=16)
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for index in range(len(plans)):
+                nursery.start_soon(publisher, index)
+        replay = await read_all(server.socket_path, 5)
+
+    expected: dict[int, bytes] = {}
+    for index, acks in results.items():
+        assert len(acks) == len(plans[index])
+        for ack, batch in zip(acks, plans[index]):
+            assert ack.last_sequence - ack.first_sequence + 1 == len(batch) // 64
+            for offset, record in enumerate(split_records(batch)):
+                assert ack.first_sequence + offset not in expected, "sequence given twice"
+                expected[ack.first_sequence + offset] = record
+        firsts = [ack.first_sequence for ack in acks]
+        assert firsts == sorted(firsts), "a connection's batches were committed out of order"
+    total = sum(len(batch) // 64 for plan in plans for batch in plan)
+    assert sorted(expected) == list(range(total))
+    assert replay.by_sequence == expected and replay.sequences == list(range(total))
+
+
+async def test_sequences_never_repeat_across_orderly_and_killed_restarts(daemon):
+    server = daemon(capacity=1024)
+    factory = RecordFactory(3, seed=3)
+    published = b""
+    next_expected = 0
+    for stop_signal in (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        data = factory.records(37)
+        with trio.fail_after(TIMEOUT_S):
+            async with await Client.connect(server.socket_path, 3) as client:
+                assert client.welcome.next_sequence == next_expected
+                ack = await client.publish(data)
+        assert (ack.first_sequence, ack.last_sequence) == (next_expected, next_expected + 36)
+        published += data
+        next_expected += 37
+        status = await trio.to_thread.run_sync(server.kill, stop_signal)
+        assert status == (0 if stop_signal == signal.SIGTERM else -signal.SIGKILL)
+        await server.astart()
+    replay = await read_all(server.socket_path, 3)
+    assert replay.sequences == list(range(next_expected)) and replay.data == published
+
+
+def test_socket_file_is_a_socket_with_mode_0600(daemon):
+    server = daemon()
+    status = os.stat(server.socket_path)
+    assert stat.S_ISSOCK(status.st_mode)
+    assert stat.S_IMODE(status.st_mode) == 0o600
+    assert server.stop() == 0
+    assert not os.path.exists(server.socket_path), "an orderly stop removes its socket"
+
+
+async def test_second_serve_on_a_live_socket_exits_1_without_touching_the_rings(daemon):
+    first = daemon()
+    factory = RecordFactory(4, seed=4)
+    async with await Client.connect(first.socket_path, 4) as client:
+        await client.publish(factory.records(10))
+    second = daemon(data_dir=first.data_dir, socket_path=first.socket_path, wait=False)
+    assert await second.await_exit() == 1
+    assert "another daemon is serving" in second.stderr
+    # Refused before it opened (and recovered) the live daemon's ring files.
+    assert "tenant 4:" not in second.stderr
+    assert os.path.exists(first.socket_path)
+    async with await Client.connect(first.socket_path, 4) as client:
+        ack = await client.publish(factory.records(10))
+    assert (ack.first_sequence, ack.last_sequence) == (10, 19)
+
+
+async def test_stale_socket_of_a_killed_daemon_is_replaced_on_restart(daemon):
+    server = daemon()
+    factory = RecordFactory(6, seed=6)
+    data = factory.records(20)
+    async with await Client.connect(server.socket_path, 6) as client:
+        await client.publish(data)
+    assert server.kill(signal.SIGKILL) == -signal.SIGKILL
+    assert stat.S_ISSOCK(os.stat(server.socket_path).st_mode), "SIGKILL leaves the socket file"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(server.socket_path)
+    except ConnectionRefusedError:
+        pass
+    else:
+        raise AssertionError("nobody should be listening on the stale socket")
+    finally:
+        probe.close()
+    await server.astart()
+    replay = await read_all(server.socket_path, 6)
+    assert replay.data == data
+
+
+def test_sigterm_right_after_ready_is_an_orderly_stop(daemon):
+    """"ringtail ready" means SIGTERM is already an orderly stop (exit 0)."""
+    server = daemon(io="threads")
+    for _ in range(3):
+        assert server.stop() == 0, server.run_stderr
+        assert "ringtail stopped" in server.run_stderr
+        server.start()
+
+
+async def test_shutdown_closes_a_connection_that_never_said_hello(daemon):
+    """A silent peer gets SHUTTING_DOWN at once, not HANDSHAKE_TIMEOUT 10 s later."""
+    server = daemon()
+    silent = await RawPeer.connect(server.socket_path)
+    # Handshaking on a later connection means the daemon accepted the silent one.
+    async with await Client.connect(server.socket_path, 1):
+        pass
+    server.send_signal(signal.SIGTERM)
+    frames = await silent.frames_until_closed()
+    assert len(frames) == 1 and isinstance(frames[0], Error), frames
+    assert frames[0].code == ErrorCode.SHUTTING_DOWN
+    assert await server.await_exit() == 0
+    await silent.aclose()
