@@ -86,7 +86,10 @@ class Client:
         self.welcome = event
 
     async def _send(self, event) -> None:
-        await self.stream.send_all(self.connection.send(event))
+        try:
+            await self.stream.send_all(self.connection.send(event))
+        except trio.BrokenResourceError as error:  # as in next_event(): callers catch one type
+            raise RingtailError(ErrorCode.SHUTTING_DOWN, f"connection lost: {error}") from error
 
     async def next_event(self):
         """The next event from the daemon.

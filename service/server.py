@@ -325,6 +325,9 @@ class _ConnectionHandler:
         try:
             with self.subscription_scope:
                 await run_subscription(tenant, event, self.send, self.send_records)
+        except RemoteProtocolError as error:  # BAD_SUBSCRIBE found against the ring
+            await self.protocol_error(error)
+            self.receive_scope.cancel()
         except RingCorruptError as error:
             log.error("tenant %d: %s", tenant.tenant_id, error)
             await self.send_error(ErrorCode.STORAGE_FAILED, f"replay stopped: {error}")
@@ -336,19 +339,20 @@ class _ConnectionHandler:
 def check_records(records: bytes, tenant_id: int) -> tuple[ErrorCode, int, str] | None:
     """The first bad record of a publish batch (vectorised), or None."""
     array = numpy.frombuffer(records, dtype=RECORD_DTYPE)
-    bad = numpy.flatnonzero(array["magic"] != RECORD_MAGIC)
-    if len(bad):
-        index = int(bad[0])
+    bad_magic = array["magic"] != RECORD_MAGIC
+    # record_index names the first bad record whatever its fault (docs/PROTOCOL.md
+    # 4.3); a record with both faults is reported for its magic.
+    bad = numpy.flatnonzero(bad_magic | (array["tenant_id"] != tenant_id))
+    if not len(bad):
+        return None
+    index = int(bad[0])
+    if bad_magic[index]:
         return (ErrorCode.BAD_RECORD_MAGIC, index,
                 f"record {index} has magic 0x{int(array['magic'][index]):08x}, expected "
                 f"0x{RECORD_MAGIC:08x}; the batch was rejected whole, fix the encoder and resend")
-    bad = numpy.flatnonzero(array["tenant_id"] != tenant_id)
-    if len(bad):
-        index = int(bad[0])
-        return (ErrorCode.WRONG_TENANT, index,
-                f"record {index} has tenant_id {int(array['tenant_id'][index])} but this "
-                f"connection is tenant {tenant_id}; the batch was rejected whole")
-    return None
+    return (ErrorCode.WRONG_TENANT, index,
+            f"record {index} has tenant_id {int(array['tenant_id'][index])} but this "
+            f"connection is tenant {tenant_id}; the batch was rejected whole")
 
 
 async def bind_unix_listener(path: str, mode: int) -> trio.SocketListener:

@@ -25,7 +25,7 @@ import numpy
 
 from ioring import RingRangeError
 from ioring.record import RECORD_DTYPE
-from service.protocol import End, Gap, StartKind, Subscribe
+from service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
 from service.tenants import Tenant
 
 # Records read (and verified) per step: 4,096 x 64 B = 256 KiB per
@@ -83,6 +83,11 @@ def start_position(tenant: Tenant, subscribe: Subscribe) -> int:
     if kind == StartKind.LATEST:
         return ring.next_sequence
     if kind == StartKind.SEQUENCE:
+        if subscribe.start_value > ring.next_sequence:  # docs/PROTOCOL.md 4.5
+            raise RemoteProtocolError(
+                ErrorCode.BAD_SUBSCRIBE,
+                f"start sequence {subscribe.start_value} is past the tenant's next_sequence "
+                f"{ring.next_sequence}; start at most there, or use LATEST")
         return subscribe.start_value
     low, high = ring.oldest_sequence, ring.next_sequence  # first record with ts >= T
     while low < high:
@@ -107,6 +112,7 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
 
     Raises:
         RingCorruptError: stored bytes failed verification (the caller reports it).
+        RemoteProtocolError: BAD_SUBSCRIBE, a start the tenant cannot serve.
     """
     ring = tenant.ring
     record_filter = RecordFilter.from_subscribe(subscribe)

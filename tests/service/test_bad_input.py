@@ -1,0 +1,340 @@
+"""Bad input over a raw Unix socket, frames built by hand.
+
+Every case gets its documented ErrorCode in an Error frame (docs/PROTOCOL.md
+section 6): a fatal one ends the connection, a rejected batch (not fatal) is
+named by its batch_id and the connection goes on. Meanwhile well-behaved
+publishers keep getting acks, and afterwards every acknowledged record is
+intact, no rejected record was stored, and the daemon still serves.
+
+The handshake timeout is tested in-process with `autojump_clock`, since
+HANDSHAKE_TIMEOUT_S is 10 s of real time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import struct
+
+import pytest
+import trio
+
+from service.client import Client
+from service.config import ServeConfig
+from service.protocol import (FRAME_SIZE_BYTES_MAX, PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE,
+                              Ack, End, Error, ErrorCode, FrameType, Hello, Ping, Pong, Subscribe,
+                              StartKind, Welcome, encode_event)
+from service.server import HANDSHAKE_TIMEOUT_S, Daemon
+from tests.service.conftest import RawPeer, RecordFactory, read_all, short_socket_dir, split_records
+
+TENANT = 9
+TIMEOUT_S = 60
+
+
+def frame(frame_type: int, payload: bytes, flags: int = 0, size: int | None = None) -> bytes:
+    """A frame by hand: u32 size, u16 type, u16 flags, payload (size may lie)."""
+    return struct.pack("<IHH", len(payload) if size is None else size, frame_type, flags) + payload
+
+
+def publish_frame(batch_id: int, records: bytes) -> bytes:
+    return frame(FrameType.PUBLISH, struct.pack("<Q", batch_id) + records)
+
+
+def subscribe_payload(start: int = 0, start_value: int = 0, epoch_min: int = 0,
+                      epoch_max: int = 0xFFFF_FFFF, opcodes: tuple[int, ...] = ()) -> bytes:
+    return struct.pack(f"<BQIIH{len(opcodes)}I", start, start_value, epoch_min, epoch_max,
+                       len(opcodes), *opcodes)
+
+
+@dataclasses.dataclass
+class Ledger:
+    """Which records were acknowledged where, and which were refused."""
+
+    acked: dict[int, bytes] = dataclasses.field(default_factory=dict)  # sequence -> record
+    refused: list[bytes] = dataclasses.field(default_factory=list)  # must never be stored
+    unanswered: list[bytes] = dataclasses.field(default_factory=list)  # may or may not be
+
+    def ack(self, ack: Ack, records: bytes) -> None:
+        assert ack.last_sequence - ack.first_sequence + 1 == len(records) // 64
+        for offset, record in enumerate(split_records(records)):
+            assert ack.first_sequence + offset not in self.acked
+            self.acked[ack.first_sequence + offset] = record
+
+
+async def expect_fatal(peer: RawPeer, code: ErrorCode, after_welcome: bool = False) -> Error:
+    """The next frames are one Error with `code`, then the daemon closes."""
+    frames = await peer.frames_until_closed()
+    assert len(frames) == 1 and isinstance(frames[0], Error), frames
+    error = frames[0]
+    assert error.code == code, error
+    assert error.fatal and error.message, error
+    await peer.aclose()
+    return error
+
+
+async def welcomed(socket_path: str, tenant_id: int = TENANT) -> RawPeer:
+    peer = await RawPeer.connect(socket_path)
+    answer = await peer.hello(tenant_id)
+    assert isinstance(answer, Welcome), answer
+    return peer
+
+
+async def test_bad_input_gets_its_error_code_and_spares_other_connections(daemon):
+    server = daemon()
+    socket_path = server.socket_path
+    factory = RecordFactory(TENANT, seed=9)
+    ledger = Ledger()
+    background_stop = trio.Event()
+    background_acks = []
+
+    async def background_publisher() -> None:
+        """A well-behaved publisher that keeps publishing through the whole matrix."""
+        async with await Client.connect(socket_path, TENANT) as client:
+            while not background_stop.is_set():
+                records = factory.records(20)
+                ack = await client.publish(records)
+                ledger.ack(ack, records)
+                background_acks.append(ack)
+
+    async def bystander_publishes(client: Client) -> None:
+        """After every case, a connection that was open all along still gets its ack."""
+        records = factory.records(5)
+        ledger.ack(await client.publish(records), records)
+
+    # -- fatal cases: (name, coroutine running the case) ------------------------------
+
+    async def truncated_frame_then_eof():
+        peer = await welcomed(socket_path)
+        records = factory.records(4)
+        ledger.refused.extend(split_records(records))
+        await peer.send(publish_frame(1, records)[:100])
+        await peer.stream.send_eof()
+        error = await expect_fatal(peer, ErrorCode.MALFORMED_FRAME)
+        assert "closed" in error.message
+
+    async def truncated_header_then_eof():
+        peer = await RawPeer.connect(socket_path)
+        await peer.send(b"\x10\x00\x00")
+        await peer.stream.send_eof()
+        await expect_fatal(peer, ErrorCode.MALFORMED_FRAME)
+
+    async def oversize_declared_frame():
+        peer = await welcomed(socket_path)
+        await peer.send(frame(FrameType.PUBLISH, b"", size=FRAME_SIZE_BYTES_MAX + 1))
+        error = await expect_fatal(peer, ErrorCode.FRAME_TOO_LARGE)
+        assert str(FRAME_SIZE_BYTES_MAX + 1) in error.message
+
+    async def unknown_frame_type():
+        peer = await welcomed(socket_path)
+        await peer.send(frame(99, bytes(8)))
+        error = await expect_fatal(peer, ErrorCode.UNKNOWN_FRAME_TYPE)
+        assert "99" in error.message
+
+    async def wrong_protocol_version():
+        peer = await RawPeer.connect(socket_path)
+        await peer.send(encode_event(Hello(TENANT, b"", "old client", protocol_version=2)))
+        await expect_fatal(peer, ErrorCode.UNSUPPORTED_VERSION)
+
+    async def publish_before_hello():
+        peer = await RawPeer.connect(socket_path)
+        records = factory.records(3)
+        ledger.refused.extend(split_records(records))
+        await peer.send(publish_frame(1, records))
+        await expect_fatal(peer, ErrorCode.HELLO_REQUIRED)
+
+    async def second_hello():
+        peer = await welcomed(socket_path)
+        await peer.send(encode_event(Hello(TENANT)))
+        await expect_fatal(peer, ErrorCode.UNEXPECTED_FRAME)
+
+    async def subscribe_with_inverted_epochs():
+        peer = await welcomed(socket_path)
+        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(epoch_min=5, epoch_max=4)))
+        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+    async def subscribe_with_unknown_start():
+        peer = await welcomed(socket_path)
+        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(start=7)))
+        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+    async def subscribe_with_unsorted_opcodes():
+        peer = await welcomed(socket_path)
+        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(opcodes=(3, 1))))
+        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+    async def subscribe_past_the_cursor():
+        peer = await welcomed(socket_path)
+        async with await Client.connect(socket_path, TENANT) as probe:
+            beyond = probe.welcome.next_sequence + 1_000_000
+        await peer.send(frame(FrameType.SUBSCRIBE,
+                              subscribe_payload(start=StartKind.SEQUENCE, start_value=beyond)))
+        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+    async def publish_on_a_subscribed_connection():
+        peer = await welcomed(socket_path)
+        await peer.send(encode_event(Subscribe(StartKind.LATEST, follow=True)))
+        records = factory.records(2)
+        ledger.refused.extend(split_records(records))
+        await peer.send(publish_frame(1, records))
+        await expect_fatal(peer, ErrorCode.UNEXPECTED_FRAME)
+
+    async def good_batch_then_garbage_in_one_write():
+        """A fatal error with an ack still pending: the daemon must not trip over it."""
+        peer = await welcomed(socket_path)
+        records = factory.records(8)
+        ledger.unanswered.extend(split_records(records))  # stored or not: both are allowed
+        await peer.send(publish_frame(1, records) + frame(99, bytes(8)))
+        frames = await peer.frames_until_closed()
+        errors = [event for event in frames if isinstance(event, Error)]
+        assert [error.code for error in errors] == [ErrorCode.UNKNOWN_FRAME_TYPE], frames
+        assert frames[-1] is errors[0], "nothing may follow the fatal Error"
+        await peer.aclose()
+
+    async def publisher_hangs_up_with_batches_pending():
+        peer = await welcomed(socket_path)
+        batches = [factory.records(50) for _ in range(8)]
+        for batch in batches:
+            ledger.unanswered.extend(split_records(batch))
+        await peer.send(b"".join(publish_frame(index + 1, batch)
+                                 for index, batch in enumerate(batches)))
+        await peer.aclose()
+
+    fatal_cases = [truncated_frame_then_eof, truncated_header_then_eof, oversize_declared_frame,
+                   unknown_frame_type, wrong_protocol_version, publish_before_hello,
+                   second_hello, subscribe_with_inverted_epochs, subscribe_with_unknown_start,
+                   subscribe_with_unsorted_opcodes, subscribe_past_the_cursor,
+                   publish_on_a_subscribed_connection, good_batch_then_garbage_in_one_write,
+                   publisher_hangs_up_with_batches_pending]
+
+    # -- batch rejections: (frame's records, code, record_index); not fatal -----------
+
+    def bad_magic():
+        records = [factory.slot_record() for _ in range(10)]
+        records[3] = dataclasses.replace(records[3], magic=0xDEADBEEE)
+        return b"".join(r.encode() for r in records), ErrorCode.BAD_RECORD_MAGIC, 3
+
+    def wrong_tenant():
+        records = [factory.slot_record() for _ in range(10)]
+        records[5] = dataclasses.replace(records[5], tenant_id=TENANT + 1)
+        return b"".join(r.encode() for r in records), ErrorCode.WRONG_TENANT, 5
+
+    def first_bad_record_is_named_whatever_its_fault():
+        records = [factory.slot_record() for _ in range(10)]
+        records[2] = dataclasses.replace(records[2], tenant_id=TENANT + 1)
+        records[6] = dataclasses.replace(records[6], magic=0)
+        return b"".join(r.encode() for r in records), ErrorCode.WRONG_TENANT, 2
+
+    def not_a_multiple_of_64():
+        return factory.records(2)[:100], ErrorCode.BAD_RECORD_SIZE, RECORD_INDEX_NONE
+
+    def no_records():
+        return b"", ErrorCode.BAD_RECORD_SIZE, RECORD_INDEX_NONE
+
+    def too_many_records():
+        return (factory.records(PUBLISH_RECORD_COUNT_MAX + 1), ErrorCode.BATCH_TOO_LARGE,
+                RECORD_INDEX_NONE)
+
+    rejection_cases = [bad_magic, wrong_tenant, first_bad_record_is_named_whatever_its_fault,
+                       not_a_multiple_of_64, no_records, too_many_records]
+
+    with trio.fail_after(TIMEOUT_S * 2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(background_publisher)
+            async with await Client.connect(socket_path, TENANT) as bystander:
+                for case in fatal_cases:
+                    await case()
+                    await bystander_publishes(bystander)
+
+                # Rejections on one connection, each followed by a good batch on it.
+                peer = await welcomed(socket_path)
+                for batch_id, case in enumerate(rejection_cases, start=100):
+                    records, code, record_index = case()
+                    ledger.refused.extend(split_records(records[:len(records) // 64 * 64]))
+                    await peer.send(publish_frame(batch_id, records))
+                    error = await peer.read_frame()
+                    assert isinstance(error, Error), (case.__name__, error)
+                    assert (error.code, error.batch_id, error.record_index) == (
+                        code, batch_id, record_index), (case.__name__, error)
+                    assert not error.fatal and error.message
+                    good = factory.records(3)
+                    await peer.send(publish_frame(batch_id + 1000, good))
+                    ack = await peer.read_frame()
+                    assert isinstance(ack, Ack) and ack.batch_id == batch_id + 1000, ack
+                    ledger.ack(ack, good)
+                    await bystander_publishes(bystander)
+                await peer.send(encode_event(Ping(77)))
+                assert await peer.read_frame() == Pong(77)
+                await peer.aclose()
+
+                # Random garbage, before and after the handshake: one fatal Error, then closed.
+                rng = random.Random(1234)
+                for round_index in range(20):
+                    garbage = rng.randbytes(rng.randint(1, 300))
+                    if round_index % 2:
+                        peer = await welcomed(socket_path)
+                    else:
+                        peer = await RawPeer.connect(socket_path)
+                    await peer.send(garbage)
+                    await peer.stream.send_eof()
+                    frames = await peer.frames_until_closed()
+                    assert len(frames) == 1 and isinstance(frames[0], Error), (garbage, frames)
+                    assert frames[0].code in ErrorCode and frames[0].fatal, frames[0]
+                    await peer.aclose()
+                await bystander_publishes(bystander)
+            background_stop.set()
+
+        assert background_acks, "the background publisher got no ack at all"
+        assert server.alive, f"the daemon died:\n{server.stderr}"
+        replay = await read_all(socket_path, TENANT)
+
+    stored = replay.by_sequence
+    for sequence, record in ledger.acked.items():
+        assert stored.get(sequence) == record, f"acknowledged sequence {sequence} changed"
+    stored_records = set(stored.values())
+    assert not stored_records & set(ledger.refused), "a refused record was stored"
+    assert len(stored_records) == len(stored), "a record was stored twice"
+    assert stored_records <= set(ledger.acked.values()) | set(ledger.unanswered)
+    assert replay.sequences == list(range(replay.sequences[0], replay.sequences[-1] + 1))
+    assert "Traceback" not in server.stderr, server.stderr
+
+
+# -- the handshake timeout, in virtual time ----------------------------------------------
+
+
+@pytest.fixture
+async def in_process_daemon(tmp_path):
+    socket_path = os.path.join(short_socket_dir(tmp_path), "in-process.sock")
+    config = ServeConfig(data_dir=os.fspath(tmp_path / "data"), socket=socket_path,
+                         io="threads", capacity=256)
+    server = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        server.shutdown()
+
+
+async def test_silent_connection_gets_handshake_timeout_after_the_limit(in_process_daemon,
+                                                                        autojump_clock):
+    socket_path = in_process_daemon.config.socket
+    peer = await RawPeer.connect(socket_path)
+    started = trio.current_time()
+    frames = await peer.frames_until_closed()
+    waited = trio.current_time() - started
+    assert len(frames) == 1 and isinstance(frames[0], Error), frames
+    assert frames[0].code == ErrorCode.HANDSHAKE_TIMEOUT
+    assert "HANDSHAKE_TIMEOUT_S" in frames[0].message
+    assert HANDSHAKE_TIMEOUT_S <= waited < HANDSHAKE_TIMEOUT_S + 1  # virtual seconds
+
+
+async def test_hello_just_before_the_handshake_limit_is_welcomed(in_process_daemon,
+                                                                 autojump_clock):
+    socket_path = in_process_daemon.config.socket
+    peer = await RawPeer.connect(socket_path)
+    await trio.sleep(HANDSHAKE_TIMEOUT_S - 1)  # virtual time: the clock jumps
+    answer = await peer.hello(3)
+    assert isinstance(answer, Welcome), answer
+    await trio.sleep(HANDSHAKE_TIMEOUT_S * 3)  # welcomed: no timeout applies any more
+    await peer.send(encode_event(Ping(5)))
+    assert await peer.read_frame() == Pong(5)
+    await peer.aclose()
