@@ -18,7 +18,7 @@ import trio
 from ioring import RingError, SlotRecord
 from ioring.record import RECORD_SIZE_BYTES
 from service.config import DEFAULT_SOCKET, ConfigError, ServeConfig, load_config, resolve_paths
-from service.protocol import PUBLISH_RECORD_COUNT_MAX, End, Gap, Records
+from service.protocol import PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE, End, Gap, Records
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -115,6 +115,18 @@ def command_serve(args) -> int:
 # -- clients ----------------------------------------------------------------------
 
 
+async def connect(socket_path: str, tenant_id: int):
+    """A connected Client, or a CommandError that names the socket and the fix."""
+    from service.client import Client
+    try:
+        return await Client.connect(socket_path, tenant_id)
+    except OSError as error:  # no such file, connection refused, permission denied
+        raise CommandError(
+            f"cannot reach the ringtail daemon at {socket_path}: "
+            f"{error.strerror or error}; is `ringtail serve` running there? "
+            "(pass its socket with --socket)") from error
+
+
 def read_stdin_records() -> bytes:
     data = sys.stdin.buffer.read()
     if len(data) % RECORD_SIZE_BYTES:
@@ -136,13 +148,13 @@ def synthetic_records(tenant_id: int, count: int) -> bytes:
 
 
 def command_publish(args) -> int:
-    from service.client import Client, RingtailError
+    from service.client import RingtailError
     data = read_stdin_records() if args.raw else synthetic_records(args.tenant, args.count)
     if not data:
         raise CommandError("nothing to publish")
 
     async def run():
-        async with await Client.connect(args.socket, args.tenant) as client:
+        async with await connect(args.socket, args.tenant) as client:
             batches = split_batches(data)
             if args.rate > 0:
                 acks = []
@@ -156,7 +168,13 @@ def command_publish(args) -> int:
     try:
         acks = trio.run(run)
     except RingtailError as error:
-        raise CommandError(f"rejected: {error}") from error
+        where = ""
+        if error.batch_id and error.record_index != RECORD_INDEX_NONE:
+            # The daemon names the record within its batch; the user wants the
+            # input's record (batch ids count from 1, batches are split in order).
+            index = (error.batch_id - 1) * PUBLISH_RECORD_COUNT_MAX + error.record_index
+            where = f" (input record {index})"
+        raise CommandError(f"rejected{where}: {error}") from error
     print(f"acknowledged {len(data) // RECORD_SIZE_BYTES} records: sequences "
           f"{acks[0].first_sequence}..{acks[-1].last_sequence}")
     return EXIT_OK
@@ -183,7 +201,7 @@ def record_row(sequence: int, record: SlotRecord) -> tuple:
 
 
 def command_tail(args) -> int:
-    from service.client import Client, RingtailError
+    from service.client import RingtailError
     start, value = parse_start(args.start)
     out = sys.stdout.buffer
     widths = (10, 20, 6, 6, 23, 6, 6, 15, 7, 16)
@@ -191,7 +209,7 @@ def command_tail(args) -> int:
         print("  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths)), flush=True)
 
     async def run():
-        async with await Client.connect(args.socket, args.tenant) as client:
+        async with await connect(args.socket, args.tenant) as client:
             async for event in client.subscribe(start, value, follow=args.follow):
                 if isinstance(event, Gap):
                     print(f"ringtail tail: gap: sequences {event.first_lost_sequence}.."
@@ -288,7 +306,7 @@ def progress_bar(label: str):
 
 def command_import_vrrl(args) -> int:
     from ioring.vrrl import import_vrrl
-    from service.client import Client, RingtailError
+    from service.client import RingtailError
     records = import_vrrl(args.file)
     by_tenant: dict[int, list[bytes]] = {}
     for record in records:
@@ -305,7 +323,7 @@ def command_import_vrrl(args) -> int:
         for tenant_id, tenant_records in by_tenant.items():
             if not tenant_records:
                 continue
-            async with await Client.connect(args.socket, tenant_id) as client:
+            async with await connect(args.socket, tenant_id) as client:
                 for batch in split_batches(b"".join(tenant_records)):
                     acks = await client.publish_many([batch])
                     done += len(batch) // RECORD_SIZE_BYTES
@@ -325,11 +343,11 @@ def command_import_vrrl(args) -> int:
 
 def command_export_vrrl(args) -> int:
     from ioring.vrrl import VRRL_CAPACITY_MAX, export_vrrl
-    from service.client import Client, RingtailError
+    from service.client import RingtailError
 
     async def run() -> list[bytes]:
         records: list[bytes] = []
-        async with await Client.connect(args.socket, args.tenant) as client:
+        async with await connect(args.socket, args.tenant) as client:
             async for event in client.subscribe("oldest", follow=False):
                 if isinstance(event, Records):
                     data = event.records
