@@ -15,10 +15,11 @@ import stat
 import trio
 
 from ioring.errors import RingFormatError
+from ioring.format import Layout
 from ioring.record import SlotRecord
 from ioring.ring import open_ring
-from service.client import Client
-from service.protocol import Error, ErrorCode
+from service.client import Client, RingtailError
+from service.protocol import Error, ErrorCode, Gap, StartKind
 from tests.service.conftest import RawPeer, RecordFactory, read_all, split_records
 
 TIMEOUT_S = 60
@@ -189,3 +190,68 @@ async def test_shutdown_closes_a_connection_that_never_said_hello(daemon):
     assert frames[0].code == ErrorCode.SHUTTING_DOWN
     assert await server.await_exit() == 0
     await silent.aclose()
+
+
+async def publish_then_damage(server, tenant_id: int, capacity: int, sequence: int) -> bytes:
+    """Publish 6,000 records, then 10 more as the last batch on their own (recovery
+    treats the last batch as possibly torn, so the damage must lie before it);
+    stop the daemon, flip one byte of `sequence`'s record, start it again."""
+    factory = RecordFactory(tenant_id, seed=tenant_id)
+    data = factory.records(6000)
+    last = factory.records(10)
+    async with await Client.connect(server.socket_path, tenant_id) as client:
+        await client.publish_many([data[i:i + 1000 * 64] for i in range(0, len(data), 1000 * 64)])
+        await client.publish(last)
+    assert server.stop() == 0
+    offset = Layout(capacity).record_offset(sequence) + 20
+    with open(server.ring_path(tenant_id), "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0x01]))
+    await server.astart()
+    return data + last
+
+
+async def test_replay_over_damaged_records_is_an_error_naming_the_file_never_data(daemon):
+    """A flipped byte inside the retained range: replaying over it is refused
+    (STORAGE_FAILED naming the ring file) and sends none of that read; records
+    past the damaged read still replay, and publishing goes on."""
+    capacity = 8192
+    server = daemon(capacity=capacity)
+    data = await publish_then_damage(server, 8, capacity, 2000)
+
+    with trio.fail_after(TIMEOUT_S):
+        async with await Client.connect(server.socket_path, 8) as client:
+            assert (client.welcome.oldest_sequence, client.welcome.next_sequence) == (0, 6010)
+            received = []
+            try:
+                async for event in client.subscribe(StartKind.OLDEST):
+                    received.append(event)
+            except RingtailError as error:
+                failure = error
+            else:
+                raise AssertionError(f"damaged records replayed without an error:\n"
+                                     f"{server.run_stderr}")
+        assert failure.code == ErrorCode.STORAGE_FAILED
+        assert server.ring_path(8) in failure.message
+        assert received == [], "nothing of the damaged read may be sent"
+
+        tail = await read_all(server.socket_path, 8, StartKind.SEQUENCE, 4096)
+        assert tail.data == data[4096 * 64:]
+        async with await Client.connect(server.socket_path, 8) as client:
+            ack = await client.publish(RecordFactory(8, seed=99).records(5))
+        assert ack.first_sequence == 6010
+
+
+async def test_damaged_records_at_the_head_are_dropped_as_a_gap_never_data(daemon):
+    """Damage in the oldest chunks (which an in-flight batch could have been
+    evicting) is cut by recovery: a subscriber from sequence 0 is told by a Gap."""
+    capacity = 8192
+    server = daemon(capacity=capacity)
+    data = await publish_then_damage(server, 12, capacity, 100)
+    replay = await read_all(server.socket_path, 12, StartKind.SEQUENCE, 0)
+    oldest = replay.sequences[0]
+    assert 100 < oldest and replay.gaps == [Gap(0, oldest - 1)]
+    assert replay.data == data[oldest * 64:]
+    assert f"lost oldest 0..{oldest - 1}" in server.run_stderr  # recovery says so, once
