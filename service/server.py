@@ -52,6 +52,11 @@ SHUTDOWN_GRACE_S = 30.0
 CONNECTION_UNACKED_BATCH_COUNT_MAX = 64
 RECEIVE_SIZE_BYTES = 256 * 1024
 LISTEN_BACKLOG = 128
+# accept() failing for want of file descriptors or memory is a passing state
+# (connections close, memory frees): wait this long and retry, as
+# trio.serve_listeners does, while the backlog holds the new peers.
+ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_DELAY_S = 0.1
 
 assert HANDSHAKE_TIMEOUT_S > 0
 
@@ -63,6 +68,7 @@ class DaemonStatistics:
     rejected_batches: int = 0
     protocol_errors: int = 0
     peers_gone: int = 0  # connections that broke while we still had something to send
+    accept_retries: int = 0  # accept() out of file descriptors or memory
 
 
 class Daemon:
@@ -110,9 +116,7 @@ class Daemon:
                 try:
                     async with trio.open_nursery() as connections:
                         with self._accept_scope:
-                            while True:
-                                stream = await listener.accept()
-                                connections.start_soon(self._handle, stream)
+                            await self._accept_loop(listener, connections)
                         # A peer that stops reading its acks cannot hold shutdown forever.
                         connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
                 finally:
@@ -125,6 +129,28 @@ class Daemon:
             except FileNotFoundError:
                 pass
         log.info("ringtail stopped")
+
+    async def _accept_loop(self, listener: trio.SocketListener,
+                           connections: trio.Nursery) -> None:
+        starved = False
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in ACCEPT_RESOURCE_ERRNOS:
+                    raise
+                self.stats.accept_retries += 1
+                if not starved:  # once per streak, not ten lines a second
+                    log.error("cannot accept connections: %s; retrying every %.1f s until "
+                              "connections close (raise the open-file limit, LimitNOFILE)",
+                              error, ACCEPT_RETRY_DELAY_S)
+                starved = True
+                await trio.sleep(ACCEPT_RETRY_DELAY_S)
+                continue
+            if starved:
+                log.info("accepting connections again")
+                starved = False
+            connections.start_soon(self._handle, stream)
 
     async def _watch_signals(self, scope: trio.CancelScope, *,
                              task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import resource
 import signal
 import struct
 import subprocess
@@ -135,6 +136,23 @@ class DaemonProcess:
             self.process.wait()
             pytest.fail(f"ringtail serve did not exit within {DAEMON_EXIT_TIMEOUT_S} s; "
                         f"stderr:\n{self.stderr}")
+
+    def wait_for_stderr(self, text: str) -> None:
+        """Block until this run logs a line containing `text` (fail after a timeout)."""
+        with self._condition:
+            found = self._condition.wait_for(
+                lambda: any(text in line for line in self._run_lines) or self._eof,
+                timeout=DAEMON_READY_TIMEOUT_S)
+            found = found and any(text in line for line in self._run_lines)
+        if not found:
+            pytest.fail(f"ringtail serve never logged {text!r}; stderr:\n{self.run_stderr}")
+
+    async def await_stderr(self, text: str) -> None:
+        await trio.to_thread.run_sync(self.wait_for_stderr, text)
+
+    def limit_open_files(self, count: int) -> None:
+        """Lower the running daemon's RLIMIT_NOFILE (soft and hard) to `count`."""
+        resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (count, count))
 
     async def await_exit(self) -> int:
         return await trio.to_thread.run_sync(self.wait)

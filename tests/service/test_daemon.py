@@ -255,3 +255,22 @@ async def test_damaged_records_at_the_head_are_dropped_as_a_gap_never_data(daemo
     assert 100 < oldest and replay.gaps == [Gap(0, oldest - 1)]
     assert replay.data == data[oldest * 64:]
     assert f"lost oldest 0..{oldest - 1}" in server.run_stderr  # recovery says so, once
+
+
+async def test_running_out_of_file_descriptors_delays_accepts_instead_of_crashing(daemon):
+    """accept() failing with EMFILE is waited out: once peers hang up, new
+    connections are served again (trio's SocketListener raises it, and an
+    unhandled accept error used to end the daemon)."""
+    server = daemon()
+    server.limit_open_files(64)
+    with trio.fail_after(TIMEOUT_S):
+        peers = [await RawPeer.connect(server.socket_path) for _ in range(100)]  # > 64 fds
+        await server.await_stderr("cannot accept connections")
+        assert server.alive, server.run_stderr
+        for peer in peers:
+            await peer.aclose()
+        async with await Client.connect(server.socket_path, 13) as client:
+            ack = await client.publish(RecordFactory(13).records(3))
+    assert (ack.first_sequence, ack.last_sequence) == (0, 2)
+    await server.await_stderr("accepting connections again")
+    assert server.alive
