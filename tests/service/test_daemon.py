@@ -19,7 +19,7 @@ from ioring.format import Layout
 from ioring.record import SlotRecord
 from ioring.ring import open_ring
 from service.client import Client, RingtailError
-from service.protocol import Error, ErrorCode, Gap, StartKind
+from service.protocol import Error, ErrorCode, Gap, StartKind, Subscribe, Welcome, encode_event
 from tests.service.conftest import RawPeer, RecordFactory, read_all, split_records
 
 TIMEOUT_S = 60
@@ -274,3 +274,73 @@ async def test_running_out_of_file_descriptors_delays_accepts_instead_of_crashin
     assert (ack.first_sequence, ack.last_sequence) == (0, 2)
     await server.await_stderr("accepting connections again")
     assert server.alive
+
+
+async def test_a_config_without_tenant_creation_serves_only_its_tenants(daemon, tmp_path):
+    config = tmp_path / "ringtail.toml"
+    config.write_text("create_tenants = false\n\n[tenants.7]\ncapacity = 512\n")
+    server = daemon(config=os.fspath(config))
+    with trio.fail_after(TIMEOUT_S):
+        stranger = await RawPeer.connect(server.socket_path)
+        answer = await stranger.hello(8)
+        assert isinstance(answer, Error) and answer.code == ErrorCode.UNKNOWN_TENANT, answer
+        assert "tenant 8" in answer.message
+        assert await stranger.read_frame() is None, "UNKNOWN_TENANT is fatal: the daemon closes"
+        await stranger.aclose()
+        async with await Client.connect(server.socket_path, 7) as client:
+            assert client.welcome.capacity == 512
+            await client.publish(RecordFactory(7).records(4))
+    assert sorted(os.listdir(server.data_dir)) == ["tenant-7.ring"]
+
+
+async def test_orderly_stop_ends_follow_subscriptions_and_exits_0(daemon):
+    """SIGTERM and SIGINT both stop the daemon in order, with followers connected."""
+    server = daemon()
+    factory = RecordFactory(14, seed=14)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with trio.fail_after(TIMEOUT_S):
+            async with await Client.connect(server.socket_path, 14) as publisher, \
+                    await Client.connect(server.socket_path, 14) as follower:
+                ack = await publisher.publish(factory.records(3))
+                seen = []
+                events = follower.subscribe(StartKind.OLDEST, follow=True)
+                async for event in events:
+                    seen.extend(event.first_sequence + i for i in range(event.record_count))
+                    if seen[-1] == ack.last_sequence:
+                        break
+                server.send_signal(signum)
+                try:
+                    async for event in events:
+                        raise AssertionError(f"nothing was published, yet {event!r}")
+                except RingtailError as error:
+                    assert error.code == ErrorCode.SHUTTING_DOWN  # the daemon closed it
+        assert await server.await_exit() == 0, server.run_stderr
+        assert "ringtail stopped" in server.run_stderr
+        await server.astart()
+
+
+async def test_subscribers_past_the_tenant_limit_are_refused(daemon):
+    from service.server import SUBSCRIBER_COUNT_MAX
+    server = daemon()
+    async with await Client.connect(server.socket_path, 15) as client:
+        await client.publish(RecordFactory(15).records(1))
+    peers = []
+    with trio.fail_after(TIMEOUT_S):
+        for _ in range(SUBSCRIBER_COUNT_MAX):
+            peer = await RawPeer.connect(server.socket_path)
+            assert isinstance(await peer.hello(15), Welcome)
+            await peer.send(encode_event(Subscribe(StartKind.OLDEST, follow=True)))
+            assert (await peer.read_frame()).first_sequence == 0  # it is subscribed
+            peers.append(peer)
+        extra = await RawPeer.connect(server.socket_path)
+        assert isinstance(await extra.hello(15), Welcome)
+        await extra.send(encode_event(Subscribe(StartKind.OLDEST, follow=True)))
+        frames = await extra.frames_until_closed()
+        assert len(frames) == 1 and frames[0].code == ErrorCode.TOO_MANY_SUBSCRIBERS, frames
+        async with await Client.connect(server.socket_path, 15) as client:  # publishing is not
+            ack = await client.publish(RecordFactory(15, seed=1).records(1))  # a subscription
+        assert ack.first_sequence == 1
+        for peer in peers:  # every follower sees it
+            assert (await peer.read_frame()).first_sequence == 1
+        for peer in peers:
+            await peer.aclose()
