@@ -32,10 +32,13 @@ class RingtailError(Exception):
         self.message = message
         self.batch_id = batch_id
         self.record_index = record_index
+        self.acks: list[Ack] = []  # publish_many: the batches of the call that were stored
         try:
             name = ErrorCode(code).name
+            self.fatal = ErrorCode(code).fatal  # False: one batch refused, the connection goes on
         except ValueError:
             name = f"code {code}"
+            self.fatal = True
         where = "" if record_index == protocol.RECORD_INDEX_NONE else f" (record {record_index})"
         super().__init__(f"{name}{where}: {message}")
 
@@ -123,19 +126,39 @@ class Client:
         """Publish batches with up to `window` unacknowledged; acks in order.
 
         Raises:
-            RingtailError: at the first rejected batch (earlier ones are durable).
+            RingtailError: the first rejected batch, once every batch already
+                sent has been answered (so the connection can be used again);
+                later batches are not sent. Its `acks` are this call's stored
+                batches, in order. A fatal error is raised at once.
         """
         acks: list[Ack] = []
         in_flight: collections.deque[int] = collections.deque()
+        rejection: RingtailError | None = None
         for records in batches:
             if len(in_flight) >= window:
-                acks.append(await self._reply(in_flight.popleft()))
+                rejection = await self._collect(in_flight.popleft(), acks, rejection)
+            if rejection is not None:
+                break
             batch_id = next(self._batch_ids)
             await self._send(Publish(batch_id, records))
             in_flight.append(batch_id)
         while in_flight:
-            acks.append(await self._reply(in_flight.popleft()))
+            rejection = await self._collect(in_flight.popleft(), acks, rejection)
+        if rejection is not None:
+            rejection.acks = acks
+            raise rejection
         return acks
+
+    async def _collect(self, batch_id: int, acks: list[Ack],
+                       rejection: RingtailError | None) -> RingtailError | None:
+        """Wait for one batch's answer: append its Ack, or keep the first rejection."""
+        try:
+            acks.append(await self._reply(batch_id))
+        except RingtailError as error:
+            if error.fatal or error.batch_id != batch_id:
+                raise
+            return rejection or error
+        return rejection
 
     async def _reply(self, batch_id: int) -> Ack:
         while True:

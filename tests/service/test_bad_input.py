@@ -20,7 +20,7 @@ import struct
 import pytest
 import trio
 
-from service.client import Client
+from service.client import Client, RingtailError
 from service.config import ServeConfig
 from service.protocol import (FRAME_SIZE_BYTES_MAX, PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE,
                               Ack, End, Error, ErrorCode, FrameType, Hello, Ping, Pong, Subscribe,
@@ -338,3 +338,28 @@ async def test_hello_just_before_the_handshake_limit_is_welcomed(in_process_daem
     await peer.send(encode_event(Ping(5)))
     assert await peer.read_frame() == Pong(5)
     await peer.aclose()
+
+
+async def test_client_stays_usable_after_a_rejected_batch_in_a_pipeline(daemon):
+    """publish_many raises at the rejected batch; the batches pipelined after it
+    are answered too, and the same Client publishes on with matching acks."""
+    server = daemon()
+    factory = RecordFactory(TENANT, seed=10)
+    bad = [factory.slot_record() for _ in range(4)]
+    bad[1] = dataclasses.replace(bad[1], magic=0)
+    batches = [factory.records(5), b"".join(r.encode() for r in bad), factory.records(6),
+               factory.records(7)]
+    with trio.fail_after(TIMEOUT_S):
+        async with await Client.connect(server.socket_path, TENANT) as client:
+            with pytest.raises(RingtailError, match=r"BAD_RECORD_MAGIC \(record 1\)") as raised:
+                await client.publish_many(batches)
+            assert raised.value.batch_id == 2 and not raised.value.fatal
+            stored_acks = raised.value.acks
+            assert [a.last_sequence - a.first_sequence + 1 for a in stored_acks] == [5, 6, 7]
+            later = factory.records(3)
+            ack = await client.publish(later)
+        replay = await read_all(server.socket_path, TENANT)
+    assert replay.by_sequence[ack.first_sequence] == later[:64]
+    assert ack.last_sequence - ack.first_sequence == 2
+    # Batches 1, 3 and 4 were stored; the rejected one was not.
+    assert replay.data == batches[0] + batches[2] + batches[3] + later
