@@ -1,0 +1,55 @@
+"""Shared fixtures for the storage-engine tests.
+
+Import note: `tests/ioring/` is itself a package named `ioring` (it has an
+`__init__.py` and `tests/` has none), so inside pytest a bare `import ioring`
+finds *this test package*, not the engine. The engine's submodules still
+resolve (`from ioring.ring import open_ring` works), so the tests import names
+from the engine's modules, never from `ioring` itself; the public surface is
+checked in a subprocess (test_surface.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ioring.record import SlotRecord
+
+TENANT_ID = 7
+IO_BACKENDS = ("uring", "threads")
+
+
+@pytest.fixture(params=IO_BACKENDS)
+def io(request) -> str:
+    """Run the test once per I/O backend, both for real (io_uring works here)."""
+    return request.param
+
+
+@pytest.fixture
+def ring_path(tmp_path) -> str:
+    """Where a test's ring file goes (it does not exist yet)."""
+    return os.fspath(tmp_path / "tenant.ring")
+
+
+def make_record(number: int, tenant_id: int = TENANT_ID) -> bytes:
+    """One well-formed slot record; records with different numbers differ."""
+    return SlotRecord(tenant_id=tenant_id, opcode=number & 0xFFFF_FFFF,
+                      timestamp_ns=number, slot_idx=number & 0xFFFF_FFFF).encode()
+
+
+def make_records(first_number: int, count: int, tenant_id: int = TENANT_ID) -> bytes:
+    """`count` distinct records numbered first_number, first_number + 1, ..."""
+    return b"".join(make_record(number, tenant_id)
+                    for number in range(first_number, first_number + count))
+
+
+def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:
+    """XOR one byte of a file in place (damage the stored bytes)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = os.pread(fd, 1, offset)
+        assert len(old) == 1, f"offset {offset} is past the end of {path}"
+        os.pwrite(fd, bytes([old[0] ^ mask]), offset)
+    finally:
+        os.close(fd)

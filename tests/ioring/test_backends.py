@@ -1,0 +1,269 @@
+"""I/O backends: choice at open, completion signalling, and failed chains.
+
+Failures are made for real where this machine allows it: a short write comes
+from RLIMIT_FSIZE in a child process, on both backends. A failing fdatasync
+cannot be made for real here (it needs a failing disk, e.g. dm-error), so one
+test injects it with a fake backend.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import logging
+import os
+import re
+import select
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, errno_result,
+                          open_backend)
+from ioring.errors import BackendUnavailableError, RingFailedError, RingRangeError
+from ioring.format import Layout
+from ioring.record import RECORD_SIZE_BYTES
+from ioring.ring import open_ring
+
+from .conftest import TENANT_ID, make_records
+
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ring_module = importlib.import_module("ioring.ring")
+uring_module = importlib.import_module("ioring.uring")
+
+
+# -- choosing a backend -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("io, name", [("uring", "uring"), ("threads", "threads"),
+                                      ("auto", "uring")])  # io_uring works on this machine
+def test_open_backend_gives_the_named_backend(io, name):
+    backend = open_backend(io)
+    try:
+        assert backend.name == name
+        assert backend.completion_fd >= 0
+    finally:
+        backend.close()
+
+
+def test_open_ring_reports_its_backend(ring_path, io):
+    with open_ring(ring_path, capacity=128, tenant_id=TENANT_ID, io=io) as ring:
+        assert ring.backend == io == ring.statistics().backend
+    with open_ring(ring_path, tenant_id=TENANT_ID, io="auto") as ring:
+        assert ring.backend == "uring"
+
+
+def test_an_unknown_backend_name_is_rejected():
+    assert IO_CHOICES == ("auto", "uring", "threads")
+    with pytest.raises(ValueError, match=r"^io='epoll' is not one of auto, uring, threads$"):
+        open_backend("epoll")
+
+
+def test_refused_io_uring_raises_for_uring_and_falls_back_for_auto(monkeypatch, caplog):
+    def refuse(*args):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(uring_module.liburing, "io_uring_queue_init", refuse)
+    with pytest.raises(BackendUnavailableError,
+                       match=r"^io_uring_queue_init failed: Operation not permitted \[EPERM\]; "
+                             r"io_uring is disabled or blocked \(seccomp, "
+                             r"kernel.io_uring_disabled\)$"):
+        open_backend("uring")
+    with caplog.at_level(logging.WARNING, logger="ioring"):
+        backend = open_backend("auto")
+    try:
+        assert backend.name == "threads"
+    finally:
+        backend.close()
+    warnings = [r for r in caplog.records if r.name == "ioring"]
+    assert len(warnings) == 1  # said once, in one clear line
+    assert "io_uring unavailable" in warnings[0].getMessage()
+    assert "thread backend" in warnings[0].getMessage()
+
+
+def test_missing_liburing_binding_is_reported(monkeypatch):
+    monkeypatch.setattr(uring_module, "liburing", None)
+    with pytest.raises(BackendUnavailableError,
+                       match=r"^the liburing Python binding is not installed$"):
+        open_backend("uring")
+
+
+# -- completions -----------------------------------------------------------------------
+
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    return fd in select.select([fd], [], [], timeout_s)[0]
+
+
+def test_completion_fd_is_readable_exactly_when_a_chain_has_finished(ring_path, io):
+    with open_ring(ring_path, capacity=256, tenant_id=TENANT_ID, io=io) as ring:
+        fd = ring.completion_fd
+        assert not _readable(fd, 0)  # nothing submitted, nothing to reap
+        assert ring.reap() == []
+        for first in range(0, 300, 30):
+            ticket = ring.submit(make_records(first, 30))
+            # The timeout only guards against a hang; it is not a timing assertion.
+            assert _readable(fd, 5.0), "no completion signal within 5 s"
+            assert ring.reap() == [ticket]  # readable means the chain is done
+            assert not ring.in_flight
+            assert not _readable(fd, 0)  # reaping drained the signal
+            assert ring.next_sequence == ticket.next_sequence
+        assert ring.read(ring.oldest_sequence, 300 - ring.oldest_sequence) == \
+            make_records(ring.oldest_sequence, 300 - ring.oldest_sequence)
+
+
+# -- a real short write: RLIMIT_FSIZE in a child process -----------------------------
+
+CHILD = textwrap.dedent("""
+    import json, resource, signal, sys
+    from ioring.errors import RingFailedError
+    from ioring.record import SlotRecord
+    from ioring.ring import open_ring
+
+    path, io, limit, first, count = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+    records = b"".join(SlotRecord(tenant_id=7, opcode=i, timestamp_ns=i, slot_idx=i).encode()
+                       for i in range(first, first + count))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    ring = open_ring(path, tenant_id=7, io=io)
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    out = {"next_before": ring.next_sequence}
+    try:
+        ring.append(records)
+        out["append"] = "returned"
+    except RingFailedError as error:
+        out["append"] = "RingFailedError"
+        out["errno"], out["message"] = error.errno, str(error)
+        try:
+            ring.submit(records[:64])
+            out["submit_after"] = "returned"
+        except RingFailedError as again:
+            out["submit_after"] = "same" if again is error else str(again)
+    out["next_after"] = ring.next_sequence
+    out["failed"] = ring.failed is not None
+    out["acknowledged_readable"] = ring.read(0, first) == b"".join(
+        SlotRecord(tenant_id=7, opcode=i, timestamp_ns=i, slot_idx=i).encode()
+        for i in range(first))
+    ring.close()
+    print(json.dumps(out))
+""")
+
+LAYOUT = Layout(256)
+ACKNOWLEDGED = 40
+BATCH = 60  # 40..99: one data write of 3840 bytes at record_offset(40)
+BATCH_OFFSET = LAYOUT.record_offset(ACKNOWLEDGED)
+BATCH_SIZE_BYTES = BATCH * RECORD_SIZE_BYTES
+
+
+@pytest.mark.parametrize("limit, errno_value, message", [
+    # The limit falls inside the batch's data: the write is cut short.
+    (LAYOUT.record_offset(70) + 10, errno.EIO,
+     rf"short write: operation 0 wrote {30 * RECORD_SIZE_BYTES + 10} of "
+     rf"{BATCH_SIZE_BYTES} bytes"),
+    # The limit is where the batch's data starts: nothing of it can be written.
+    (BATCH_OFFSET, errno.EFBIG,
+     rf"write of {BATCH_SIZE_BYTES} bytes at {BATCH_OFFSET} \(operation 0\) failed: "
+     r"File too large \[EFBIG\]"),
+], ids=["cut-short", "refused"])
+def test_a_write_past_the_file_size_limit_fails_the_ring_and_keeps_acknowledged_records(
+        ring_path, io, limit, errno_value, message):
+    assert LAYOUT.data_offset < limit < LAYOUT.file_size_bytes
+    with open_ring(ring_path, capacity=256, tenant_id=TENANT_ID, io=io) as ring:
+        ring.append(make_records(0, ACKNOWLEDGED))
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, ring_path, io, str(limit), str(ACKNOWLEDGED), str(BATCH)],
+        cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    out = json.loads(child.stdout)
+    assert out["append"] == "RingFailedError"
+    assert out["errno"] == errno_value
+    assert re.fullmatch(
+        rf"{re.escape(ring_path)}: batch 40\.\.99 was not written: {message}; the ring "
+        r"refuses writes until reopened \(check free space and the disk\)",
+        out["message"]), out["message"]
+    assert out["submit_after"] == "same"  # later submits raise the same error
+    assert out["next_before"] == out["next_after"] == ACKNOWLEDGED
+    assert out["failed"] and out["acknowledged_readable"]
+    # Reopened without the limit: every acknowledged record is intact, nothing more.
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        report = ring.recovery_report
+        assert report.dropped_tail is None and report.dropped_head is None
+        assert (ring.oldest_sequence, ring.next_sequence) == (0, ACKNOWLEDGED)
+        assert ring.read(0, ACKNOWLEDGED) == make_records(0, ACKNOWLEDGED)
+        assert ring.append(make_records(500, BATCH)).first_sequence == ACKNOWLEDGED
+        assert ring.read(ACKNOWLEDGED, BATCH) == make_records(500, BATCH)
+
+
+# -- an injected fdatasync failure --------------------------------------------------
+
+
+class FdatasyncFailsBackend:
+    """Implements the Backend protocol with plain syscalls, but its fdatasync can be
+    made to fail with EIO: this fake injects an fdatasync EIO, which cannot be made
+    for real on this machine (it needs a failing device)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fail_fdatasync = False
+        self._results: list[ChainResult] = []
+
+    def submit(self, fd: int, operations: list, tag: int) -> None:
+        result = ChainResult(tag)
+        for index, op in enumerate(operations):
+            if op is FDATASYNC:
+                if self.fail_fdatasync:
+                    result = errno_result(tag, index, errno.EIO, op)
+                    break
+                os.fdatasync(fd)
+            else:
+                assert os.pwrite(fd, op.data, op.offset) == len(op.data)
+        self._results.append(result)
+        os.eventfd_write(self.completion_fd, 1)
+
+    def reap(self) -> list[ChainResult]:
+        try:
+            os.eventfd_read(self.completion_fd)
+        except BlockingIOError:
+            pass
+        results, self._results = self._results, []
+        return results
+
+    def close(self) -> None:
+        os.close(self.completion_fd)
+
+
+def test_a_failed_fdatasync_fails_the_ring_loudly_and_keeps_the_cursor(ring_path, monkeypatch):
+    backend = FdatasyncFailsBackend()
+    monkeypatch.setattr(ring_module, "open_backend", lambda io: backend)
+    with open_ring(ring_path, capacity=128, tenant_id=TENANT_ID) as ring:
+        assert ring.backend == "fake"
+        ring.append(make_records(0, 10))
+        backend.fail_fdatasync = True
+        ticket = ring.submit(make_records(10, 20))
+        assert _readable(ring.completion_fd, 5.0)
+        with pytest.raises(RingFailedError,
+                           match=r"batch 10\.\.29 was not written: fdatasync \(operation \d+\) "
+                                 r"failed: Input/output error \[EIO\]; the ring refuses writes "
+                                 r"until reopened") as caught:
+            ring.reap()
+        error = caught.value
+        assert (error.errno, error.path) == (errno.EIO, ring_path)
+        assert ticket.first_sequence == 10
+        assert ring.next_sequence == 10  # the cursor never moves past a failed chain
+        assert ring.failed is error and not ring.in_flight
+        for operation in (lambda: ring.submit(make_records(30, 1)),
+                          lambda: ring.append(make_records(30, 1)), ring.reap):
+            with pytest.raises(RingFailedError) as again:
+                operation()
+            assert again.value is error
+        statistics = ring.statistics()
+        assert (statistics.batches_committed, statistics.records_committed,
+                statistics.fdatasync_count) == (1, 10, 1)
+        assert ring.read(0, 10) == make_records(0, 10)  # acknowledged records still read
+        with pytest.raises(RingRangeError, match=r"^sequences 10\.\.10 are not all retained"):
+            ring.read(10, 1)
