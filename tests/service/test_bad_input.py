@@ -23,7 +23,7 @@ import trio
 from service.client import Client, RingtailError
 from service.config import ServeConfig
 from service.protocol import (FRAME_SIZE_BYTES_MAX, PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE,
-                              Ack, End, Error, ErrorCode, FrameType, Hello, Ping, Pong, Subscribe,
+                              Ack, Error, ErrorCode, FrameType, Hello, Ping, Pong, Subscribe,
                               StartKind, Welcome, encode_event)
 from service.server import HANDSHAKE_TIMEOUT_S, Daemon
 from tests.service.conftest import RawPeer, RecordFactory, read_all, short_socket_dir, split_records
@@ -200,7 +200,31 @@ async def test_bad_input_gets_its_error_code_and_spares_other_connections(daemon
                                  for index, batch in enumerate(batches)))
         await peer.aclose()
 
-    fatal_cases = [truncated_frame_then_eof, truncated_header_then_eof, oversize_declared_frame,
+    async def ping_before_hello():
+        peer = await RawPeer.connect(socket_path)
+        await peer.send(encode_event(Ping(1)))
+        await expect_fatal(peer, ErrorCode.HELLO_REQUIRED)
+
+    async def subscribe_oldest_with_a_start_value():
+        peer = await welcomed(socket_path)
+        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(start=0, start_value=5)))
+        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+    async def client_gives_up_with_a_fatal_error_and_a_batch_pending():
+        """The client's fatal Error ends the connection: the pending ack is not sent."""
+        peer = await welcomed(socket_path)
+        records = factory.records(6)
+        ledger.unanswered.extend(split_records(records))
+        await peer.send(publish_frame(1, records)
+                        + encode_event(Error(ErrorCode.INTERNAL, "client bug", 0)))
+        await peer.stream.send_eof()  # the sender of a fatal Error closes
+        frames = await peer.frames_until_closed()
+        assert all(isinstance(event, Ack) for event in frames), frames
+        await peer.aclose()
+
+    fatal_cases = [ping_before_hello, subscribe_oldest_with_a_start_value,
+                   client_gives_up_with_a_fatal_error_and_a_batch_pending,
+                   truncated_frame_then_eof, truncated_header_then_eof, oversize_declared_frame,
                    unknown_frame_type, wrong_protocol_version, publish_before_hello,
                    second_hello, subscribe_with_inverted_epochs, subscribe_with_unknown_start,
                    subscribe_with_unsorted_opcodes, subscribe_past_the_cursor,

@@ -8,13 +8,14 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 
 import pytest
 
 from ioring.format import Layout
-from ioring.record import FAILURE_CLASS_NAMES, SlotRecord
+from ioring.record import FAILURE_CLASS_NAMES
 from service.protocol import PUBLISH_RECORD_COUNT_MAX
 from tests.service.conftest import RINGTAIL, RecordFactory, split_records
 
@@ -171,7 +172,6 @@ def test_usage_errors_exit_2(tmp_path, argv):
 def test_unreachable_socket_exits_1_and_names_it(tmp_path):
     missing = os.fspath(tmp_path / "missing.sock")
     stale = tmp_path / "stale.sock"
-    import socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind(os.fspath(stale))  # a socket file nobody listens on
     for path in (missing, os.fspath(stale)):
