@@ -271,7 +271,8 @@ class RingFile:
                 self._failure = RingFailedError(
                     self.path, result.errno,
                     f"batch {pending.ticket.first_sequence}..{pending.ticket.last_sequence} "
-                    f"was not written: {result.message}; the ring refuses writes until "
+                    f"is not durable: {result.message}; it may be partly or wholly on disk "
+                    "(recovery decides on reopen); the ring refuses writes until "
                     "reopened (check free space and the disk)")
                 raise self._failure
             self._commit(pending)

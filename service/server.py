@@ -333,7 +333,7 @@ class _ConnectionHandler:
                 await request.done.wait()
                 if request.error is not None:
                     await self.send_error(ErrorCode.STORAGE_FAILED,
-                                          f"batch {batch_id} was not written: {request.error}",
+                                          f"batch {batch_id} is not durable: {request.error}",
                                           batch_id)
                 else:
                     await self.send(Ack(batch_id, request.first_sequence,

@@ -181,7 +181,8 @@ def test_a_write_past_the_file_size_limit_fails_the_ring_and_keeps_acknowledged_
     assert out["append"] == "RingFailedError"
     assert out["errno"] == errno_value
     assert re.fullmatch(
-        rf"{re.escape(ring_path)}: batch 40\.\.99 was not written: {message}; the ring "
+        rf"{re.escape(ring_path)}: batch 40\.\.99 is not durable: {message}; it may be partly "
+        r"or wholly on disk \(recovery decides on reopen\); the ring "
         r"refuses writes until reopened \(check free space and the disk\)",
         out["message"]), out["message"]
     assert out["submit_after"] == "same"  # later submits raise the same error
@@ -247,9 +248,10 @@ def test_a_failed_fdatasync_fails_the_ring_loudly_and_keeps_the_cursor(ring_path
         ticket = ring.submit(make_records(10, 20))
         assert _readable(ring.completion_fd, 5.0)
         with pytest.raises(RingFailedError,
-                           match=r"batch 10\.\.29 was not written: fdatasync \(operation \d+\) "
-                                 r"failed: Input/output error \[EIO\]; the ring refuses writes "
-                                 r"until reopened") as caught:
+                           match=r"batch 10\.\.29 is not durable: fdatasync \(operation \d+\) "
+                                 r"failed: Input/output error \[EIO\]; it may be partly or "
+                                 r"wholly on disk \(recovery decides on reopen\); the ring "
+                                 r"refuses writes until reopened") as caught:
             ring.reap()
         error = caught.value
         assert (error.errno, error.path) == (errno.EIO, ring_path)
