@@ -83,6 +83,11 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+# Why io_uring was refused, once probed: later rings skip the probe and the
+# log line, so the fallback is reported once per process.
+_uring_refusal: str | None = None
+
+
 def open_backend(io: str) -> Backend:
     """Choose the backend once. `auto` probes io_uring and falls back with one log line.
 
@@ -90,9 +95,10 @@ def open_backend(io: str) -> Backend:
         BackendUnavailableError: `io="uring"` and io_uring is refused here.
         ValueError: `io` is not one of IO_CHOICES.
     """
+    global _uring_refusal
     if io not in IO_CHOICES:
         raise ValueError(f"io={io!r} is not one of {', '.join(IO_CHOICES)}")
-    if io == "threads":
+    if io == "threads" or (io == "auto" and _uring_refusal is not None):
         from ioring.threads import ThreadBackend
         return ThreadBackend()
     from ioring import uring
@@ -101,6 +107,7 @@ def open_backend(io: str) -> Backend:
     except BackendUnavailableError as error:
         if io == "uring":
             raise
+        _uring_refusal = str(error)
         log.warning("io_uring unavailable (%s); using the pwritev+fdatasync thread "
                     "backend (slower per batch, same guarantees)", error)
         from ioring.threads import ThreadBackend

@@ -389,14 +389,20 @@ def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
                     file_id=int.from_bytes(secrets.token_bytes(8), "little"))
     temporary = f"{path}.creating"
     fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    written = False
     try:
-        os.ftruncate(fd, layout.file_size_bytes)
+        # Allocate the blocks now (not a sparse file): a full disk fails here,
+        # at creation, instead of failing a batch later.
+        os.posix_fallocate(fd, 0, layout.file_size_bytes)
         for generation in (0, 1):
             copy = dataclasses.replace(header, generation=generation)
             os.pwrite(fd, copy.encode(), HEADER_COPY_OFFSETS[copy.copy_index])
         os.fsync(fd)
+        written = True
     finally:
         os.close(fd)
+        if not written:
+            os.unlink(temporary)  # a half-made file must not be left behind
     if os.path.exists(path):
         os.unlink(temporary)
         raise FileExistsError(path)

@@ -152,6 +152,7 @@ class ErrorCode(enum.IntEnum):
     TOO_MANY_CONNECTIONS = 19
     TOO_MANY_SUBSCRIBERS = 20
     INTERNAL = 21
+    TENANT_UNAVAILABLE = 22
 
     @property
     def fatal(self) -> bool:
@@ -233,6 +234,10 @@ ERROR_CODE_INFO: dict[ErrorCode, ErrorCodeInfo] = {
     _E.INTERNAL: ErrorCodeInfo(
         True, "a bug on the sending side",
         "report it with the message; reconnect"),
+    _E.TENANT_UNAVAILABLE: ErrorCodeInfo(
+        True, "the tenant's ring file cannot be opened or created (disk full, permissions,"
+              " damage, io backend refused)",
+        "read the daemon's log line for the tenant; fix the cause; reconnect with backoff"),
 }
 assert set(ERROR_CODE_INFO) == set(ErrorCode)
 

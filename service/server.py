@@ -69,6 +69,7 @@ class DaemonStatistics:
     protocol_errors: int = 0
     peers_gone: int = 0  # connections that broke while we still had something to send
     accept_retries: int = 0  # accept() out of file descriptors or memory
+    internal_errors: int = 0  # handler bugs: the connection was closed, the daemon went on
 
 
 class Daemon:
@@ -180,6 +181,12 @@ class Daemon:
             # peer hanging up must never take the daemon down. Its queued
             # batches are still written ("may or may not have been stored").
             self.stats.peers_gone += 1
+        except* Exception as group:
+            # A bug in handling one connection must not take the daemon and
+            # every other connection down: log it, count it, close this one.
+            self.stats.internal_errors += 1
+            log.error("connection handler failed; closed that connection only",
+                      exc_info=group)
         finally:
             self.stats.connections -= 1
             await trio.aclose_forcefully(stream)
@@ -260,7 +267,7 @@ class _ConnectionHandler:
             return
         except (RingError, OSError) as error:  # OSError: creating the file (ENOSPC, EACCES)
             log.error("tenant %d cannot be opened: %s", hello.tenant_id, error)
-            await self.send_error(ErrorCode.STORAGE_FAILED,
+            await self.send_error(ErrorCode.TENANT_UNAVAILABLE,
                                   f"tenant {hello.tenant_id}'s ring cannot be opened: {error}")
             return
         ring = self.tenant.ring

@@ -14,7 +14,7 @@ import re
 
 import trio
 
-from ioring import RingFile, open_ring
+from ioring import RingError, RingFile, open_ring
 from service.batcher import TenantWriter
 
 log = logging.getLogger("ringtail.tenants")
@@ -81,6 +81,7 @@ class TenantRegistry:
         self.create_on_first_use = create_on_first_use
         self.settings = dict(settings or {})
         self.tenants: dict[int, Tenant] = {}
+        self.unavailable: dict[int, str] = {}  # tenant id -> why its ring did not open
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
 
@@ -93,7 +94,14 @@ class TenantRegistry:
             if match:
                 ids.add(int(match.group(1)))
         for tenant_id in sorted(ids):
-            self._open(tenant_id)
+            try:
+                self._open(tenant_id)
+            except (RingError, OSError) as error:
+                # One damaged or unreadable ring must not keep the other
+                # tenants down: this one answers TENANT_UNAVAILABLE (and is
+                # retried on each Hello) until the operator fixes it.
+                self.unavailable[tenant_id] = str(error)
+                log.error("tenant %d unavailable: %s", tenant_id, error)
 
     def _open(self, tenant_id: int) -> Tenant:
         if len(self.tenants) >= TENANT_COUNT_MAX:
@@ -122,11 +130,13 @@ class TenantRegistry:
         tenant = self.tenants.get(tenant_id)
         if tenant is not None:
             return tenant
-        known = tenant_id in self.settings
+        known = tenant_id in self.settings or tenant_id in self.unavailable
         if not known and not (create and self.create_on_first_use):
             raise UnknownTenantError(
                 f"tenant {tenant_id} is not configured on this daemon; add it to the config")
-        return self._open(tenant_id)
+        tenant = self._open(tenant_id)
+        self.unavailable.pop(tenant_id, None)
+        return tenant
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run every writer until `close()`; then close the rings."""

@@ -21,6 +21,8 @@ import textwrap
 
 import pytest
 
+import ioring.chain as chain_module
+
 from ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, errno_result,
                           open_backend)
 from ioring.errors import BackendUnavailableError, RingFailedError, RingRangeError
@@ -67,6 +69,7 @@ def test_refused_io_uring_raises_for_uring_and_falls_back_for_auto(monkeypatch, 
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(uring_module.liburing, "io_uring_queue_init", refuse)
+    monkeypatch.setattr(chain_module, "_uring_refusal", None)  # the probe's memory
     with pytest.raises(BackendUnavailableError,
                        match=r"^io_uring_queue_init failed: Operation not permitted \[EPERM\]; "
                              r"io_uring is disabled or blocked \(seccomp, "
@@ -78,8 +81,14 @@ def test_refused_io_uring_raises_for_uring_and_falls_back_for_auto(monkeypatch, 
         assert backend.name == "threads"
     finally:
         backend.close()
+    with caplog.at_level(logging.WARNING, logger="ioring"):
+        second = open_backend("auto")  # a second ring: no second probe, no second line
+    try:
+        assert second.name == "threads"
+    finally:
+        second.close()
     warnings = [r for r in caplog.records if r.name == "ioring"]
-    assert len(warnings) == 1  # said once, in one clear line
+    assert len(warnings) == 1  # said once per process, in one clear line
     assert "io_uring unavailable" in warnings[0].getMessage()
     assert "thread backend" in warnings[0].getMessage()
 
