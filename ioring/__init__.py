@@ -7,7 +7,7 @@ The public surface is re-exported here explicitly; tests pin it.
 from ioring.chain import IO_CHOICES, ChainResult, FDATASYNC, Write, open_backend
 from ioring.errors import (BackendUnavailableError, RingBusyError, RingClosedError,
                            RingCorruptError, RingError, RingFailedError, RingFormatError,
-                           RingRangeError, VrrlFormatError)
+                           RingLockedError, RingRangeError, VrrlFormatError)
 from ioring.format import (BATCH_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT_MAX,
                            CAPACITY_RECORD_COUNT_MIN, CHUNK_RECORD_COUNT, FORMAT_VERSION,
                            Layout)
@@ -22,6 +22,6 @@ __all__ = [
     "RECORD_DTYPE", "RECORD_MAGIC", "RECORD_SIZE_BYTES", "SYNC_CHOICES",
     "BackendUnavailableError", "BatchTicket", "ChainResult", "Layout", "RecoveryReport",
     "RingBusyError", "RingClosedError", "RingCorruptError", "RingError", "RingFailedError",
-    "RingFile", "RingFormatError", "RingRangeError", "RingStatistics", "SlotRecord",
+    "RingFile", "RingFormatError", "RingLockedError", "RingRangeError", "RingStatistics", "SlotRecord",
     "VrrlFormatError", "Write", "failure_class_name", "open_backend", "open_ring",
 ]

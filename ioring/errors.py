@@ -22,6 +22,10 @@ class RingFormatError(RingError):
         super().__init__(f"{self.path}: {message}")
 
 
+class RingLockedError(RingFormatError):
+    """Another process has the ring file open for writing."""
+
+
 class VrrlFormatError(RingFormatError):
     """A VRRL0001 replay log with a bad header or size."""
 

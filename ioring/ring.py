@@ -24,6 +24,7 @@ Write rules that make crashes safe (docs/FORMAT.md):
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import secrets
 import select
@@ -32,7 +33,7 @@ from typing import Callable
 
 from ioring.chain import FDATASYNC, Backend, Operation, Write, open_backend
 from ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
-                           RingFormatError)
+                           RingFormatError, RingLockedError)
 from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
                            HEADER_COPY_OFFSETS, ChunkEntry, Header, Layout,
                            capacity_problem, chunk_hasher, finish_chunk)
@@ -361,10 +362,24 @@ class RingFile:
                     self.wait()
                 except RingFailedError:
                     pass  # already recorded in self._failure; closing anyway
+            if self._failure is None:
+                self._seal()
         finally:
             self._closed = True
             self._backend.close()
             os.close(self._fd)
+
+    def _seal(self) -> None:
+        """On a clean close, confirm the last batch: a header whose
+        batch_first_sequence is the cursor. Recovery then has no tail to
+        doubt, so damage there later is a read error, never a silent cut."""
+        if self._header.batch_first_sequence == self.next_sequence:
+            return
+        header = dataclasses.replace(self._header, generation=self._header.generation + 1,
+                                     batch_first_sequence=self.next_sequence)
+        os.pwrite(self._fd, header.encode(), HEADER_COPY_OFFSETS[header.copy_index])
+        os.fdatasync(self._fd)
+        self._header = header
 
     def __enter__(self) -> "RingFile":
         return self
@@ -410,6 +425,31 @@ def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
+def lock_writer(fd: int, path: str) -> None:
+    """Hold an exclusive flock for as long as the ring is open: one writer per file.
+
+    Raises:
+        RingLockedError: another process (another daemon) has the ring open.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RingLockedError(
+            path, "another process has this ring file open for writing (a second daemon "
+                  "on the same data directory?); stop it, or give each daemon its own "
+                  "--data-dir") from None
+
+
+def is_locked_by_writer(fd: int) -> bool:
+    """True while some process holds the ring open for writing (offline tools use it)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
 def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -451,6 +491,7 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
             create_ring_file(path, capacity, tenant_id)
             created = True
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        lock_writer(fd, path)
         recovery = recover(fd, path)
         header, report = recovery.header, recovery.report
         if header.tenant_id != tenant_id:

@@ -17,6 +17,7 @@ from ioring.reader import NO_COPY, ChunkTable, check_chunk
 from ioring.errors import RingCorruptError
 from ioring.record import RECORD_SIZE_BYTES
 from ioring.recovery import check_geometry, read_header
+from ioring.ring import is_locked_by_writer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,6 +93,9 @@ def verify_ring(path: str, progress: Callable[[int, int], None] | None = None) -
         layout = check_geometry(fd, path, header)
         table = ChunkTable(layout, os.pread(fd, layout.table_size_bytes, layout.table_offset(0)),
                            os.pread(fd, layout.table_size_bytes, layout.table_offset(1)))
+        # With no writer, the file is still: every failure is damage. With the
+        # daemon running, a failing chunk may be one a batch is evicting.
+        live = is_locked_by_writer(fd)
         damaged = []
         verified = evicted = 0
         oldest, next_sequence = header.oldest_sequence, header.next_sequence
@@ -109,9 +113,9 @@ def verify_ring(path: str, progress: Callable[[int, int], None] | None = None) -
                 verified += count - (first - chunk * CHUNK_RECORD_COUNT)
             except RingCorruptError as error:
                 fresh, _, _ = read_header(fd, path)
-                if fresh.oldest_sequence > first or \
-                        layout.oldest_after_append(fresh.oldest_sequence,
-                                                   fresh.next_sequence + layout.batch_record_count_max) > first:
+                evicting_to = layout.oldest_after_append(
+                    fresh.oldest_sequence, fresh.next_sequence + layout.batch_record_count_max)
+                if live and evicting_to > first:
                     evicted += count
                 else:
                     damaged.append(str(error))

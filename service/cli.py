@@ -21,6 +21,9 @@ from service.config import DEFAULT_SOCKET, ConfigError, ServeConfig, load_config
 from service.protocol import PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE, End, Gap, Records
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# Client commands find the daemon here unless --socket says otherwise (the
+# Kubernetes sidecar example sets it in the worker's environment).
+SOCKET_ENVIRONMENT_VARIABLE = "RINGTAIL_SOCKET"
 
 
 class CommandError(Exception):
@@ -40,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--capacity", type=int, help="records per tenant ring created on first use")
 
     publish = commands.add_parser("publish", help="publish records to a tenant")
-    publish.add_argument("--socket", default=DEFAULT_SOCKET)
+    publish.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
     publish.add_argument("--tenant", type=int, required=True)
     publish.add_argument("--raw", action="store_true", help="read N x 64-byte records from stdin")
     publish.add_argument("--count", type=int, default=1, help="synthetic records to publish")
     publish.add_argument("--rate", type=float, default=0.0, help="records/s (0: as fast as possible)")
 
     tail = commands.add_parser("tail", help="replay and follow a tenant's records")
-    tail.add_argument("--socket", default=DEFAULT_SOCKET)
+    tail.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
     tail.add_argument("--tenant", type=int, required=True)
     tail.add_argument("--from", dest="start", default="oldest", help="oldest | latest | SEQ")
     tail.add_argument("--follow", action="store_true")
@@ -60,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_vrrl = commands.add_parser("import-vrrl", help="publish a VRRL0001 log's records")
     import_vrrl.add_argument("file")
-    import_vrrl.add_argument("--socket", default=DEFAULT_SOCKET)
+    import_vrrl.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
     import_vrrl.add_argument("--tenant", type=int)
 
     export_vrrl = commands.add_parser("export-vrrl", help="write a tenant's records as VRRL0001")
-    export_vrrl.add_argument("--socket", default=DEFAULT_SOCKET)
+    export_vrrl.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
     export_vrrl.add_argument("--tenant", type=int, required=True)
     export_vrrl.add_argument("--out", required=True)
     export_vrrl.add_argument("--capacity", type=int)

@@ -90,7 +90,7 @@ Resource handling:
 Error handling:
     The sender thread never raises into the caller: connection failures and
     daemon Error frames are counted and kept in `statistics().last_error`
-    (an OSError, a ProtocolError or a service.client.RingtailError). An
+    (an OSError, a ProtocolError or a service.errors.RingtailError). An
     unexpected exception in the sender (a bug) is logged, kept as last_error,
     and stops sending: publish() then fills the buffer and applies the policy.
 """
@@ -111,7 +111,7 @@ import numpy
 
 from ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
 from service import protocol
-from service.client import RingtailError
+from service.errors import RingtailError
 from service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
                               ProtocolError, Publish, Welcome)
 

@@ -42,15 +42,21 @@ CHECKED_HEADER_SIZE = HEADER_SIZE_BYTES - 16
 VERSION_OFFSET = 8
 
 
-def _write_ring(path: str, io: str, batches=BATCHES) -> None:
+def _write_ring(path: str, io: str, batches=BATCHES, *, sealed: bool = False) -> None:
+    """Append `batches`; leave the file as `kill -9` right after the last ack would
+    (unless `sealed`: then as a clean close leaves it, with the last batch confirmed)."""
     with open_ring(path, capacity=CAPACITY, tenant_id=TENANT_ID, io=io) as ring:
         for first, count in batches:
             ring.append(make_records(first, count))
+        killed = _snapshot(path)
+    if not sealed:
+        _restore(path, killed)
 
 
 @pytest.fixture
 def written_ring(ring_path, io) -> str:
-    """The standard ring of the module docstring, closed cleanly."""
+    """The standard ring of the module docstring, as a crash right after the last
+    acknowledgement leaves it (its last batch still in recovery's tail window)."""
     _write_ring(ring_path, io)
     return ring_path
 
@@ -263,6 +269,35 @@ def test_an_unsupported_version_in_one_copy_falls_back_to_the_other(written_ring
     with open_ring(written_ring, tenant_id=TENANT_ID, io=io) as ring:
         assert ring.recovery_report.other_copy_problem == "unsupported version: 2"
         assert ring.read(0, RECORD_COUNT) == make_records(0, RECORD_COUNT)
+
+
+def test_a_clean_close_confirms_the_last_batch_so_damage_there_is_an_error_not_a_cut(
+        ring_path, io):
+    _write_ring(ring_path, io, sealed=True)
+    newest = decode_header(_pread(ring_path, HEADER_SIZE_BYTES,
+                                  HEADER_COPY_OFFSETS[_newest_copy(ring_path)]))
+    assert newest.batch_first_sequence == newest.next_sequence == RECORD_COUNT
+    # A full chunk of the last batch: reads refuse it, nothing is cut.
+    flip_byte(ring_path, LAYOUT.record_offset(LAST_BATCH_FIRST + 5) + 5)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        assert ring.recovery_report.dropped_tail is None
+        assert ring.next_sequence == RECORD_COUNT
+        with pytest.raises(RingCorruptError, match=r"records 256\.\.319 failed their checksum"):
+            ring.read(LAST_BATCH_FIRST, 40)
+        assert ring.read(0, 256) == make_records(0, 256)
+        assert ring.read(320, 20) == make_records(320, 20)
+    flip_byte(ring_path, LAYOUT.record_offset(LAST_BATCH_FIRST + 5) + 5)
+
+
+def test_damage_in_the_partial_chunk_being_appended_to_refuses_the_open(ring_path, io):
+    # New records would be checksummed together with the damaged ones, laundering
+    # the damage: the ring refuses to open instead, naming the offset.
+    _write_ring(ring_path, io, sealed=True)
+    flip_byte(ring_path, LAYOUT.record_offset(330) + 5)
+    with pytest.raises(RingCorruptError, match=r"records 320\.\.339 failed their checksum") \
+            as caught:
+        open_ring(ring_path, tenant_id=TENANT_ID, io=io)
+    assert caught.value.offset == LAYOUT.record_offset(320)
 
 
 # -- records and chunk-table entries -------------------------------------------------

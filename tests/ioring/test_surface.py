@@ -24,7 +24,8 @@ PUBLIC_NAMES = sorted([
     "IO_CHOICES", "RECORD_DTYPE", "RECORD_MAGIC", "RECORD_SIZE_BYTES", "SYNC_CHOICES",
     "BackendUnavailableError", "BatchTicket", "ChainResult", "Layout", "RecoveryReport",
     "RingBusyError", "RingClosedError", "RingCorruptError", "RingError",
-    "RingFailedError", "RingFile", "RingFormatError", "RingRangeError", "RingStatistics",
+    "RingFailedError", "RingFile", "RingFormatError", "RingLockedError", "RingRangeError",
+    "RingStatistics",
     "SlotRecord", "VrrlFormatError", "Write", "failure_class_name", "open_backend",
     "open_ring",
 ])
@@ -67,6 +68,7 @@ def test_error_tree_is_shallow_under_ring_error():
         "RingClosedError": "RingError", "RingFailedError": "RingError",
         "RingBusyError": "RingError", "RingRangeError": "RingError",
         "BackendUnavailableError": "RingError", "VrrlFormatError": "RingFormatError",
+        "RingLockedError": "RingFormatError",
     }
 
 

@@ -123,10 +123,6 @@ def test_verify_passes_a_healthy_data_dir_and_fails_after_a_flipped_byte(daemon)
     assert ringtail("verify", server.data_dir).returncode == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ioring/scan.py verify_ring: a bad chunk within one maximum batch of being evicted "
-    "is counted as 'evicted during the scan' even when no daemon writes the file, so "
-    "real damage there reads as ok (exit 0)"))
 def test_verify_fails_on_damage_in_a_chunk_a_future_batch_could_evict(daemon):
     capacity = 1024
     server = daemon(capacity=capacity)
