@@ -270,6 +270,51 @@ def finish_chunk(hasher: "blake3.blake3", record_count: int) -> bytes:
     return final.digest(CHECKSUM_SIZE_BYTES)
 
 
+_FULL_CHUNK_COUNT = _U32.pack(CHUNK_RECORD_COUNT)
+
+
+def encode_batch_entries(file_id: int, first_sequence: int, records: bytes,
+                         tail_hasher: "blake3.blake3 | None"
+                         ) -> tuple[list[tuple[int, bytes]], "blake3.blake3 | None"]:
+    """Chunk entries for a batch appended at `first_sequence`.
+
+    `tail_hasher` holds the records already in a partial first chunk (None
+    when the batch starts a chunk); it is copied, never changed. Returns
+    (chunk index, encoded entry) per chunk the batch touches, and the hasher
+    of its own partial last chunk (None if it ends on a chunk boundary).
+    Full chunks are hashed in one call each: this runs once per batch on the
+    write path, so it avoids per-chunk objects.
+    """
+    assert tail_hasher is not None or first_sequence % CHUNK_RECORD_COUNT == 0
+    file_prefix = _U64.pack(file_id)
+    end = first_sequence + len(records) // RECORD_SIZE_BYTES
+    view = memoryview(records)
+    entries = []
+    chunk = first_sequence // CHUNK_RECORD_COUNT
+    hasher = None
+    while chunk * CHUNK_RECORD_COUNT < end:
+        start = chunk * CHUNK_RECORD_COUNT
+        piece_start = max(start, first_sequence)
+        piece_end = min(start + CHUNK_RECORD_COUNT, end)
+        piece = view[(piece_start - first_sequence) * RECORD_SIZE_BYTES:
+                     (piece_end - first_sequence) * RECORD_SIZE_BYTES]
+        count = piece_end - start
+        if piece_start == start and count == CHUNK_RECORD_COUNT:
+            digest = blake3.blake3(b"".join((file_prefix, _U64.pack(start), piece,
+                                             _FULL_CHUNK_COUNT))).digest(CHECKSUM_SIZE_BYTES)
+            hasher = None
+        else:
+            hasher = tail_hasher.copy() if piece_start != start else \
+                blake3.blake3(file_prefix + _U64.pack(start))
+            hasher.update(piece)
+            digest = finish_chunk(hasher, count)
+            if count == CHUNK_RECORD_COUNT:
+                hasher = None
+        entries.append((chunk, _ENTRY_PREFIX.pack(start, count, 0) + digest))
+        chunk += 1
+    return entries, hasher
+
+
 def chunk_checksum(file_id: int, first_sequence: int, records: bytes | memoryview) -> bytes:
     hasher = chunk_hasher(file_id, first_sequence)
     hasher.update(records)

@@ -35,8 +35,8 @@ from ioring.chain import FDATASYNC, Backend, Operation, Write, open_backend
 from ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
                            RingFormatError, RingLockedError)
 from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
-                           HEADER_COPY_OFFSETS, ChunkEntry, Header, Layout,
-                           capacity_problem, chunk_hasher, finish_chunk)
+                           HEADER_COPY_OFFSETS, Header, Layout, capacity_problem,
+                           chunk_hasher, encode_batch_entries)
 from ioring.reader import NO_COPY, ChunkTable, read_verified
 from ioring.record import RECORD_SIZE_BYTES
 from ioring.recovery import RecoveryReport, recover
@@ -211,27 +211,10 @@ class RingFile:
         first_chunk = first // CHUNK_RECORD_COUNT
         current = self._table.current[first_chunk % layout.chunk_count]
         table_index = 0 if current == NO_COPY else 1 - current
-        entries: list[tuple[int, bytes]] = []
-        hasher = self._tail_hasher if first % CHUNK_RECORD_COUNT else None
-        assert hasher is not None or first % CHUNK_RECORD_COUNT == 0
-        view = memoryview(records)
-        chunk = first_chunk
-        while chunk * CHUNK_RECORD_COUNT < end:
-            start = chunk * CHUNK_RECORD_COUNT
-            if hasher is None:
-                hasher = chunk_hasher(self._header.file_id, start)
-            else:
-                hasher = hasher.copy()
-            piece_start = max(start, first)
-            piece_end = min(start + CHUNK_RECORD_COUNT, end)
-            hasher.update(view[(piece_start - first) * RECORD_SIZE_BYTES:
-                               (piece_end - first) * RECORD_SIZE_BYTES])
-            count = piece_end - start
-            entry = ChunkEntry(start, count, finish_chunk(hasher, count))
-            entries.append((chunk % layout.chunk_count, entry.encode()))
-            chunk += 1
-            if piece_end == start + CHUNK_RECORD_COUNT:
-                hasher = None
+        chunk_entries, hasher = encode_batch_entries(
+            self._header.file_id, first, records,
+            self._tail_hasher if first % CHUNK_RECORD_COUNT else None)
+        entries = [(chunk % layout.chunk_count, encoded) for chunk, encoded in chunk_entries]
         operations.extend(self._entry_writes(table_index, entries))
         header = dataclasses.replace(
             self._header, generation=self._header.generation + 1,
