@@ -348,13 +348,19 @@ def command_export_vrrl(args) -> int:
     from ioring.vrrl import VRRL_CAPACITY_MAX, export_vrrl
     from service.client import RingtailError
 
+    draw = progress_bar("export")
+
     async def run() -> list[bytes]:
         records: list[bytes] = []
         async with await connect(args.socket, args.tenant) as client:
+            welcome = client.welcome
+            total = welcome.next_sequence - welcome.oldest_sequence
             async for event in client.subscribe("oldest", follow=False):
                 if isinstance(event, Records):
                     data = event.records
                     records.extend(data[i:i + 64] for i in range(0, len(data), 64))
+                    if draw and total:
+                        draw(min(len(records), total), total)
         return records
 
     try:
