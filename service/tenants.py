@@ -15,7 +15,9 @@ import re
 import trio
 
 from ioring import RingError, RingFile, open_ring
+from service.auth import Grant
 from service.batcher import TenantWriter
+from service.quotas import QuotaSettings
 
 log = logging.getLogger("ringtail.tenants")
 
@@ -42,6 +44,9 @@ class TenantLimitError(Exception):
 class TenantSettings:
     capacity: int
     sync: str = "batch"
+    name: str = ""  # for logs
+    grants: tuple[Grant, ...] = ()  # who may publish/subscribe (service/auth.py)
+    quota: QuotaSettings = QuotaSettings()
 
 
 class Tenant:
@@ -81,6 +86,7 @@ class TenantRegistry:
         self.create_on_first_use = create_on_first_use
         self.settings = dict(settings or {})
         self.tenants: dict[int, Tenant] = {}
+        self.removed: set[int] = set()  # configured tenants a reload took out
         self.unavailable: dict[int, str] = {}  # tenant id -> why its ring did not open
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
@@ -127,6 +133,10 @@ class TenantRegistry:
             UnknownTenantError: not configured and creation is not allowed.
             TenantLimitError: too many tenants.
         """
+        if tenant_id in self.removed:
+            raise UnknownTenantError(
+                f"tenant {tenant_id} was removed from the config by a reload; its ring file "
+                "stays in the data dir; add the tenant back to serve it again")
         tenant = self.tenants.get(tenant_id)
         if tenant is not None:
             return tenant
@@ -137,6 +147,31 @@ class TenantRegistry:
         tenant = self._open(tenant_id)
         self.unavailable.pop(tenant_id, None)
         return tenant
+
+    def reconfigure(self, settings: dict[int, TenantSettings], default: TenantSettings,
+                    create_on_first_use: bool) -> tuple[set[int], set[int]]:
+        """Apply a reloaded config: (added, removed) tenant ids.
+
+        New tenants' rings are opened (created) now, as at start-up; a
+        removed tenant is refused from now on (its ring stays open until
+        exit, its file stays on disk). Capacity and sync of a ring already
+        open take effect at the next start.
+        """
+        added = set(settings) - set(self.settings)
+        removed = set(self.settings) - set(settings)
+        self.settings = dict(settings)
+        self.default = default
+        self.create_on_first_use = create_on_first_use
+        self.removed = (self.removed | removed) - set(settings)
+        for tenant_id in sorted(added):
+            if tenant_id in self.tenants:
+                continue
+            try:
+                self._open(tenant_id)
+            except (RingError, OSError, TenantLimitError) as error:
+                self.unavailable[tenant_id] = str(error)
+                log.error("tenant %d unavailable: %s", tenant_id, error)
+        return added, removed
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run every writer until `close()`; then close the rings."""

@@ -80,6 +80,8 @@ def documented_top_level_defaults(text: str) -> dict[str, object]:
 
 
 def as_config_value(key: str, value: object) -> object:
+    if isinstance(value, list):
+        return tuple(value)  # lists (admins) are kept as tuples
     return int(value, 8) if key == "socket_mode" else value
 
 

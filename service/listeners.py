@@ -1,0 +1,112 @@
+"""Listeners: the Unix socket and the TCP (TLS) socket, and who is on the other end.
+
+They only move bytes: a connection accepted here becomes a stream plus a
+`Peer` (service/auth.py) and is handed to the daemon's connection handler.
+TLS is done per connection with the daemon's current `ssl.SSLContext`
+(`trio.SSLStream`, server side), so a SIGHUP can swap in a renewed
+certificate without closing the listener.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as stdlib_socket
+import ssl
+
+import trio
+
+from service.auth import Peer, peer_credentials
+from service.config import ConfigError, ServeConfig, is_loopback, parse_host_port, socket_group_id
+
+LISTEN_BACKLOG = 128
+
+
+async def bind_unix_listener(path: str, mode: int, group: str = "") -> trio.SocketListener:
+    """Bind the Unix socket with `mode` from the start (no window with a wider mode).
+
+    A leftover socket file from a dead daemon is replaced; a live one is not.
+    With `group`, the file is given that group before it listens.
+    """
+    if os.path.exists(path):
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody is listening
+        else:
+            raise OSError(errno.EADDRINUSE,
+                          f"another daemon is serving on {path}; stop it or use --socket")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    previous = os.umask(0o777 & ~mode)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(previous)
+    if group:
+        os.chown(path, -1, socket_group_id(group, "socket_group"))
+    os.chmod(path, mode)
+    sock.listen(LISTEN_BACKLOG)
+    return trio.SocketListener(sock)
+
+
+async def bind_tcp_listener(config: ServeConfig) -> trio.SocketListener:
+    """Bind `config.tcp_listen`. Plain TCP is refused here too unless on loopback.
+
+    Raises:
+        ConfigError: plain TCP on a non-loopback address.
+        OSError: the address cannot be bound.
+    """
+    host, port = parse_host_port(config.tcp_listen, "tcp_listen")
+    if config.tcp_plaintext and not is_loopback(host):
+        raise ConfigError(f"tcp_plaintext refused on {config.tcp_listen}: plain TCP is "
+                          "allowed only on a loopback address")
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
+    for extra in listeners[1:]:  # "localhost" may give ::1 and 127.0.0.1: keep one
+        await extra.aclose()
+    return listeners[0]
+
+
+def tcp_address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def server_ssl_context(config: ServeConfig) -> ssl.SSLContext | None:
+    """The TLS context for TCP peers, or None for plain TCP (or no TCP).
+
+    Raises:
+        ConfigError: a certificate, key or CA file cannot be loaded.
+    """
+    if not config.tcp_listen or config.tcp_plaintext:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"tls_cert {config.tls_cert} / tls_key {config.tls_key}: cannot "
+                          f"load: {error}; give a PEM certificate chain and its key") from error
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"tls_client_ca {config.tls_client_ca}: cannot load: "
+                              f"{error}") from error
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def unix_peer(stream: trio.SocketStream) -> Peer:
+    _, uid, gid = peer_credentials(stream.socket)
+    return Peer("unix", uid=uid, gid=gid)
+
+
+def tcp_peer(stream: trio.SocketStream) -> Peer:
+    try:
+        address = stream.socket.getpeername()[0]
+    except OSError:  # the peer is already gone
+        address = "unknown"
+    return Peer("tcp", address=address)
