@@ -23,6 +23,8 @@ import trio
 
 from ioring import RingError, RingFailedError, RingFile
 from ioring.record import RECORD_SIZE_BYTES
+from service.histogram import (BATCH_RECORD_COUNT_BOUNDS, LATENCY_NS_BOUNDS, Histogram,
+                               HistogramSnapshot)
 
 log = logging.getLogger("ringtail.batcher")
 
@@ -54,6 +56,11 @@ class WriterStatistics:
     records: int
     pending_records: int
     failed: bool
+    # For metrics (service/metrics.py): records per batch, submit -> durable
+    # per batch (the write + fdatasync chain), enqueue -> durable per request.
+    batch_record_count: HistogramSnapshot
+    commit_latency_ns: HistogramSnapshot
+    ack_latency_ns: HistogramSnapshot
 
 
 class TenantWriter:
@@ -78,10 +85,18 @@ class TenantWriter:
         self._closing = False
         self._batches = 0
         self._records = 0
+        # One observe per batch (and one per request for acks): a bisect and
+        # three int adds, nothing per record.
+        self._batch_record_count = Histogram(BATCH_RECORD_COUNT_BOUNDS)
+        self._commit_latency_ns = Histogram(LATENCY_NS_BOUNDS)
+        self._ack_latency_ns = Histogram(LATENCY_NS_BOUNDS)
 
     def statistics(self) -> WriterStatistics:
         return WriterStatistics(self._batches, self._records, self._pending_records,
-                                self.ring.failed is not None)
+                                self.ring.failed is not None,
+                                self._batch_record_count.snapshot(),
+                                self._commit_latency_ns.snapshot(),
+                                self._ack_latency_ns.snapshot())
 
     async def publish(self, records: bytes) -> PublishRequest:
         """Queue records (waiting for space if the tenant is over its bound)."""
@@ -117,6 +132,7 @@ class TenantWriter:
                 await self._work.wait()
                 continue
             parts, data = self._take(batch_max)
+            submitted_ns = time.perf_counter_ns()
             try:
                 ticket = self.ring.submit(data)
                 # Buffers belong to the kernel until reaped: never abandon a
@@ -129,9 +145,12 @@ class TenantWriter:
                 log.error("ring %s failed: %s", self.ring.path, error)
                 self._fail(parts, error)
                 continue
-            self._resolve(parts, ticket.first_sequence)
+            durable_ns = time.perf_counter_ns()
+            self._resolve(parts, ticket.first_sequence, durable_ns)
             self._batches += 1
             self._records += ticket.record_count
+            self._batch_record_count.observe(ticket.record_count)
+            self._commit_latency_ns.observe(durable_ns - submitted_ns)
             if self._on_batch is not None:
                 self._on_batch(ticket.record_count, len(parts), ticket.first_sequence)
             self._on_commit(ticket.first_sequence, data)
@@ -161,7 +180,7 @@ class TenantWriter:
         self._space.set()
         return parts, buffers[0] if len(buffers) == 1 else b"".join(buffers)
 
-    def _resolve(self, parts, first_sequence: int) -> None:
+    def _resolve(self, parts, first_sequence: int, durable_ns: int) -> None:
         sequence = first_sequence
         for request, start, count in parts:
             if start == 0:
@@ -170,6 +189,7 @@ class TenantWriter:
             if start + count == request.record_count:
                 request.last_sequence = sequence - 1
                 request.done.set()
+                self._ack_latency_ns.observe(durable_ns - request.enqueued_ns)
 
     def _fail(self, parts, error: RingError) -> None:
         failed = error if isinstance(error, RingFailedError) else error

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sync", choices=("batch", "none"))
     serve.add_argument("--io", choices=("auto", "uring", "threads"))
     serve.add_argument("--capacity", type=int, help="records per tenant ring created on first use")
+    serve.add_argument("--metrics", metavar="HOST:PORT", dest="metrics_listen",
+                       help="serve /metrics, /healthz and /readyz over HTTP there "
+                            "(config: metrics_listen; port 0 picks a free one)")
 
     publish = commands.add_parser("publish", help="publish records to a tenant")
     publish.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
@@ -104,7 +107,8 @@ def serve_config(args) -> ServeConfig:
         config = load_config(args.config, config)
     overrides = {key: value for key, value in (
         ("data_dir", args.data_dir), ("socket", args.socket), ("sync", args.sync),
-        ("io", args.io), ("capacity", args.capacity)) if value is not None}
+        ("io", args.io), ("capacity", args.capacity),
+        ("metrics_listen", args.metrics_listen)) if value is not None}
     return resolve_paths(dataclasses.replace(config, **overrides).validate())
 
 

@@ -27,9 +27,10 @@ import numpy
 import trio
 
 from ioring import RingCorruptError, RingError
-from ioring.record import RECORD_DTYPE, RECORD_MAGIC
-from service import protocol
+from ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
+from service import metrics, protocol
 from service.config import ServeConfig
+from service.notify import SystemdNotifier
 from service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
                               Publish, RemoteProtocolError, Subscribe, Welcome)
 from service.subscribers import run_subscription
@@ -85,6 +86,12 @@ class Daemon:
                                        create_on_first_use=config.create_tenants,
                                        settings=config.tenants)
         self.stats = DaemonStatistics()
+        # Metrics and health (service/metrics.py, service/notify.py): per-frame
+        # counters, readiness for /readyz, systemd's READY=1/STOPPING=1.
+        self.counters = metrics.TrafficCounters()
+        self.notifier = SystemdNotifier.from_environment()
+        self.ready = False
+        self.metrics_url: str | None = None  # "http://HOST:PORT" once listening
         self._accept_scope = trio.CancelScope()
         self._connection_scopes: set[trio.CancelScope] = set()
         self._stopping = False
@@ -94,17 +101,34 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        self.ready = False
+        self.notifier.notify("STOPPING=1")
         log.info("shutting down: finishing batches in flight")
         self._accept_scope.cancel()
         for scope in list(self._connection_scopes):
             scope.cancel()
 
+    def count_auth_failure(self, tenant_id: int | None, reason: str) -> None:
+        """Count a failed authentication (metric ringtail_auth_failures_total).
+
+        For service/auth.py: call once per refused peer, with the tenant id its
+        Hello named (None if none) and a reason from a small fixed set.
+        """
+        self.counters.count_auth_failure(tenant_id, reason)
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # The metrics listener (if configured) first, so /healthz answers and
+        # /readyz says 503 while the rings recover.
+        await metrics.serve_with_metrics(self, self._serve, task_status)
+
+    async def _serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         # The socket first: it is what tells a second daemon that this one is
         # alive, so a refused `serve` never opens (and recovers) live rings.
         listener = await bind_unix_listener(self.config.socket, self.config.socket_mode)
         try:
-            self.registry.open_existing()
+            # On a worker thread: recovery may take seconds, and meanwhile the
+            # metrics listener must answer /healthz (and /readyz: 503).
+            await trio.to_thread.run_sync(self.registry.open_existing)
             async with trio.open_nursery() as root:
                 await root.start(self.registry.run)
                 signal_scope = trio.CancelScope()
@@ -113,6 +137,8 @@ class Daemon:
                 log.info("ringtail ready: socket %s, data dir %s, sync=%s, io=%s",
                          self.config.socket, self.config.data_dir, self.config.sync,
                          self.config.io)
+                self.ready = not self._stopping
+                self.notifier.notify("READY=1")
                 task_status.started()
                 try:
                     async with trio.open_nursery() as connections:
@@ -214,6 +240,8 @@ class _ConnectionHandler:
                 return  # as in send(): nothing follows a fatal Error
             await self.stream.send_all(
                 self.connection.send_records(first_sequence, records, sequences))
+        self.daemon.counters.count_sent(self.tenant.tenant_id,
+                                        len(records) // RECORD_SIZE_BYTES, len(records))
 
     async def send_error(self, code: ErrorCode, message: str, batch_id: int = 0,
                          record_index: int = protocol.RECORD_INDEX_NONE) -> None:
@@ -297,6 +325,7 @@ class _ConnectionHandler:
             except RemoteProtocolError as error:
                 if not error.fatal:
                     self.daemon.stats.rejected_batches += 1
+                    self.daemon.counters.count_rejected(self.tenant.tenant_id, error.code, 0)
                     await replies.send((error.batch_id, None, error))
                     continue
                 await self.protocol_error(error)
@@ -323,6 +352,8 @@ class _ConnectionHandler:
         if problem is not None:
             code, index, message = problem
             self.daemon.stats.rejected_batches += 1
+            self.daemon.counters.count_rejected(self.tenant.tenant_id, code,
+                                                len(event.records) // RECORD_SIZE_BYTES)
             error = protocol.ProtocolError(code, message, batch_id=event.batch_id,
                                            record_index=index)
             await replies.send((event.batch_id, None, error))

@@ -1,0 +1,420 @@
+"""Metrics and health over HTTP: Prometheus `/metrics`, `/healthz`, `/readyz`.
+
+A small ASGI app served by hypercorn on Trio, on its own TCP listener
+(`metrics_listen = "HOST:PORT"`, flag `--metrics`). Every metric is read at
+scrape time from the daemon's state and `statistics()` snapshots by one custom
+collector (`DaemonCollector`) in a registry of this daemon's own, so several
+daemons in one process (tests) never share series. The write path keeps no
+Prometheus objects: the batcher fills integer histograms (service/histogram.py)
+and the connection handlers bump plain dict counters (`TrafficCounters`).
+
+Startup order (service/server.py): this listener binds first, so `/healthz`
+answers and `/readyz` says 503 while rings recover; then the Unix socket binds,
+rings recover, and `/readyz` turns 200 with the "ringtail ready" log line (and
+systemd's READY=1). It turns 503 again when shutdown begins.
+
+Every metric, its type, labels and meaning: docs/OPERATIONS.md, "Metrics and
+health".
+
+Resource handling: `serve_with_metrics` owns the listener and the HTTP server
+task; both end when the daemon's serve returns.
+Error handling: a listener that cannot bind raises OSError naming the address
+and the fix, before anything else starts (the CLI exits 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from types import MappingProxyType
+from typing import Awaitable, Callable, Mapping
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from ioring.record import RECORD_SIZE_BYTES
+from service.config import parse_listen_address
+from service.histogram import HistogramSnapshot
+from service.protocol import ErrorCode
+
+log = logging.getLogger("ringtail.metrics")
+# hypercorn's own lines ("Running on ...", connection errors): warnings only;
+# the daemon logs the address itself.
+HTTP_LOG = logging.getLogger("ringtail.metrics.http")
+HTTP_LOG.setLevel(logging.WARNING)
+
+# Pending TCP connections to the metrics listener (scrapers and probes are few).
+METRICS_LISTEN_BACKLOG = 16
+# Seconds an idle keep-alive scrape connection stays open, and a shutdown
+# waits for scrapes in progress.
+METRICS_KEEP_ALIVE_TIMEOUT_S = 5.0
+METRICS_GRACEFUL_TIMEOUT_S = 1.0
+# Distinct (tenant, reason) series of ringtail_auth_failures_total. A failed
+# peer names any tenant id it likes, so past this bound new pairs are folded
+# into tenant="other": a bad client cannot grow the daemon's memory or the
+# scrape without limit. 256 x ~200 B.
+AUTH_FAILURE_SERIES_COUNT_MAX = 256
+AUTH_FAILURE_REASON_SIZE_MAX = 64  # characters kept of a reason label
+OTHER_LABEL = "other"
+UNKNOWN_TENANT_LABEL = "unknown"  # rejected before a Hello named a tenant
+
+assert AUTH_FAILURE_SERIES_COUNT_MAX > 0
+
+
+# -- counters the connection handlers bump ----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrafficStatistics:
+    """Copies of TrafficCounters' counts, keyed by tenant id label."""
+
+    records_out: Mapping[str, int]
+    bytes_out: Mapping[str, int]
+    rejected_batches: Mapping[tuple[str, str], int]  # (tenant, ErrorCode name)
+    rejected_records: Mapping[tuple[str, str], int]
+    auth_failures: Mapping[tuple[str, str], int]  # (tenant, reason)
+
+
+def tenant_label(tenant_id: int | None) -> str:
+    return UNKNOWN_TENANT_LABEL if tenant_id is None else str(tenant_id)
+
+
+class TrafficCounters:
+    """What connection handlers count: records sent, batches rejected, auth failures.
+
+    Plain dict increments (one per frame, never per record); read by the
+    collector at scrape time. Bounded: tenants are bounded by TENANT_COUNT_MAX
+    and codes by ErrorCode; auth failures by AUTH_FAILURE_SERIES_COUNT_MAX.
+    """
+
+    def __init__(self):
+        self._records_out: dict[str, int] = {}
+        self._bytes_out: dict[str, int] = {}
+        self._rejected_batches: dict[tuple[str, str], int] = {}
+        self._rejected_records: dict[tuple[str, str], int] = {}
+        self._auth_failures: dict[tuple[str, str], int] = {}
+
+    def count_sent(self, tenant_id: int, record_count: int, size: int) -> None:
+        """A Records frame of `record_count` records (`size` bytes) went to a subscriber."""
+        key = str(tenant_id)
+        self._records_out[key] = self._records_out.get(key, 0) + record_count
+        self._bytes_out[key] = self._bytes_out.get(key, 0) + size
+
+    def count_rejected(self, tenant_id: int | None, code: int, record_count: int) -> None:
+        """A publish batch was refused with `code`; `record_count` records in it (0: unknown)."""
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = str(int(code))
+        key = (tenant_label(tenant_id), name)
+        self._rejected_batches[key] = self._rejected_batches.get(key, 0) + 1
+        self._rejected_records[key] = self._rejected_records.get(key, 0) + record_count
+
+    def count_auth_failure(self, tenant_id: int | None, reason: str) -> None:
+        """A peer failed authentication for `tenant_id` (None: before naming one).
+
+        `reason` should come from a small fixed set ("bad_token", "uid_not_allowed",
+        ...): it becomes a label value.
+        """
+        key = (tenant_label(tenant_id), reason[:AUTH_FAILURE_REASON_SIZE_MAX])
+        if key not in self._auth_failures and \
+                len(self._auth_failures) >= AUTH_FAILURE_SERIES_COUNT_MAX:
+            key = (OTHER_LABEL, OTHER_LABEL)
+        self._auth_failures[key] = self._auth_failures.get(key, 0) + 1
+
+    def statistics(self) -> TrafficStatistics:
+        return TrafficStatistics(*(MappingProxyType(dict(counts)) for counts in (
+            self._records_out, self._bytes_out, self._rejected_batches,
+            self._rejected_records, self._auth_failures)))
+
+
+# -- the collector -------------------------------------------------------------------
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str],
+                   snapshot: HistogramSnapshot, divisor: float = 1) -> None:
+    cumulative = snapshot.cumulative()
+    buckets = [(floatToGoString(bound / divisor), count)
+               for bound, count in zip(snapshot.bounds, cumulative)]
+    buckets.append(("+Inf", cumulative[-1]))
+    family.add_metric(labels, buckets, snapshot.sum / divisor)
+
+
+class DaemonCollector(Collector):
+    """Reads one daemon's state at scrape time (on the Trio thread: no locks needed)."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def collect(self):
+        daemon = self.daemon
+        stats = daemon.stats
+        traffic = daemon.counters.statistics()
+        tenants = sorted(daemon.registry.tenants.items())  # a copy: opens may follow
+
+        def gauge(name, documentation, labels=None):
+            return GaugeMetricFamily(name, documentation, labels=labels)
+
+        def counter(name, documentation, labels=None):
+            return CounterMetricFamily(name, documentation, labels=labels)
+
+        yield GaugeMetricFamily("ringtail_ready", "1 once rings are recovered and the socket "
+                                "is bound; 0 before, and from the start of shutdown",
+                                value=1 if daemon.ready else 0)
+        yield GaugeMetricFamily("ringtail_connections_open", "Client connections open now",
+                                value=stats.connections)
+        for name, value, documentation in (
+                ("ringtail_connections_accepted", stats.connections_total,
+                 "Client connections accepted"),
+                ("ringtail_protocol_errors", stats.protocol_errors,
+                 "Connections closed with a fatal protocol Error"),
+                ("ringtail_peers_gone", stats.peers_gone,
+                 "Connections that broke while the daemon had something to send"),
+                ("ringtail_accept_retries", stats.accept_retries,
+                 "accept() failures for want of file descriptors or memory"),
+                ("ringtail_internal_errors", stats.internal_errors,
+                 "Connection handler bugs (that connection was closed)"),
+                ("ringtail_notify_failures", daemon.notifier.statistics().failed,
+                 "systemd notifications ($NOTIFY_SOCKET) that could not be sent")):
+            yield CounterMetricFamily(name, documentation, value=value)
+        yield GaugeMetricFamily("ringtail_tenants", "Tenants with an open ring",
+                                value=len(tenants))
+        unavailable = gauge("ringtail_tenant_unavailable",
+                            "1 for each tenant whose ring could not be opened", ["tenant"])
+        for tenant_id in sorted(daemon.registry.unavailable):
+            unavailable.add_metric([str(tenant_id)], 1)
+        yield unavailable
+
+        records_in = counter("ringtail_records_in", "Records made durable (acknowledged)",
+                             ["tenant"])
+        bytes_in = counter("ringtail_bytes_in", "Record bytes made durable", ["tenant"])
+        batches = counter("ringtail_batches", "Ring batches written (group commits)",
+                          ["tenant"])
+        fdatasyncs = counter("ringtail_fdatasyncs", "fdatasync calls on the ring file",
+                             ["tenant"])
+        batch_records = HistogramMetricFamily(
+            "ringtail_batch_records", "Records per ring batch", labels=["tenant"])
+        commit_seconds = HistogramMetricFamily(
+            "ringtail_commit_seconds",
+            "Per batch, submit to durable: the write chain and its fdatasync (sync=batch)",
+            labels=["tenant"])
+        ack_seconds = HistogramMetricFamily(
+            "ringtail_ack_latency_seconds",
+            "Per publish batch, queued by the daemon to durable (its Ack is sent then)",
+            labels=["tenant"])
+        pending = gauge("ringtail_pending_records", "Records queued for the writer",
+                        ["tenant"])
+        subscribers = gauge("ringtail_subscribers", "Subscriptions open now", ["tenant"])
+        gaps = counter("ringtail_gaps", "Gap events sent (a subscriber fell behind eviction)",
+                       ["tenant"])
+        capacity = gauge("ringtail_ring_capacity_records", "Ring capacity", ["tenant"])
+        retained = gauge("ringtail_ring_retained_records", "Records retained in the ring",
+                         ["tenant"])
+        fill = gauge("ringtail_ring_fill_ratio", "Retained records / capacity (0..1)",
+                     ["tenant"])
+        next_sequence = gauge("ringtail_ring_next_sequence",
+                              "Sequence the next record will get", ["tenant"])
+        failed = gauge("ringtail_ring_failed", "1 if the ring's writes failed (reopen needed)",
+                       ["tenant"])
+        backend = gauge("ringtail_io_backend", "1 for the I/O backend each ring uses",
+                        ["tenant", "backend"])
+        for tenant_id, tenant in tenants:
+            label = [str(tenant_id)]
+            writer = tenant.writer.statistics()
+            ring = tenant.ring.statistics()
+            records_in.add_metric(label, writer.records)
+            bytes_in.add_metric(label, writer.records * RECORD_SIZE_BYTES)
+            batches.add_metric(label, writer.batches)
+            fdatasyncs.add_metric(label, ring.fdatasync_count)
+            _add_histogram(batch_records, label, writer.batch_record_count)
+            _add_histogram(commit_seconds, label, writer.commit_latency_ns, 1e9)
+            _add_histogram(ack_seconds, label, writer.ack_latency_ns, 1e9)
+            pending.add_metric(label, writer.pending_records)
+            subscribers.add_metric(label, tenant.subscriber_count)
+            gaps.add_metric(label, tenant.gaps)
+            kept = ring.next_sequence - ring.oldest_sequence
+            capacity.add_metric(label, ring.capacity)
+            retained.add_metric(label, kept)
+            fill.add_metric(label, kept / ring.capacity)
+            next_sequence.add_metric(label, ring.next_sequence)
+            failed.add_metric(label, 1 if writer.failed else 0)
+            backend.add_metric([str(tenant_id), ring.backend], 1)
+        yield from (records_in, bytes_in, batches, fdatasyncs, batch_records, commit_seconds,
+                    ack_seconds, pending, subscribers, gaps, capacity, retained, fill,
+                    next_sequence, failed, backend)
+
+        records_out = counter("ringtail_records_out", "Records sent to subscribers", ["tenant"])
+        bytes_out = counter("ringtail_bytes_out", "Record bytes sent to subscribers",
+                            ["tenant"])
+        for key in sorted(traffic.records_out):
+            records_out.add_metric([key], traffic.records_out[key])
+            bytes_out.add_metric([key], traffic.bytes_out[key])
+        rejected_batches = counter("ringtail_rejected_batches",
+                                   "Publish batches refused, by error code",
+                                   ["tenant", "code"])
+        rejected_records = counter("ringtail_rejected_records",
+                                   "Records in refused publish batches, by error code "
+                                   "(0 where the frame had no whole records)",
+                                   ["tenant", "code"])
+        for key in sorted(traffic.rejected_batches):
+            rejected_batches.add_metric(list(key), traffic.rejected_batches[key])
+            rejected_records.add_metric(list(key), traffic.rejected_records[key])
+        auth_failures = counter("ringtail_auth_failures", "Failed authentications",
+                                ["tenant", "reason"])
+        for key in sorted(traffic.auth_failures):
+            auth_failures.add_metric(list(key), traffic.auth_failures[key])
+        yield from (records_out, bytes_out, rejected_batches, rejected_records, auth_failures)
+
+
+def build_registry(daemon) -> CollectorRegistry:
+    """A registry of this daemon's own (never the process-global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))
+    return registry
+
+
+# -- the ASGI app --------------------------------------------------------------------
+
+
+class HealthApp:
+    """ASGI: GET /metrics (Prometheus text), /healthz (alive), /readyz (ready or 503)."""
+
+    def __init__(self, daemon, registry: CollectorRegistry):
+        self.daemon = daemon
+        self.registry = registry
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await _respond(send, 405, b"use GET\n", extra=[(b"allow", b"GET, HEAD")])
+            return
+        if scope["method"] == "HEAD":
+            send = _without_body(send)
+        path = scope["path"]
+        if path == "/metrics":
+            # Synchronous, on the Trio thread: the collector reads live state
+            # without locks. Cost grows with tenants (~20 series each).
+            await _respond(send, 200, generate_latest(self.registry),
+                           CONTENT_TYPE_LATEST.encode())
+        elif path == "/healthz":
+            await _respond(send, 200, b"ok\n")
+        elif path == "/readyz":
+            if self.daemon.ready:
+                await _respond(send, 200, b"ready\n")
+            else:
+                await _respond(send, 503, b"not ready: recovering rings, binding the "
+                               b"socket, or shutting down\n")
+        else:
+            await _respond(send, 404, b"not found; try /metrics, /healthz or /readyz\n")
+
+
+def _without_body(send):
+    """HEAD: the GET response's headers (content-length included), no body."""
+    async def send_head(message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+    return send_head
+
+
+async def _respond(send, status: int, body: bytes,
+                   content_type: bytes = b"text/plain; charset=utf-8",
+                   extra: list[tuple[bytes, bytes]] = ()) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+               *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- the listener and the server -----------------------------------------------------
+
+
+def bind_metrics_socket(listen: str) -> socket.socket:
+    """A bound, listening TCP socket for `listen` ("HOST:PORT").
+
+    Raises:
+        OSError: the address cannot be resolved or bound; the message names it
+            and the fix.
+    """
+    host, port = parse_listen_address(listen)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise OSError(error.errno, f"cannot listen for metrics on {listen}: {error.strerror}; "
+                      "fix metrics_listen or --metrics") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart past TIME_WAIT
+        sock.bind(address)
+        sock.listen(METRICS_LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"cannot listen for metrics on {listen}: {error.strerror}; "
+                      "stop what holds that port or change metrics_listen / --metrics") from None
+    return sock
+
+
+def listener_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve_metrics(daemon, sock: socket.socket, *,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the HealthApp on `sock` (taken over) until cancelled."""
+    from hypercorn.config import Config  # imported only when metrics are on
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the fd from here
+    config.backlog = METRICS_LISTEN_BACKLOG
+    config.accesslog = None
+    config.errorlog = HTTP_LOG
+    config.keep_alive_timeout = METRICS_KEEP_ALIVE_TIMEOUT_S
+    config.graceful_timeout = METRICS_GRACEFUL_TIMEOUT_S
+    await serve(HealthApp(daemon, build_registry(daemon)), config, task_status=task_status)
+
+
+async def serve_with_metrics(daemon, serve_daemon: Callable[..., Awaitable[None]],
+                             task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run `serve_daemon(task_status=...)`, with the metrics listener around it if set.
+
+    The listener binds (or fails, plainly) before the daemon binds its socket
+    or opens a ring, and stops after the daemon's serve returns.
+    """
+    if not daemon.config.metrics_listen:
+        await serve_daemon(task_status=task_status)
+        return
+    sock = bind_metrics_socket(daemon.config.metrics_listen)
+    url = listener_url(sock)
+    failure = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_metrics, daemon, sock)
+        daemon.metrics_url = url
+        log.info("metrics listening on %s (/metrics, /healthz, /readyz)", url)
+        try:
+            await serve_daemon(task_status=task_status)
+        except Exception as error:
+            # Re-raised after the nursery: inside it, the daemon's own errors
+            # (socket in use, ...) would reach the CLI wrapped in an
+            # ExceptionGroup instead of as the OSError it reports plainly.
+            failure = error
+        finally:
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
