@@ -23,8 +23,19 @@ test: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m pytest -q -m soak -s tests
 
+# The end-to-end bench compares with Redis and fio: install them here, out loud.
 bench: $(STAMP)
-	$(PY) bench/engine.py
+	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v fio >/dev/null || missing="$$missing fio"; \
+	if [ -n "$$missing" ]; then \
+		echo "make bench: installing$$missing (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		apt-cache policy redis-server | grep -q 'Candidate: (none)' && $$SUDO apt-get update; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $$missing; \
+	fi
+	@$(PY) -c "import redis" 2>/dev/null || { echo "make bench: installing redis (pip, into $(VENV))"; $(PY) -m pip install --quiet redis; }
+	$(VENV)/bin/ringtail bench --write-doc
+	$(PY) bench/engine.py --write-doc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     export_vrrl.add_argument("--tenant", type=int, required=True)
     export_vrrl.add_argument("--out", required=True)
     export_vrrl.add_argument("--capacity", type=int)
+
+    bench = commands.add_parser("bench", help="end-to-end benchmark (bench/e2e.py; run from "
+                                "the repository root)")
+    bench.add_argument("--quick", action="store_true", help="a subset, under a minute")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("--write-doc", action="store_true",
+                       help="rewrite the 'End to end' section of docs/BENCHMARKS.md")
+    bench.add_argument("--dir", help="where to put the temporary files (not tmpfs)")
     return parser
 
 
@@ -378,6 +386,19 @@ def command_export_vrrl(args) -> int:
     return EXIT_OK
 
 
+def command_bench(args) -> int:
+    # bench/ ships in the repository, not the wheel: run from its root.
+    sys.path.insert(0, os.getcwd())
+    try:
+        from bench import e2e
+    except ImportError as error:
+        raise CommandError(f"cannot import bench.e2e ({error}); run `ringtail bench` from the "
+                           "repository root (make bench does)") from error
+    args.profile = None
+    program = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "ringtail"
+    return e2e.command(args, [program, *sys.argv[1:]])
+
+
 COMMANDS = {
     "serve": command_serve,
     "publish": command_publish,
@@ -386,6 +407,7 @@ COMMANDS = {
     "inspect": command_inspect,
     "import-vrrl": command_import_vrrl,
     "export-vrrl": command_export_vrrl,
+    "bench": command_bench,
 }
 
 

@@ -1,0 +1,952 @@
+"""End-to-end benchmark: a real `ringtail serve` daemon, publisher processes, Redis.
+
+A benchmark, not a test: it prints one table and asserts nothing. Run it from
+the repository root (or as `ringtail bench`)::
+
+    .venv/bin/ringtail bench              # full profile, about 4-5 minutes
+    .venv/bin/ringtail bench --quick      # under a minute, noisier
+    .venv/bin/ringtail bench --json       # the results as JSON instead
+    .venv/bin/ringtail bench --write-doc  # also rewrite the "End to end" section
+                                          # of docs/BENCHMARKS.md (no other)
+
+What it runs, in one go (details in DOC_INTRO below, which is what the doc says):
+the disk's ceiling (plain pwritev + fdatasync loop, and fio when installed);
+ringtail ingest over the Unix socket from P publisher processes; replay from
+oldest; live-tail latency; the synchronous Publisher's cost in the caller; the
+daemon's memory with 100 tenants and 100 subscribers; and Redis Streams
+(Debian redis-server, started and stopped here) with redis-benchmark and
+redis-py. It installs nothing: `make bench` does (and says so); without
+redis-server or fio those rows are marked "not installed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPOSITORY not in sys.path:
+    sys.path.insert(0, _REPOSITORY)
+
+import numpy  # noqa: E402
+
+from bench import worker as raw  # noqa: E402
+
+DOC_PATH = os.path.join(_REPOSITORY, "docs", "BENCHMARKS.md")
+DOC_SECTION_TITLE = "## End to end (ringtail bench)"
+RECORD_SIZE = 64
+# One tenant per purpose, so cells never read each other's records.
+INGEST_TENANT, TAIL_TENANT, PUBLISHER_TENANT, REPLAY_TENANT = 1, 2, 3, 4
+# Batches a publisher keeps unacknowledged in the ingest matrix (the async
+# Client's PIPELINE_BATCH_COUNT_MAX); the latency row uses 1.
+INGEST_WINDOW = 16
+INGEST_CAPACITY = 1 << 20  # records per ring of the ingest daemons (64 MiB)
+REPLAY_FILTER_OPCODES = (3,)  # records carry opcode = index % 16: 1 in 16 passes
+WORKER_START_NS = 400_000_000  # time the workers get to connect before warm-up
+DAEMON_START_TIMEOUT_S = 30.0
+REDIS_PAYLOAD = b"r" * 64
+
+PROFILES = {
+    "full": dict(publishers=(1, 4, 16), batches=(1, 64, 1024), syncs=("batch", "none"),
+                 cell_s=2.0, warm_s=0.3, latency_s=2.0, ceiling_s=1.5, fio_s=2,
+                 replay_records=10_000_000, tail_rates=(10_000, 100_000), tail_s=3.0,
+                 publisher_records=1_000_000, rss_tenants=100, redis=True,
+                 redis_n=1_000_000, redis_py_n=200_000, redis_rtt_n=5_000),
+    "quick": dict(publishers=(1, 4), batches=(1, 1024), syncs=("batch",),
+                  cell_s=0.6, warm_s=0.15, latency_s=0.6, ceiling_s=0.3, fio_s=1,
+                  replay_records=1_000_000, tail_rates=(100_000,), tail_s=1.0,
+                  publisher_records=200_000, rss_tenants=100, redis=True,
+                  redis_n=200_000, redis_py_n=50_000, redis_rtt_n=1_000),
+    # For the smoke test: seconds, no Redis, no fio.
+    "micro": dict(publishers=(1,), batches=(64,), syncs=("batch",),
+                  cell_s=0.3, warm_s=0.1, latency_s=0.3, ceiling_s=0.1, fio_s=0,
+                  replay_records=20_480, tail_rates=(10_000,), tail_s=0.5,
+                  publisher_records=8_192, rss_tenants=3, redis=False,
+                  redis_n=0, redis_py_n=0, redis_rtt_n=0),
+}
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def percentile_us(latencies_ns, q: float) -> float | None:
+    if not len(latencies_ns):
+        return None
+    return float(numpy.percentile(numpy.asarray(latencies_ns, dtype=numpy.int64), q)) / 1e3
+
+
+def wait_until(instant_ns: int) -> None:
+    raw._wait_until(instant_ns)
+
+
+def ringtail_command() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "ringtail")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "service.cli"]
+
+
+class Daemon:
+    """A `ringtail serve` subprocess in its own data dir; CPU and memory from /proc."""
+
+    def __init__(self, directory: str, name: str, sync: str, capacity: int):
+        self.data_dir = os.path.join(directory, name)
+        self.socket = os.path.join(directory, name + ".sock")
+        self.log_path = os.path.join(directory, name + ".log")
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [*ringtail_command(), "serve", "--data-dir", self.data_dir, "--socket", self.socket,
+             "--sync", sync, "--capacity", str(capacity)],
+            cwd=_REPOSITORY, stdout=self._log, stderr=subprocess.STDOUT)
+        self.pid = self.process.pid
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ringtail serve exited: {self.tail_log()}")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.socket)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ringtail serve did not start: {self.tail_log()}")
+                time.sleep(0.05)
+            finally:
+                probe.close()
+
+    def tail_log(self) -> str:
+        with open(self.log_path, "rb") as file:
+            return file.read()[-2000:].decode(errors="replace")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _status_kib(self, key: str) -> int:
+        with open(f"/proc/{self.pid}/status") as file:
+            for line in file:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def peak_rss_mib(self) -> float:
+        return self._status_kib("VmHWM") / 1024
+
+    def rss_mib(self) -> float:
+        return self._status_kib("VmRSS") / 1024
+
+    def reset_peak(self) -> None:
+        try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+            with open(f"/proc/{self.pid}/clear_refs", "w") as file:
+                file.write("5")
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class Workers:
+    """Long-lived `python -m bench.worker` processes (one command at a time each)."""
+
+    def __init__(self, count: int):
+        environment = dict(os.environ, PYTHONPATH=_REPOSITORY)
+        self.processes = [subprocess.Popen(
+            [sys.executable, "-m", "bench.worker"], cwd=_REPOSITORY, env=environment,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+
+    def send(self, index: int, op: str, **arguments) -> None:
+        process = self.processes[index]
+        process.stdin.write(json.dumps(dict(op=op, **arguments)) + "\n")
+        process.stdin.flush()
+
+    def receive(self, index: int) -> dict:
+        line = self.processes[index].stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench worker {index} died")
+        result = json.loads(line)
+        if "error" in result:
+            raise RuntimeError(f"bench worker {index}: {result['error']}")
+        return result
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# -- 1. ceiling --------------------------------------------------------------------
+
+
+def plain_loop(path: str, batch: int, sync: bool, seconds: float) -> float:
+    size = 64 << 20
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:
+            chunk = bytes(1 << 20)
+            for offset in range(0, size, len(chunk)):
+                os.pwrite(fd, chunk, offset)
+            os.fsync(fd)
+        data = raw.make_records(1, batch)
+        step = len(data)
+        offset, count = 0, 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        while True:
+            for _ in range(16 if sync else 256):
+                os.pwritev(fd, [data], offset)
+                if sync:
+                    os.fdatasync(fd)
+                offset += step
+                if offset + step > size:
+                    offset = 0
+                count += batch
+            now = time.perf_counter()
+            if now >= deadline:
+                break
+        os.fdatasync(fd)
+        return count / (now - started)
+    finally:
+        os.close(fd)
+
+
+def fio_rate(path: str, batch: int, sync: bool, seconds: int) -> float | None:
+    if not shutil.which("fio") or seconds <= 0:
+        return None
+    command = ["fio", "--name=ceiling", f"--filename={path}", "--size=64m", "--rw=write",
+               f"--bs={batch * RECORD_SIZE}", "--ioengine=io_uring", "--iodepth=1",
+               f"--runtime={seconds}", "--time_based", "--output-format=json"]
+    if sync:
+        command.append("--fdatasync=1")
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, check=True,
+                                timeout=seconds + 30).stdout
+        job = json.loads(output[output.index("{"):])["jobs"][0]
+        return job["write"]["iops"] * batch
+    except (subprocess.SubprocessError, ValueError, KeyError, OSError):
+        return None
+
+
+def run_ceiling(directory: str, profile: dict, progress) -> dict:
+    result = {}
+    path = os.path.join(directory, "ceiling.dat")
+    for batch in (1, 64, 1024):
+        for sync in (True, False):
+            key = f"{batch}/{'batch' if sync else 'none'}"
+            seconds = profile["ceiling_s"] * (1.0 if sync else 0.5)
+            result[key] = {"plain": plain_loop(path, batch, sync, seconds),
+                           "fio": fio_rate(os.path.join(directory, "fio.dat"), batch, sync,
+                                           profile["fio_s"]) if sync else None}
+            progress(f"ceiling {key}: {result[key]}")
+    for name in ("ceiling.dat", "fio.dat"):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    return result
+
+
+# -- 2. ingest ---------------------------------------------------------------------
+
+
+def ingest_cell(daemon: Daemon, workers: Workers, publishers: int, batch: int, window: int,
+                seconds: float, warm_s: float) -> dict:
+    warm_ns = time.perf_counter_ns() + WORKER_START_NS
+    start_ns = warm_ns + int(warm_s * 1e9)
+    end_ns = start_ns + int(seconds * 1e9)
+    for index in range(publishers):
+        workers.send(index, "ingest", socket_path=daemon.socket, tenant_id=INGEST_TENANT,
+                     batch=batch, window=window, warm_ns=warm_ns, start_ns=start_ns,
+                     end_ns=end_ns)
+    wait_until(start_ns)
+    daemon.reset_peak()
+    cpu_before = daemon.cpu_seconds()
+    wait_until(end_ns)
+    cpu = daemon.cpu_seconds() - cpu_before
+    results = [workers.receive(index) for index in range(publishers)]
+    acked = sum(result["acked"] for result in results)
+    latencies = numpy.concatenate([numpy.asarray(result["latencies_ns"], dtype=numpy.int64)
+                                   for result in results])
+    return {"publishers": publishers, "batch": batch, "window": window,
+            "records_per_s": acked / seconds,
+            "p50_us": percentile_us(latencies, 50), "p99_us": percentile_us(latencies, 99),
+            "p999_us": percentile_us(latencies, 99.9),
+            "cpu_s_per_m": cpu / (acked / 1e6) if acked else None,
+            "peak_rss_mib": daemon.peak_rss_mib()}
+
+
+def run_ingest(directory: str, profile: dict, workers: Workers, progress) -> list[dict]:
+    cells = []
+    for sync in profile["syncs"]:
+        daemon = Daemon(directory, f"ingest-{sync}", sync, INGEST_CAPACITY)
+        try:
+            # Latency: one publisher, one record, waiting for each ack.
+            cell = ingest_cell(daemon, workers, 1, 1, 1, profile["latency_s"], profile["warm_s"])
+            cell.update(sync=sync, case="latency")
+            cells.append(cell)
+            progress(f"ingest {cell}")
+            for publishers in profile["publishers"]:
+                for batch in profile["batches"]:
+                    cell = ingest_cell(daemon, workers, publishers, batch, INGEST_WINDOW,
+                                       profile["cell_s"], profile["warm_s"])
+                    cell.update(sync=sync, case="throughput")
+                    cells.append(cell)
+                    progress(f"ingest {cell}")
+        finally:
+            daemon.stop()
+    return cells
+
+
+# -- 3-5. replay, live tail, sync Publisher, memory -------------------------------
+
+
+def run_replay(directory: str, profile: dict, workers: Workers, progress) -> dict:
+    count = profile["replay_records"]
+    capacity = max(1 << 16, -(-count // 4096) * 4096 + 8192)
+    daemon = Daemon(directory, "replay", "none", capacity)
+    try:
+        fillers = 2
+        for index in range(fillers):
+            workers.send(index, "fill", socket_path=daemon.socket, tenant_id=REPLAY_TENANT,
+                         record_count=count // fillers)
+        fill_results = [workers.receive(index) for index in range(fillers)]
+        result = {"records": count,
+                  "fill_s": max(item["seconds"] for item in fill_results)}
+        for name, opcodes in (("unfiltered", []), ("filtered", list(REPLAY_FILTER_OPCODES))):
+            daemon.reset_peak()
+            cpu_before = daemon.cpu_seconds()
+            workers.send(0, "replay", socket_path=daemon.socket, tenant_id=REPLAY_TENANT,
+                         opcodes=opcodes)
+            replay = workers.receive(0)
+            cpu = daemon.cpu_seconds() - cpu_before
+            result[name] = {"records_per_s": count / replay["seconds"],
+                            "delivered": replay["delivered"], "seconds": replay["seconds"],
+                            "cpu_s_per_m": cpu / (count / 1e6),
+                            "peak_rss_mib": daemon.peak_rss_mib()}
+            progress(f"replay {name}: {result[name]}")
+        return result
+    finally:
+        daemon.stop()
+
+
+def run_tail(directory: str, profile: dict, workers: Workers, progress) -> list[dict]:
+    daemon = Daemon(directory, "tail", "batch", INGEST_CAPACITY)
+    rows = []
+    try:
+        for rate in profile["tail_rates"]:
+            warm_ns = time.perf_counter_ns() + WORKER_START_NS
+            start_ns = warm_ns + 200_000_000
+            end_ns = start_ns + int(profile["tail_s"] * 1e9)
+            workers.send(0, "tail_subscribe", socket_path=daemon.socket, tenant_id=TAIL_TENANT,
+                         start_ns=start_ns, end_ns=end_ns)
+            workers.send(1, "tail_publish", socket_path=daemon.socket, tenant_id=TAIL_TENANT,
+                         rate=rate, warm_ns=warm_ns, end_ns=end_ns)
+            wait_until(start_ns)
+            cpu_before = daemon.cpu_seconds()
+            wait_until(end_ns)
+            cpu = daemon.cpu_seconds() - cpu_before
+            published = workers.receive(1)
+            received = workers.receive(0)
+            latencies = received["latencies_ns"]
+            rows.append({"rate": rate, "sent": published["sent"], "received": received["count"],
+                         "p50_us": percentile_us(latencies, 50),
+                         "p99_us": percentile_us(latencies, 99),
+                         "p999_us": percentile_us(latencies, 99.9),
+                         "cpu_s_per_m": cpu / (rate * profile["tail_s"] / 1e6)})
+            progress(f"tail {rows[-1]}")
+        workers.send(0, "sync_publisher", socket_path=daemon.socket, tenant_id=PUBLISHER_TENANT,
+                     record_count=profile["publisher_records"])
+        publisher = workers.receive(0)
+        progress(f"sync publisher {publisher}")
+    finally:
+        daemon.stop()
+    return rows, publisher
+
+
+def run_memory(directory: str, profile: dict, progress) -> dict:
+    """RSS with N tenants (one publisher connection each, 1,024 records) and N subscribers."""
+    tenants = profile["rss_tenants"]
+    daemon = Daemon(directory, "memory", "batch", 1 << 16)
+    clients = []
+    try:
+        records = {}
+        for index in range(tenants):
+            tenant = 100 + index
+            client = raw.RawClient(daemon.socket, tenant)
+            data = raw.make_records(tenant, 1024)
+            client.sock.sendmsg([raw._PUBLISH_HEAD.pack(8 + len(data), 3, 0, 1), data])
+            records[tenant] = client
+            clients.append(client)
+        for client in clients:
+            got = []
+            while not got:
+                client.read_frames(lambda frame_type, *_: got.append(frame_type))
+        subscribers = []
+        for index in range(tenants):
+            client = raw.RawClient(daemon.socket, 100 + index)
+            client.sock.sendall(client.connection.send(raw.Subscribe(
+                raw.StartKind.OLDEST, 0, True, False, 0, 0xFFFF_FFFF, frozenset())))
+            subscribers.append(client)
+            clients.append(client)
+        for client in subscribers:  # each replays its 1,024 records, then waits live
+            seen = [0]
+
+            def count(frame_type, buffer, start, end, seen=seen):
+                if frame_type == raw.FrameType.RECORDS:
+                    seen[0] += (end - start - 16) // RECORD_SIZE
+            while seen[0] < 1024:
+                client.read_frames(count)
+        time.sleep(0.5)
+        result = {"tenants": tenants, "subscribers": tenants, "rss_mib": daemon.rss_mib(),
+                  "peak_rss_mib": daemon.peak_rss_mib()}
+        progress(f"memory {result}")
+        return result
+    finally:
+        for client in clients:
+            client.close()
+        daemon.stop()
+
+
+# -- 6. Redis ----------------------------------------------------------------------
+
+
+class RedisServer:
+    def __init__(self, directory: str, appendfsync: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.dir = os.path.join(directory, f"redis-{appendfsync}")
+        os.makedirs(self.dir)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--appendonly", "yes", "--appendfsync", appendfsync, "--dir", self.dir,
+             "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.dir, "log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        self.client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+
+    def benchmark(self, *arguments: str) -> dict:
+        output = subprocess.run(
+            ["redis-benchmark", "-p", str(self.port), "--csv", *arguments],
+            capture_output=True, text=True, check=True, timeout=300).stdout
+        lines = [line for line in output.splitlines() if line.startswith('"')]
+        header = [cell.strip('"') for cell in lines[0].split('","')]
+        values = [cell.strip('"') for cell in lines[-1].split('","')]
+        return {key: values[index] for index, key in enumerate(header)}
+
+    def stop(self) -> None:
+        try:
+            self.client.shutdown(nosave=True)
+        except Exception:  # shutdown closes the connection under us
+            pass
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def redis_py_pipelined(server: RedisServer, count: int) -> float:
+    pipe = server.client.pipeline(transaction=False)
+    started = time.perf_counter()
+    for _ in range(count // 1000):
+        for _ in range(1000):
+            pipe.xadd("py", {"f": REDIS_PAYLOAD})
+        pipe.execute()
+    return (count // 1000 * 1000) / (time.perf_counter() - started)
+
+
+def redis_py_rtt(server: RedisServer, count: int) -> list[int]:
+    client = server.client
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter_ns()
+        client.xadd("rtt", {"f": REDIS_PAYLOAD})
+        latencies.append(time.perf_counter_ns() - started)
+    return latencies
+
+
+def redis_replay(server: RedisServer, stream: str, page: int = 10_000) -> dict:
+    client = server.client
+    total = client.xlen(stream)
+    started = time.perf_counter()
+    last, seen = "-", 0
+    while True:
+        entries = client.xrange(stream, min=last, count=page)
+        if last != "-":
+            entries = entries[1:]  # XRANGE is inclusive; '(' needs Redis >= 6.2 but costs nothing
+        if not entries:
+            break
+        seen += len(entries)
+        last = entries[-1][0]
+    xrange_rate = seen / (time.perf_counter() - started)
+    started = time.perf_counter()
+    last, read = "0", 0
+    while True:
+        reply = client.xread({stream: last}, count=page)
+        if not reply:
+            break
+        entries = reply[0][1]
+        read += len(entries)
+        last = entries[-1][0]
+    return {"entries": total, "xrange_per_s": xrange_rate,
+            "xread_per_s": read / (time.perf_counter() - started)}
+
+
+def run_redis(directory: str, profile: dict, workers: Workers, progress) -> dict | None:
+    if not profile["redis"]:
+        return None
+    if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+        return {"missing": "redis-server not installed (make bench installs it)"}
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return {"missing": "redis-py not installed (make bench installs it)"}
+    result = {}
+    payload = REDIS_PAYLOAD.decode()
+    for mode in ("always", "everysec"):
+        server = RedisServer(directory, mode)
+        try:
+            row = {}
+            for clients in (1, 4):
+                bench = server.benchmark("-c", str(clients), "-P", "1000", "-n",
+                                         str(profile["redis_n"]), "XADD", "s", "*", "f", payload)
+                row[f"c_xadd_c{clients}"] = float(bench["rps"])
+            rtt = server.benchmark("-c", "1", "-P", "1", "-n", str(profile["redis_rtt_n"]),
+                                   "XADD", "rtt", "*", "f", payload)
+            row["c_rtt_p50_us"] = float(rtt["p50_latency_ms"]) * 1e3
+            row["c_rtt_p99_us"] = float(rtt["p99_latency_ms"]) * 1e3
+            row["py_xadd"] = redis_py_pipelined(server, profile["redis_py_n"])
+            latencies = redis_py_rtt(server, profile["redis_rtt_n"])
+            row["py_rtt_p50_us"] = percentile_us(latencies, 50)
+            row["py_rtt_p99_us"] = percentile_us(latencies, 99)
+            if mode == "everysec":
+                row["replay"] = redis_replay(server, "s")
+            if mode == "always":
+                row["tail"] = []
+                for rate in profile["tail_rates"]:
+                    warm_ns = time.perf_counter_ns() + WORKER_START_NS
+                    start_ns = warm_ns + 200_000_000
+                    end_ns = start_ns + int(profile["tail_s"] * 1e9)
+                    workers.send(0, "redis_tail", port=server.port, rate=rate, warm_ns=warm_ns,
+                                 start_ns=start_ns, end_ns=end_ns)
+                    tail = workers.receive(0)
+                    row["tail"].append({"rate": rate, "received": tail["count"],
+                                        "p50_us": percentile_us(tail["latencies_ns"], 50),
+                                        "p99_us": percentile_us(tail["latencies_ns"], 99)})
+            result[mode] = row
+            progress(f"redis {mode}: {row}")
+        finally:
+            server.stop()
+    return result
+
+
+# -- orchestration -----------------------------------------------------------------
+
+
+def default_directory() -> str:
+    candidate = tempfile.gettempdir()
+    if os.stat(candidate).st_dev == os.stat(_REPOSITORY).st_dev:
+        return candidate
+    return _REPOSITORY
+
+
+def load_average() -> str:
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def run(profile: str = "full", directory: str | None = None, progress=None) -> dict:
+    """Run every part of the benchmark under `profile`; the results as a dict."""
+    settings = PROFILES[profile]
+    progress = progress or (lambda line: None)
+    started = time.monotonic()
+    results = {"profile": profile, "settings": settings, "load_start": load_average()}
+    with tempfile.TemporaryDirectory(prefix="ringtail-e2e-",
+                                     dir=directory or default_directory()) as work:
+        results["directory"] = work
+        workers = Workers(max(max(settings["publishers"]), 2))
+        try:
+            results["ceiling"] = run_ceiling(work, settings, progress)
+            results["ingest"] = run_ingest(work, settings, workers, progress)
+            results["replay"] = run_replay(work, settings, workers, progress)
+            results["tail"], results["publisher"] = run_tail(work, settings, workers, progress)
+            results["memory"] = run_memory(work, settings, progress)
+            results["redis"] = run_redis(work, settings, workers, progress)
+        finally:
+            workers.close()
+    results["seconds"] = time.monotonic() - started
+    results["load_end"] = load_average()
+    return results
+
+
+# -- the table ---------------------------------------------------------------------
+
+
+def _n(value, digits: int = 0) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value, base) -> str:
+    if value is None or not base:
+        return "—"
+    return f"{value / base:.2f}x"
+
+
+def _percent(value, base) -> str:
+    if value is None or not base:
+        return "—"
+    return f"{100 * value / base:.0f}%"
+
+
+def redis_rate(results: dict, sync: str, clients: int = 4) -> float | None:
+    redis = results.get("redis") or {}
+    row = redis.get("always" if sync == "batch" else "everysec")
+    return row.get(f"c_xadd_c{clients}") if row else None
+
+
+TABLE_HEADER = ("| part | case | records/s | p50 µs | p99 µs | p99.9 µs | daemon CPU s/M records "
+                "| daemon peak RSS MiB | x Redis (same durability) | of ceiling (same commit) |")
+TABLE_RULE = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def table_rows(results: dict) -> list[str]:
+    rows = []
+    ceiling = results["ceiling"]
+    for key, value in ceiling.items():
+        batch, sync = key.split("/")
+        what = "pwritev + fdatasync" if sync == "batch" else "pwritev, no sync"
+        rows.append(f"| 1 ceiling | plain {what}, {batch} rec/commit | {_n(value['plain'])} "
+                    "| | | | | | | |")
+        if value.get("fio"):
+            rows.append(f"| 1 ceiling | fio io_uring + fdatasync, {batch} rec/commit "
+                        f"| {_n(value['fio'])} | | | | | | | |")
+    for cell in results["ingest"]:
+        sync = cell["sync"]
+        if cell["case"] == "latency":
+            case = f"sync={sync}, 1 publisher x 1 record, awaiting each ack"
+            redis = results.get("redis") or {}
+            row = redis.get("always" if sync == "batch" else "everysec")
+            versus = (f"p50 {_ratio(cell['p50_us'], row['c_rtt_p50_us'])} of Redis XADD RTT"
+                      if row else "—")
+        else:
+            case = (f"sync={sync}, {cell['publishers']} pub x {cell['batch']:,} rec, "
+                    f"window {cell['window']}")
+            versus = _ratio(cell["records_per_s"], redis_rate(results, sync))
+        key = f"{cell['batch']}/{sync}"
+        ceiling_rate = ceiling.get(key, {}).get("plain")
+        rows.append(f"| 2 ingest | {case} | {_n(cell['records_per_s'])} | {_n(cell['p50_us'])} "
+                    f"| {_n(cell['p99_us'])} | {_n(cell['p999_us'])} "
+                    f"| {_n(cell['cpu_s_per_m'], 2)} | {_n(cell['peak_rss_mib'], 1)} "
+                    f"| {versus} | {_percent(cell['records_per_s'], ceiling_rate)} |")
+    replay = results["replay"]
+    redis = results.get("redis") or {}
+    redis_replay_rate = (redis.get("everysec") or {}).get("replay", {}).get("xrange_per_s")
+    for name in ("unfiltered", "filtered"):
+        cell = replay[name]
+        what = ("unfiltered" if name == "unfiltered" else
+                f"opcode filter (1 in 16 pass: {cell['delivered']:,} sent)")
+        rows.append(f"| 3 replay | {replay['records']:,} retained, from oldest, {what} "
+                    f"| {_n(cell['records_per_s'])} | | | | {_n(cell['cpu_s_per_m'], 2)} "
+                    f"| {_n(cell['peak_rss_mib'], 1)} "
+                    f"| {_ratio(cell['records_per_s'], redis_replay_rate) if name == 'unfiltered' else '—'} | |")
+    redis_tail = {row["rate"]: row for row in (redis.get("always") or {}).get("tail", [])}
+    for cell in results["tail"]:
+        versus = redis_tail.get(cell["rate"])
+        rows.append(f"| 4 live tail | {cell['rate']:,} rec/s offered, sync=batch "
+                    f"({cell['received']:,} received) | | {_n(cell['p50_us'])} "
+                    f"| {_n(cell['p99_us'])} | {_n(cell['p999_us'])} "
+                    f"| {_n(cell['cpu_s_per_m'], 2)} | "
+                    f"| {('p99 ' + _ratio(cell['p99_us'], versus['p99_us'])) if versus else '—'} | |")
+    publisher = results["publisher"]
+    rows.append(f"| 5 client | Publisher.publish(), ns/record amortised "
+                f"| {_n(publisher['amortised_ns'], 0)} ns | | | | | | | |")
+    rows.append(f"| 5 client | Publisher.publish(), caller's worst stall "
+                f"(block timeout {publisher['block_timeout_s']:g} s) "
+                f"| {_n(publisher['worst_stall_ns'] / 1e3, 0)} µs | | | | | | | |")
+    memory = results["memory"]
+    rows.append(f"| memory | {memory['tenants']} tenants + {memory['subscribers']} subscribers "
+                f"connected | | | | | | {_n(memory['peak_rss_mib'], 1)} "
+                f"(now {_n(memory['rss_mib'], 1)}) | | |")
+    if redis.get("missing"):
+        rows.append(f"| 6 Redis | {redis['missing']} | | | | | | | | |")
+    for mode in ("always", "everysec"):
+        row = redis.get(mode)
+        if not row:
+            continue
+        rows.append(f"| 6 Redis | appendfsync {mode}, redis-benchmark XADD -P 1000 -c 4 "
+                    f"| {_n(row['c_xadd_c4'])} | | | | | | | |")
+        rows.append(f"| 6 Redis | appendfsync {mode}, redis-benchmark XADD -P 1000 -c 1 "
+                    f"| {_n(row['c_xadd_c1'])} | | | | | | | |")
+        rows.append(f"| 6 Redis | appendfsync {mode}, redis-py XADD pipelined 1,000 "
+                    f"| {_n(row['py_xadd'])} | | | | | | | |")
+        rows.append(f"| 6 Redis | appendfsync {mode}, one XADD round trip (redis-benchmark -P 1 -c 1"
+                    f" / redis-py) | | {_n(row['c_rtt_p50_us'])} / {_n(row['py_rtt_p50_us'])} "
+                    f"| {_n(row['c_rtt_p99_us'])} / {_n(row['py_rtt_p99_us'])} | | | | | |")
+        if "replay" in row:
+            replay_row = row["replay"]
+            rows.append(f"| 6 Redis | replay {replay_row['entries']:,} entries: XRANGE / XREAD "
+                        f"pages of 10,000 (redis-py) | {_n(replay_row['xrange_per_s'])} / "
+                        f"{_n(replay_row['xread_per_s'])} | | | | | | | |")
+        for tail in row.get("tail", []):
+            rows.append(f"| 6 Redis | XREAD BLOCK tail, {tail['rate']:,} XADD/s offered "
+                        f"(redis-py, {tail['received']:,} received) | | {_n(tail['p50_us'])} "
+                        f"| {_n(tail['p99_us'])} | | | | | |")
+    return rows
+
+
+def table(results: dict) -> str:
+    return "\n".join([TABLE_HEADER, TABLE_RULE, *table_rows(results)])
+
+
+def targets(results: dict) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for each target of the issue."""
+    out = []
+    ingest = {(c["sync"], c["case"], c["publishers"], c["batch"]): c for c in results["ingest"]}
+    durable = ingest.get(("batch", "throughput", 4, 1024))
+    redis_always = redis_rate(results, "batch")
+    if durable:
+        rate = durable["records_per_s"]
+        out.append(("durable ingest, 4 publishers x 1,024-record batches ≥ 2,000,000 acked/s",
+                    f"{rate:,.0f}/s", rate >= 2_000_000))
+        out.append(("... and ≥ 10x Redis appendfsync always (redis-benchmark, C)",
+                    f"{rate / redis_always:.2f}x ({redis_always:,.0f}/s)" if redis_always
+                    else "Redis not measured", rate >= 10 * redis_always if redis_always else None))
+    latency = ingest.get(("batch", "latency", 1, 1))
+    redis = (results.get("redis") or {}).get("always")
+    if latency:
+        if redis:
+            out.append(("1 publisher, 1 record awaiting each ack: p50 ≤ Redis always one XADD "
+                        "round trip (redis-benchmark)",
+                        f"{latency['p50_us']:,.0f} µs vs {redis['c_rtt_p50_us']:,.0f} µs",
+                        latency["p50_us"] <= redis["c_rtt_p50_us"]))
+        else:
+            out.append(("1 publisher, 1 record awaiting each ack: p50 ≤ Redis",
+                        f"{latency['p50_us']:,.0f} µs (Redis not measured)", None))
+    replay = results["replay"]
+    out.append(("replay from oldest, unfiltered ≥ 10,000,000 records/s",
+                f"{replay['unfiltered']['records_per_s']:,.0f}/s",
+                replay["unfiltered"]["records_per_s"] >= 10_000_000))
+    out.append(("replay from oldest, opcode filter ≥ 3,000,000 records/s",
+                f"{replay['filtered']['records_per_s']:,.0f}/s",
+                replay["filtered"]["records_per_s"] >= 3_000_000))
+    for cell in results["tail"]:
+        if cell["rate"] == 100_000:
+            out.append(("live tail at 100 k records/s: p99 < 2 ms",
+                        f"p99 {cell['p99_us']:,.0f} µs" if cell["p99_us"] is not None
+                        else "nothing received", (cell["p99_us"] or 1e9) < 2000))
+    publisher = results["publisher"]
+    out.append(("sync Publisher.publish() < 1 µs per record amortised",
+                f"{publisher['amortised_ns']:,.1f} ns", publisher["amortised_ns"] < 1000))
+    out.append(("no caller stall over the buffer policy's timeout "
+                f"({publisher['block_timeout_s']:g} s)",
+                f"worst {publisher['worst_stall_ns'] / 1e3:,.0f} µs",
+                publisher["worst_stall_ns"] < publisher["block_timeout_s"] * 1e9))
+    memory = results["memory"]
+    out.append((f"daemon RSS < 150 MB with {memory['tenants']} tenants and "
+                f"{memory['subscribers']} subscribers", f"peak {memory['peak_rss_mib']:,.1f} MiB",
+                memory["peak_rss_mib"] * 1.048576 < 150))
+    return out
+
+
+def targets_table(results: dict) -> str:
+    lines = ["| target | measured | verdict |", "|---|---:|---|"]
+    for target, measured, met in targets(results):
+        verdict = "—" if met is None else ("met" if met else "MISSED")
+        lines.append(f"| {target} | {measured} | {verdict} |")
+    return "\n".join(lines)
+
+
+# -- the doc section ---------------------------------------------------------------
+
+
+def machine_lines(results: dict, argv: list[str]) -> list[str]:
+    import trio
+    try:
+        commit = subprocess.run(["git", "-C", _REPOSITORY, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = []
+    for tool, command in (("redis-server", ["redis-server", "--version"]),
+                          ("fio", ["fio", "--version"])):
+        try:
+            text = subprocess.run(command, capture_output=True, text=True).stdout.split()
+            versions.append(f"{tool} {' '.join(text[:3]) if tool != 'fio' else text[0]}")
+        except OSError:
+            versions.append(f"{tool} not installed")
+    return [
+        f"- command: `{shlex.join(argv)}` (in {_REPOSITORY}, commit {commit}), "
+        f"profile {results['profile']}, {results['seconds']:.0f} s",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- machine: nproc {len(os.sched_getaffinity(0))}, {model}; kernel Linux "
+        f"{platform.release()}; Python {platform.python_version()}; trio {trio.__version__}; "
+        + "; ".join(versions),
+        f"- files: {results['directory']} (same file system as the repository, not tmpfs)",
+        f"- load average (1/5/15 min) at start: {results['load_start']}; at the end: "
+        f"{results['load_end']}",
+    ]
+
+
+DOC_INTRO = """\
+`ringtail bench` (`bench/e2e.py`, load generators in `bench/worker.py`) runs a
+real `ringtail serve` subprocess in a temporary directory on the repository's
+file system and drives it over its Unix socket from separate processes, then
+Redis Streams the same way, in one run. What each part measures:
+
+1. **Ceiling**: a plain `os.pwritev` loop of the same 64-byte records at 1, 64
+   and 1,024 records per commit, with `os.fdatasync` after each (the
+   durable ceiling) and without (the page-cache ceiling); fio (io_uring,
+   iodepth 1, `--fdatasync=1`) beside it when installed. "of ceiling" compares
+   a ringtail row with the plain loop at the client batch size and the same
+   sync mode (the daemon's group commit may merge batches into bigger chains).
+2. **Ingest**: P publisher processes (one connection each, all to one tenant)
+   send pre-built Publish frames of B records with a blocking socket
+   (`sendmsg`, no copy) and keep up to 16 batches unacknowledged (the async
+   Client's window); the "awaiting each ack" row keeps one. records/s counts
+   records whose Ack arrived in the measured window; latency is send-to-Ack
+   per batch (`perf_counter_ns`), so with a window it includes queueing behind
+   the publisher's own earlier batches. The load generators are plain
+   sockets, not `service.client.Client`, so that the client's cost is not what
+   is measured (Client adds Trio and per-event objects); on this 2-CPU machine
+   they still share the CPUs with the daemon, which is part of every figure.
+   Daemon CPU is utime+stime from /proc/PID/stat over the window, per million
+   acknowledged records; peak RSS is VmHWM, reset per cell (clear_refs).
+3. **Replay**: a tenant filled with N records (sync=none daemon), then one
+   subscriber from oldest without follow, reading to End: records/s is
+   retained records covered per second (for the filtered row, 1 in 16
+   records passes and is sent).
+4. **Live tail**: one publisher offers R records/s (a batch every 1 ms, each
+   record stamped with `perf_counter_ns` in its timestamp field) to a
+   sync=batch daemon; a subscriber following from latest takes arrival minus
+   stamp per record: publish-to-subscriber latency, fsync included.
+5. **Client cost**: `service.publisher.Publisher.publish()` of one 64-byte
+   record at a time in the caller's thread (amortised over the run), and the
+   longest gap between two consecutive `publish()` returns in a second pass.
+6. **Redis** 7.0 (Debian `redis-server`, loopback TCP, `--appendonly yes
+   --appendfsync always|everysec --save ''`, started and stopped by the
+   bench): `redis-benchmark -P 1000 -c 4|1 XADD s '*' f <64 B>` (C client),
+   redis-py pipelines of 1,000 XADDs, one XADD round trip (redis-benchmark
+   `-P 1 -c 1`, and redis-py), XRANGE / XREAD replay in pages of 10,000
+   (redis-py), and XREAD BLOCK tail latency at the same offered rates
+   (redis-py publisher thread pipelining each 1 ms tick).
+7. "x Redis" compares with redis-benchmark `-c 4 -P 1000` XADD at the same
+   durability (sync=batch with appendfsync always; sync=none with everysec,
+   which is the closer relaxed mode, not an equal one).
+
+Figures vary by ±30% between runs on this virtual disk and 2 shared vCPUs
+(see the load average): compare rows of one run. `--quick` runs a subset in
+under a minute.
+"""
+
+PROFILE_NOTES = ""
+
+
+def render_section(results: dict, argv: list[str]) -> str:
+    parts = [DOC_SECTION_TITLE, "", DOC_INTRO, *machine_lines(results, argv), "",
+             table(results), "", "### Targets", "", targets_table(results), ""]
+    if PROFILE_NOTES:
+        parts += [PROFILE_NOTES]
+    return "\n".join(parts)
+
+
+def update_doc(section: str, path: str = DOC_PATH) -> None:
+    """Replace our section of docs/BENCHMARKS.md (or append it); keep every other section."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    section = section.rstrip("\n") + "\n"
+    start = text.find(DOC_SECTION_TITLE + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        following = re.search(r"^## ", text[start + len(DOC_SECTION_TITLE):], re.MULTILINE)
+        end = len(text) if following is None else \
+            start + len(DOC_SECTION_TITLE) + following.start()
+        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None, prog_argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ringtail bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return command(args, prog_argv or [sys.executable, *sys.argv])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a subset, under a minute")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--write-doc", action="store_true",
+                        help=f"rewrite the '{DOC_SECTION_TITLE[3:]}' section of docs/BENCHMARKS.md")
+    parser.add_argument("--dir", default=None, help="where to put the temporary files")
+
+
+def command(args, argv: list[str]) -> int:
+    profile = args.profile or ("quick" if args.quick else "full")
+    quiet = args.json
+    progress = (lambda line: None) if quiet else (
+        lambda line: print(f"  {line[:160]}", file=sys.stderr, flush=True))
+    if not quiet:
+        print(f"ringtail end-to-end benchmark, profile {profile}", flush=True)
+    results = run(profile, args.dir, progress)
+    if args.json:
+        print(json.dumps(results, indent=1, default=str))
+    else:
+        print(table(results))
+        print()
+        print(targets_table(results))
+        print(f"\n{results['seconds']:.0f} s; load average {results['load_end']}")
+    if args.write_doc:
+        update_doc(render_section(results, argv))
+        if not quiet:
+            print(f"wrote the end-to-end section of {os.path.relpath(DOC_PATH)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

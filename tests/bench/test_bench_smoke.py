@@ -1,0 +1,19 @@
+"""Smoke test of the end-to-end benchmark's plumbing (NOT a performance test).
+
+Runs bench/e2e.py's "micro" profile (a few seconds, no Redis, no fio, asserts
+no figure) so that a change to the daemon or the codec that breaks the bench
+is caught by `make test`. Nothing in tests/ depends on the bench otherwise.
+"""
+
+from __future__ import annotations
+
+from bench import e2e
+
+
+def test_micro_profile_runs_and_renders(tmp_path):
+    results = e2e.run("micro", str(tmp_path))
+    assert results["ingest"] and all(cell["records_per_s"] > 0 for cell in results["ingest"])
+    assert results["replay"]["unfiltered"]["delivered"] == results["replay"]["records"]
+    assert results["publisher"]["dropped_full"] == 0
+    section = e2e.render_section(results, ["ringtail", "bench"])
+    assert section.startswith(e2e.DOC_SECTION_TITLE) and "| target |" in section
