@@ -238,10 +238,12 @@ class _ConnectionHandler:
         async with self.send_lock:
             if self.connection.state is protocol.State.CLOSING:
                 return  # as in send(): nothing follows a fatal Error
-            await self.stream.send_all(
-                self.connection.send_records(first_sequence, records, sequences))
-        self.daemon.counters.count_sent(self.tenant.tenant_id,
-                                        len(records) // RECORD_SIZE_BYTES, len(records))
+            frame = self.connection.send_records(first_sequence, records, sequences)
+            # Counted as handed to the socket, before the send returns: a
+            # subscriber that has read them always finds them counted.
+            self.daemon.counters.count_sent(self.tenant.tenant_id,
+                                            len(records) // RECORD_SIZE_BYTES, len(records))
+            await self.stream.send_all(frame)
 
     async def send_error(self, code: ErrorCode, message: str, batch_id: int = 0,
                          record_index: int = protocol.RECORD_INDEX_NONE) -> None:
