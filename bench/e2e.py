@@ -880,7 +880,114 @@ Figures vary by ±30% between runs on this virtual disk and 2 shared vCPUs
 under a minute.
 """
 
-PROFILE_NOTES = ""
+PROFILE_NOTES = """\
+### Profiles (py-spy, what bounds each missed target)
+
+Taken with `.venv/bin/python -m bench.profile ingest|ingest-small|replay`
+(py-spy 250 Hz on the daemon, non-idle samples, self/total share by
+function), same machine, same working tree as the run above. The samples are
+of the daemon's Python thread only. The kernel's io_uring workers do not
+appear in them.
+
+**Durable ingest, 4 publishers x 1,024 records, sync=batch** (2.04 M records/s
+while profiled, 0.42 CPU s per M records):
+
+| self % | function | what it is |
+|---:|---|---|
+| 20.4 | trio `_nonblocking_helper` | the socket `recv`/`send` syscalls (64 KiB Publish frames in, Acks out) |
+| 12.2 | ioring `encode_batch_entries` | chunk-table entries of each chain (engine planning; owned by the engine work) |
+| 12.1 | ioring `UringBackend._submit` | `io_uring_submit`: the buffered writes are done inline, so this is the page-cache copy |
+| 5.3 | service `TenantWriter._take` | `b"".join` of the gathered Publish batches into one chain buffer (a copy) |
+| 4.3 | service `check_records` | numpy magic/tenant check per Publish |
+| 2.9 + 1.9 | service `Connection.receive_data`, `_decode_publish` | `bytearray +=`, then `tobytes()` of the records (two more copies) |
+
+The daemon's Python thread was ~80% busy. The rest of the 2-vCPU machine
+runs the four publisher processes and the kernel's flush. The figure moves
+±30% with load: 1.47 M in the full run above, 2.10 M with `--quick`, 2.04 M
+under the profiler. A record is copied four times on its way in (recv,
+`+=` into the codec buffer, `tobytes`, `b"".join`). Removing all of these
+copies would save roughly 10% of the samples. That would not double the
+rate. **Target missed (≥ 2 M/s, ≥ 10x Redis always): bounded by Python
+CPU per batch on a 2-vCPU machine.** 10x Redis's C client (296 k/s) is
+~3 M/s. That is ~90% of the plain `pwritev` + `fdatasync` loop at 1,024
+records per commit. Group commit merges the four publishers' batches into
+chains of up to 4,096 records, so the disk alone would allow more. What
+would reach it: plan chain N+1 while chain N is in flight (the engine section
+says the same). `recv_into` a preallocated chain buffer, so records are
+copied once from the socket to the chain. Several daemon processes, one per
+tenant shard, to use more than one core.
+
+**Small batches (`ingest-small`, 4 publishers x 1 record, window 16)**: 3.4 k
+records/s at ~180 µs of daemon CPU per Publish frame. 26% of the samples
+are socket syscalls (one `recv` per frame and one `send` per Ack). The rest is
+Trio task switches (receive loop, writer, reply loop: several wake-ups and an
+Event per request), `check_records` (7%: numpy's fixed cost on one record),
+and the codec's state checks. Per-frame costs, not the disk, bound every
+1-record row (the `1 rec` rows reach 0.01–0.02x Redis). Things that would help,
+not done here because server.py and batcher.py are under concurrent edits:
+send all ready Acks in one `send_all`, check a 1-record batch without numpy,
+and resolve requests without one Event each.
+
+**Ack latency, 1 publisher x 1 record awaiting each ack** (628 µs p50 vs
+Redis always 295 µs): the engine's chain alone takes ~370 µs p50 for a
+1-record batch at sync=batch (engine section). That is planning plus a
+linked write+fsync chain on io_uring's worker threads, where Redis
+writes and fsyncs in its main thread. On top of that come two socket hops and
+Trio scheduling. **Missed.** It would take a synchronous `pwrite` +
+`fdatasync` on the event loop's thread for lone small batches, which blocks
+the loop for ~0.2 ms, or a native write path.
+
+**Replay from oldest, unfiltered** (5.5 M records/s, target 10 M):
+
+| self % | total % | function | what it is |
+|---:|---:|---|---|
+| 21.5 | 30.3 | ioring `chunk_checksum` | BLAKE3 of every 64-record chunk read, one call per chunk |
+| 8.8 | 48.3 | ioring `read_verified` | per-chunk Python of the verified read (entries, hashers, finish) |
+| 23.8 | 24.4 | trio `_nonblocking_helper` | `send` of 256 KiB Records frames |
+| 17.1 | 17.1 | trio `get_events` | waiting for the socket to drain (the subscriber's pace) |
+
+Verification is about half of the daemon's replay time: ~5 µs of Python and
+BLAKE3 per 64-record chunk, ~80 ns per record. That alone caps replay near
+10 M/s before any socket work. **Missed (unfiltered); filtered (5.5 M/s ≥ 3 M)
+met**, because the filter is vectorised and sends 1/16 of the bytes.
+What would reach 10 M/s: verify several chunks per call or vectorise the
+chunk checks (engine), read and send bigger steps than 4,096 records
+(service), and for unfiltered replay send straight from the file (`os.sendfile`),
+since a tenant's records lie contiguously, once they are verified.
+
+**Live tail at 100 k records/s** (p99 13 ms, target 2 ms; p50 2.6 ms):
+not profiled separately. Each 1 ms tick's batch waits for the chain in flight
+and then its own chain (write + fsync, ~0.5–1 ms each here). The subscriber
+then wakes on the commit and reads back and verifies the batch from the
+ring file. All of this shares 2 vCPUs with the publisher and subscriber
+processes. **Missed.** Handing the committed batch's bytes (already in
+memory in `on_commit`) to live subscribers, instead of reading them back
+from the file, would remove one read and one verification per batch. p99 is
+still bounded below by the fsync tail of this disk.
+
+**Memory: a leak in the write path (ioring/uring.py, not changed here).**
+The daemon's anonymous memory grows ~64 MiB per million records written and
+is never freed. The peak-RSS column climbs from 50 MiB to 1.2 GiB across the
+ingest cells; a fresh daemon after the 10 M-record fill is at 745 MiB. The
+`liburing.Iovec([memoryview(data)])` in `UringBackend.submit` never releases
+its buffer export. Checked in isolation: each Iovec made over a
+`memoryview` keeps the underlying `bytes` alive (refcount +1 per Iovec, 200
+MiB retained after 200 MiB of Iovecs), while `Iovec([data])` over the `bytes`
+itself retains nothing. tracemalloc in the daemon confirms it: the records
+decoded by `_decode_publish` stay allocated after their chain is reaped.
+The RSS target (67.5 MiB with 100 tenants and 100 subscribers) is met only
+because that scenario writes 100 k records. Under sustained ingest the
+daemon grows without bound. Fix for the engine's owner: pass the
+`bytes`/`bytearray` to `Iovec` directly, never a temporary `memoryview`, and
+add a test that a written batch's buffer is freed after `reap()`.
+
+**Client cost**: `Publisher.publish()` was 196 ns per record with `--quick`
+and 1,000 ns in the full run (1 M records). The caller shares the GIL with
+the Publisher's sender thread, which encodes and sends in the same process,
+so the figure depends on how often the switch interval (5 ms) hands the
+GIL over. The worst stall, 45 ms, is GIL hand-offs, far below the 1 s
+block timeout.
+"""
 
 
 def render_section(results: dict, argv: list[str]) -> str:

@@ -75,7 +75,7 @@ def main() -> int:
                 for index in range(2):
                     workers.receive(index)
             spy = subprocess.Popen(
-                ["py-spy", "record", "-p", str(daemon.pid), "-d", str(args.seconds), "-r", "250",
+                [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(daemon.pid), "-d", str(args.seconds), "-r", "250",
                  "-f", "raw", "-o", out, "--nonblocking", *(["--idle"] if args.idle else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
