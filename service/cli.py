@@ -24,6 +24,22 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # Client commands find the daemon here unless --socket says otherwise (the
 # Kubernetes sidecar example sets it in the worker's environment).
 SOCKET_ENVIRONMENT_VARIABLE = "RINGTAIL_SOCKET"
+# --token's default: a token on the command line is visible in `ps`.
+TOKEN_ENVIRONMENT_VARIABLE = "RINGTAIL_TOKEN"
+
+
+def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
+    """--connect HOST:PORT and its credentials (publish, tail)."""
+    parser.add_argument("--connect", metavar="HOST:PORT",
+                        help="a remote daemon's TCP listener instead of the Unix socket")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENVIRONMENT_VARIABLE, ""),
+                        help=f"bearer token (default: ${TOKEN_ENVIRONMENT_VARIABLE})")
+    parser.add_argument("--ca", help="CA certificate (PEM) to trust for the daemon's "
+                                     "certificate (default: the system's)")
+    parser.add_argument("--cert", help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--key", help="the client certificate's private key (PEM)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="no TLS (the daemon allows it on loopback only)")
 
 
 class CommandError(Exception):
@@ -51,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--raw", action="store_true", help="read N x 64-byte records from stdin")
     publish.add_argument("--count", type=int, default=1, help="synthetic records to publish")
     publish.add_argument("--rate", type=float, default=0.0, help="records/s (0: as fast as possible)")
+    add_remote_arguments(publish)
 
     tail = commands.add_parser("tail", help="replay and follow a tenant's records")
     tail.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
@@ -58,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--from", dest="start", default="oldest", help="oldest | latest | SEQ")
     tail.add_argument("--follow", action="store_true")
     tail.add_argument("--format", choices=("table", "json", "raw"), default="table")
+    add_remote_arguments(tail)
+
+    token = commands.add_parser("token", help="make bearer tokens for the config")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    token_new = token_commands.add_parser(
+        "new", help="print a new token and the config line (with its hash) to paste")
+    token_new.add_argument("--tenant", type=int,
+                           help="the tenant it is for (default: an admin of every tenant)")
+    token_new.add_argument("--role", default="publish,subscribe",
+                           help="comma-separated roles: publish, subscribe, admin")
+    token_new.add_argument("--expires", help="expiry as an RFC 3339 time, e.g. "
+                                             "2027-01-01T00:00:00Z")
 
     verify = commands.add_parser("verify", help="full checksum scan of a ring file or data dir")
     verify.add_argument("path")
@@ -123,7 +152,41 @@ def serve_config(args) -> ServeConfig:
 def command_serve(args) -> int:
     from service.server import Daemon
     config = serve_config(args)
-    trio.run(Daemon(config).serve)
+    # SIGHUP re-reads the same file with the same flags on top.
+    reload_config = (lambda: serve_config(args)) if args.config else None
+    trio.run(Daemon(config, reload_config=reload_config).serve)
+    return EXIT_OK
+
+
+def command_token(args) -> int:
+    from service.auth import ROLE_NAMES, hash_token, new_token
+    roles = [role.strip() for role in args.role.split(",") if role.strip()]
+    unknown = [role for role in roles if role not in ROLE_NAMES]
+    if unknown or not roles:
+        print(f"ringtail token new: --role {args.role!r}: use a comma-separated list of "
+              f"{', '.join(ROLE_NAMES)}", file=sys.stderr)
+        return EXIT_USAGE
+    token = new_token()
+    fields = [f'token = "{hash_token(token)}"']
+    if args.tenant is not None:
+        fields.append("roles = [" + ", ".join(f'"{role}"' for role in roles) + "]")
+        where = f"grants = [...] of [tenants.{args.tenant}]"
+    else:
+        where = "admins = [...] (every role on every tenant)"
+    if args.expires:
+        fields.append(f"expires = {args.expires}")
+    line = "{ " + ", ".join(fields) + " },"
+    check = f"x = [{line.rstrip(',')}]"
+    try:  # what we print must load
+        import tomllib
+        tomllib.loads(check)
+    except ValueError as error:
+        print(f"ringtail token new: --expires {args.expires!r}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(token)
+    print(f"# add this line to {where}; the config stores only the hash,", file=sys.stderr)
+    print("# so keep the token above: it cannot be shown again.", file=sys.stderr)
+    print(line)
     return EXIT_OK
 
 
@@ -140,6 +203,30 @@ async def connect(socket_path: str, tenant_id: int):
             f"cannot reach the ringtail daemon at {socket_path}: "
             f"{error.strerror or error}; is `ringtail serve` running there? "
             "(pass its socket with --socket)") from error
+
+
+async def open_client(args, tenant_id: int):
+    """A Client for publish/tail: over TCP with --connect, else the Unix socket."""
+    if not getattr(args, "connect", None):
+        return await connect(args.socket, tenant_id)
+    from service.client import Client, client_ssl_context
+    from service.config import parse_host_port
+    host, port = parse_host_port(args.connect, "--connect")
+    if not args.token:
+        raise CommandError(f"--connect needs a token: pass --token or set "
+                           f"${TOKEN_ENVIRONMENT_VARIABLE}")
+    context = None
+    if not args.plaintext:
+        try:
+            context = client_ssl_context(args.ca, args.cert, args.key)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"cannot load the TLS files (--ca, --cert, --key): {error}") from error
+    try:
+        return await Client.connect_tcp(host, port, tenant_id, token=args.token,
+                                        ssl_context=context, plaintext=args.plaintext)
+    except OSError as error:
+        raise CommandError(f"cannot reach the ringtail daemon at {args.connect}: "
+                           f"{error.strerror or error}") from error
 
 
 def read_stdin_records() -> bytes:
@@ -169,7 +256,7 @@ def command_publish(args) -> int:
         raise CommandError("nothing to publish")
 
     async def run():
-        async with await connect(args.socket, args.tenant) as client:
+        async with await open_client(args, args.tenant) as client:
             batches = split_batches(data)
             if args.rate > 0:
                 acks = []
@@ -224,7 +311,7 @@ def command_tail(args) -> int:
         print("  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths)), flush=True)
 
     async def run():
-        async with await connect(args.socket, args.tenant) as client:
+        async with await open_client(args, args.tenant) as client:
             async for event in client.subscribe(start, value, follow=args.follow):
                 if isinstance(event, Gap):
                     print(f"ringtail tail: gap: sequences {event.first_lost_sequence}.."
@@ -407,6 +494,7 @@ COMMANDS = {
     "inspect": command_inspect,
     "import-vrrl": command_import_vrrl,
     "export-vrrl": command_export_vrrl,
+    "token": command_token,
     "bench": command_bench,
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import ssl
 from typing import AsyncIterator, Iterable
 
 import trio
@@ -48,6 +49,12 @@ class Client:
             RingtailError: the daemon refused the Hello.
         """
         stream = await trio.open_unix_socket(socket_path)
+        return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name)
+
+    @classmethod
+    async def connect_stream(cls, stream: trio.abc.Stream, tenant_id: int, *,
+                             token: bytes = b"", client_name: str = "ringtail-client") -> "Client":
+        """Handshake on a stream already connected (the stream is closed on failure)."""
         client = cls(stream, tenant_id)
         try:
             await client._handshake(token, client_name)
@@ -55,6 +62,34 @@ class Client:
             await trio.aclose_forcefully(stream)
             raise
         return client
+
+    @classmethod
+    async def connect_tcp(cls, host: str, port: int, tenant_id: int, *, token: bytes | str,
+                          ssl_context: ssl.SSLContext | None = None, plaintext: bool = False,
+                          client_name: str = "ringtail-client") -> "Client":
+        """Connect over TCP, TLS unless `plaintext` (the daemon allows that on loopback only).
+
+        `ssl_context` defaults to the system's trust store
+        (`ssl.create_default_context()`); see `client_ssl_context()`.
+
+        Raises:
+            OSError: the address cannot be reached.
+            RingtailError: the TLS handshake failed or the daemon refused the Hello.
+        """
+        if isinstance(token, str):
+            token = token.encode()
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if not plaintext:
+            stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
+                                    server_hostname=host)
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as error:
+                await trio.aclose_forcefully(stream)
+                raise RingtailError(ErrorCode.AUTH_FAILED,
+                                    f"TLS handshake with {host}:{port} failed: "
+                                    f"{error.__cause__ or error}") from error
+        return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name)
 
     async def _handshake(self, token: bytes, client_name: str) -> None:
         await self._send(Hello(self.tenant_id, token, client_name))
@@ -85,8 +120,9 @@ class Client:
                 return event
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE_BYTES)
-            except trio.BrokenResourceError as error:
-                raise RingtailError(ErrorCode.SHUTTING_DOWN, f"connection lost: {error}") from error
+            except trio.BrokenResourceError as error:  # TLS: the cause names the alert
+                raise RingtailError(ErrorCode.SHUTTING_DOWN,
+                                    f"connection lost: {error.__cause__ or error}") from error
             self.connection.receive_data(data)
 
     async def publish(self, records: bytes) -> Ack:
@@ -179,3 +215,14 @@ class Client:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()
+
+
+def client_ssl_context(ca_file: str | None = None, cert_file: str | None = None,
+                       key_file: str | None = None) -> ssl.SSLContext:
+    """TLS settings for `Client.connect_tcp`: trust `ca_file` (else the system's
+    CAs) and, for mutual TLS, present `cert_file`/`key_file`."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context

@@ -14,15 +14,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+import re
 import resource
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
 
@@ -453,3 +457,47 @@ class RawPeer:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+# -- access control helpers (test_auth, test_tls, test_quotas, test_reload) ------------
+
+TCP_READY_PATTERN = re.compile(r"tcp (\S+):(\d+) \((?:tls|mtls|plaintext)\)")
+
+
+def write_config(directory: Path, text: str, name: str = "ringtail.toml") -> str:
+    """Write a TOML config (dedented) and return its path."""
+    path = Path(directory) / name
+    path.write_text(textwrap.dedent(text))
+    return os.fspath(path)
+
+
+def tcp_port(process: DaemonProcess) -> int:
+    """The TCP port a ready daemon logged in its "ringtail ready" line."""
+    match = TCP_READY_PATTERN.search(process.run_stderr)
+    assert match, f"no TCP listener in the ready line:\n{process.run_stderr}"
+    return int(match.group(2))
+
+
+@contextlib.contextmanager
+def effective_gid(gid: int):
+    """Run the block with effective gid `gid` (root keeps its capabilities, so
+    paths stay reachable); SO_PEERCRED reports the gid a socket connected with."""
+    previous = os.getegid()
+    os.setegid(gid)
+    try:
+        yield
+    finally:
+        os.setegid(previous)
+
+
+async def connect_as_gid(socket_path: str, tenant_id: int, gid: int, token: bytes = b""):
+    """A Client whose Unix connection the daemon sees as coming from `gid`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with effective_gid(gid):
+            sock.connect(socket_path)
+    except BaseException:
+        sock.close()
+        raise
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return await Client.connect_stream(stream, tenant_id, token=token)
