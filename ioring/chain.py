@@ -37,6 +37,7 @@ class Write:
 
     def __post_init__(self):
         assert self.offset >= 0 and len(self.data) > 0
+        assert type(self.data) is bytes  # immutable, and what the uring Iovec holds
 
 
 class _Fdatasync:

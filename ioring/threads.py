@@ -61,8 +61,8 @@ class ThreadBackend:
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            fd, operations, tag = item
-            result = run_chain(fd, operations, tag)
+            result = run_chain(*item)
+            item = None  # drop the chain's buffers before reporting it done
             with self._lock:
                 self._results.append(result)
             os.eventfd_write(self.completion_fd, 1)

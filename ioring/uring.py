@@ -78,7 +78,9 @@ class UringBackend:
             # Never split a linked chain across submits: make room first.
             self._submit()
             assert liburing.io_uring_sq_space_left(self._ring) >= len(operations)
-        iovecs = [liburing.Iovec([memoryview(op.data)]) if op is not FDATASYNC else None
+        # Iovec over the bytes object itself: an Iovec over a memoryview never
+        # releases its hold on the buffer (measured: every batch leaked).
+        iovecs = [liburing.Iovec([op.data]) if op is not FDATASYNC else None
                   for op in operations]
         last = len(operations) - 1
         for index, (op, iovec) in enumerate(zip(operations, iovecs)):

@@ -23,7 +23,7 @@ import pytest
 
 import ioring.chain as chain_module
 
-from ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, errno_result,
+from ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, Write, errno_result,
                           open_backend)
 from ioring.errors import BackendUnavailableError, RingFailedError, RingRangeError
 from ioring.format import Layout
@@ -278,3 +278,29 @@ def test_a_failed_fdatasync_fails_the_ring_loudly_and_keeps_the_cursor(ring_path
         assert ring.read(0, 10) == make_records(0, 10)  # acknowledged records still read
         with pytest.raises(RingRangeError, match=r"^sequences 10\.\.10 are not all retained"):
             ring.read(10, 1)
+
+
+# -- buffer lifetime ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_name", ["uring", "threads"])
+def test_a_chains_buffers_are_released_once_reaped(backend_name, ring_path):
+    # The backend must hold each buffer until its chain is reaped, and no longer:
+    # holding it past reap grows memory by every batch ever written.
+    data = bytes(range(256)) * 16
+    fd = os.open(ring_path, os.O_RDWR | os.O_CREAT, 0o600)
+    backend = open_backend(backend_name)
+    try:
+        baseline = sys.getrefcount(data)
+        for tag in range(1, 51):
+            backend.submit(fd, [Write(0, data), FDATASYNC], tag)
+            assert _readable(backend.completion_fd, 5.0)
+            results = backend.reap()
+            while not results:
+                assert _readable(backend.completion_fd, 5.0)
+                results = backend.reap()
+            assert [result.ok for result in results] == [True]
+        assert sys.getrefcount(data) == baseline
+    finally:
+        backend.close()
+        os.close(fd)
