@@ -270,7 +270,14 @@ def finish_chunk(hasher: "blake3.blake3", record_count: int) -> bytes:
     return final.digest(CHECKSUM_SIZE_BYTES)
 
 
-_FULL_CHUNK_COUNT = _U32.pack(CHUNK_RECORD_COUNT)
+ENTRY_HEAD = struct.Struct("<QI")  # first_sequence, record_count at entry offset 0
+
+
+def chunk_digest(file_prefix: bytes, first_sequence: int, records: bytes | memoryview,
+                 record_count: int) -> bytes:
+    """The chunk checksum in one hashing call (`file_prefix` = u64 file_id, packed)."""
+    return blake3.blake3(b"".join((file_prefix, _U64.pack(first_sequence), records,
+                                   _U32.pack(record_count)))).digest(CHECKSUM_SIZE_BYTES)
 
 
 def encode_batch_entries(file_id: int, first_sequence: int, records: bytes,
@@ -300,8 +307,7 @@ def encode_batch_entries(file_id: int, first_sequence: int, records: bytes,
                      (piece_end - first_sequence) * RECORD_SIZE_BYTES]
         count = piece_end - start
         if piece_start == start and count == CHUNK_RECORD_COUNT:
-            digest = blake3.blake3(b"".join((file_prefix, _U64.pack(start), piece,
-                                             _FULL_CHUNK_COUNT))).digest(CHECKSUM_SIZE_BYTES)
+            digest = chunk_digest(file_prefix, start, piece, CHUNK_RECORD_COUNT)
             hasher = None
         else:
             hasher = tail_hasher.copy() if piece_start != start else \
