@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -39,11 +38,12 @@ _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPOSITORY not in sys.path:
     sys.path.insert(0, _REPOSITORY)
 
+from bench.doc import DOC_PATH, update_section  # noqa: E402
+
 import numpy  # noqa: E402
 
 from bench import worker as raw  # noqa: E402
 
-DOC_PATH = os.path.join(_REPOSITORY, "docs", "BENCHMARKS.md")
 DOC_SECTION_TITLE = "## End to end (ringtail bench)"
 RECORD_SIZE = 64
 # One tenant per purpose, so cells never read each other's records.
@@ -999,22 +999,8 @@ def render_section(results: dict, argv: list[str]) -> str:
 
 
 def update_doc(section: str, path: str = DOC_PATH) -> None:
-    """Replace our section of docs/BENCHMARKS.md (or append it); keep every other section."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
-    section = section.rstrip("\n") + "\n"
-    start = text.find(DOC_SECTION_TITLE + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        following = re.search(r"^## ", text[start + len(DOC_SECTION_TITLE):], re.MULTILINE)
-        end = len(text) if following is None else \
-            start + len(DOC_SECTION_TITLE) + following.start()
-        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
+    """Replace this benchmark's section of docs/BENCHMARKS.md; keep every other."""
+    update_section(DOC_SECTION_TITLE, section, path)
 
 
 def main(argv: list[str] | None = None, prog_argv: list[str] | None = None) -> int:

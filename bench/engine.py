@@ -50,6 +50,8 @@ _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPOSITORY not in sys.path:  # `python bench/engine.py` puts bench/ first
     sys.path.insert(0, _REPOSITORY)
 
+from bench.doc import DOC_PATH, update_section  # noqa: E402
+
 import numpy  # noqa: E402
 import trio  # noqa: E402
 
@@ -80,7 +82,6 @@ HEADLINE_BATCH_RECORD_COUNT = 1024
 HEADLINE_TARGET_PERCENT = 60.0
 ZERO_FILL_STEP_BYTES = 1 << 20
 
-DOC_PATH = os.path.join(_REPOSITORY, "docs", "BENCHMARKS.md")
 DOC_SECTION_TITLE = "## Storage engine (bench/engine.py)"
 
 assert RING_CAPACITY_RECORD_COUNT % max(BATCH_RECORD_COUNTS) == 0
@@ -476,26 +477,8 @@ def render_section(results: list[CellResult], machine: list[str], load_end: str)
 
 
 def update_doc(section: str, path: str = DOC_PATH) -> None:
-    """Replace our section of docs/BENCHMARKS.md (or add it); keep every other section."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except FileNotFoundError:
-        text = "# Benchmarks\n\nReproducible benchmarks; each section names the script " \
-               "that writes it.\n"
-    section = section.rstrip("\n") + "\n"
-    start = text.find(DOC_SECTION_TITLE + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        following = re.search(r"^## ", text[start + len(DOC_SECTION_TITLE):], re.MULTILINE)
-        end = len(text) if following is None else \
-            start + len(DOC_SECTION_TITLE) + following.start()
-        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
+    """Replace this benchmark's section of docs/BENCHMARKS.md; keep every other."""
+    update_section(DOC_SECTION_TITLE, section, path)
 
 
 def default_directory() -> str:

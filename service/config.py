@@ -97,10 +97,7 @@ class ServeConfig:
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"{source}: socket_mode {self.socket_mode:o} is not a file mode")
         if self.metrics_listen:
-            try:
-                parse_listen_address(self.metrics_listen)
-            except ValueError as error:
-                raise ConfigError(f"{source}: metrics_listen: {error}") from None
+            parse_host_port(self.metrics_listen, f"{source}: metrics_listen")
         self._validate_access(source)
         self._validate_tcp(source)
         return self
@@ -300,6 +297,8 @@ def parse_host_port(text: str, where: str) -> tuple[str, int]:
     host, separator, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        separator = ""  # an IPv6 address needs brackets, or the port is ambiguous
     if not separator or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{where} = {text!r}; write HOST:PORT, e.g. \"0.0.0.0:7400\" or "
                           "\"[::1]:7400\" (port 0 picks a free port)")
@@ -336,23 +335,6 @@ def _check_keys(path: str, prefix: str, table: dict, allowed: dict) -> None:
         if not isinstance(value, allowed[key]) or (allowed[key] is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: {prefix}{key} must be {allowed[key].__name__}, "
                               f"got {type(value).__name__} {value!r}")
-
-
-def parse_listen_address(text: str) -> tuple[str, int]:
-    """("host", port) of "HOST:PORT" or "[IPv6]:PORT"; port 0 picks a free port.
-
-    Raises:
-        ValueError: the message names the bad value and the expected form.
-    """
-    host, separator, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        separator = ""  # an IPv6 address needs brackets, or the port is ambiguous
-    if not separator or not host or not port_text.isdigit() or int(port_text) > 0xFFFF:
-        raise ValueError(f"{text!r} is not HOST:PORT; write e.g. \"127.0.0.1:9464\", "
-                         "\"[::1]:9464\" or \"0.0.0.0:9464\" (every interface)")
-    return host, int(port_text)
 
 
 def resolve_paths(config: ServeConfig) -> ServeConfig:

@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ioring.record import RECORD_SIZE_BYTES
-from service.config import parse_listen_address
+from service.config import parse_host_port
 from service.histogram import HistogramSnapshot
 from service.protocol import ErrorCode
 
@@ -350,7 +350,7 @@ def bind_metrics_socket(listen: str) -> socket.socket:
         OSError: the address cannot be resolved or bound; the message names it
             and the fix.
     """
-    host, port = parse_listen_address(listen)
+    host, port = parse_host_port(listen, "metrics_listen")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]

@@ -246,7 +246,7 @@ def test_daemon_counts_auth_failures_for_the_auth_code(tmp_path):
 def test_bad_metrics_listen_is_a_config_error(tmp_path, listen):
     path = tmp_path / "ringtail.toml"
     path.write_text(f'metrics_listen = "{listen}"\n')
-    with pytest.raises(ConfigError, match=r"metrics_listen: .* is not HOST:PORT; write e\.g\."):
+    with pytest.raises(ConfigError, match=r"metrics_listen = .*; write HOST:PORT, e\.g\."):
         load_config(os.fspath(path))
 
 
