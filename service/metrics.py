@@ -180,7 +180,18 @@ class DaemonCollector(Collector):
                 ("ringtail_internal_errors", stats.internal_errors,
                  "Connection handler bugs (that connection was closed)"),
                 ("ringtail_notify_failures", daemon.notifier.statistics().failed,
-                 "systemd notifications ($NOTIFY_SOCKET) that could not be sent")):
+                 "systemd notifications ($NOTIFY_SOCKET) that could not be sent"),
+                ("ringtail_auth_rate_limited", stats.auth_rate_limited,
+                 "Hellos refused unchecked: the peer had too many recent auth failures"),
+                ("ringtail_forbidden", stats.forbidden,
+                 "Requests refused FORBIDDEN: valid credentials without the role"),
+                ("ringtail_tls_failures", stats.tls_failures,
+                 "TCP peers whose TLS handshake failed"),
+                ("ringtail_quota_refused_batches", stats.quota_refused_batches,
+                 "Publish batches refused QUOTA_EXCEEDED (quota_mode = \"reject\")"),
+                ("ringtail_reloads", stats.reloads, "SIGHUP reloads applied"),
+                ("ringtail_reload_failures", stats.reload_failures,
+                 "SIGHUP reloads refused (the old config stayed)")):
             yield CounterMetricFamily(name, documentation, value=value)
         yield GaugeMetricFamily("ringtail_tenants", "Tenants with an open ring",
                                 value=len(tenants))

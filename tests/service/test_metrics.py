@@ -154,6 +154,10 @@ async def test_metrics_report_the_exact_workload(metrics_daemon, io):
     assert value(found, "ringtail_ring_capacity_records", **tenant) == 4096
     assert value(found, "ringtail_ring_fill_ratio", **tenant) == record_count / 4096
     assert value(found, "ringtail_ready") == 1
+    for quiet in ("ringtail_forbidden_total", "ringtail_tls_failures_total",
+                  "ringtail_quota_refused_batches_total", "ringtail_reloads_total",
+                  "ringtail_reload_failures_total", "ringtail_auth_rate_limited_total"):
+        assert value(found, quiet) == 0, quiet  # exported, and nothing of the kind happened
     assert value(found, "ringtail_pending_records", **tenant) == 0
     # The backend each ring really got, as its "tenant 1:" log line says.
     backend = re.search(rf"tenant {TENANT}: .* io=(\w+)", server.run_stderr).group(1)
