@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import signal
-import socket as stdlib_socket
 
 import numpy
 import trio
@@ -271,7 +270,7 @@ class Daemon:
             self.stats.reload_failures += 1
             log.error("reload refused, the running config stays: %s", error)
             return False
-        old, self.config = self.config, new
+        self.config = new
         self.policy, self.ssl_context = new.access_policy(), ssl_context
         added, removed = self.registry.reconfigure(new.tenants, new.default_tenant,
                                                    new.create_tenants)

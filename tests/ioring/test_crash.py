@@ -437,18 +437,18 @@ def check_state(path: str, run: Run, state: CrashState, rng: random.Random,
     label = f"[capacity {run.capacity} seed {run.seed}] {state.label}"
     chain = state.chain
     if chain is None:  # the freshly created file
-        min_oldest = max_oldest = min_next = max_next = acked_next = 0
+        min_oldest = max_oldest = max_next = acked_next = 0
         header_ranges = {(0, 0)}
         generations = {1}
     elif state.acked:
         min_oldest = max_oldest = chain.oldest
-        min_next = max_next = acked_next = chain.next_sequence
+        max_next = acked_next = chain.next_sequence
         header_ranges = {(chain.oldest, chain.next_sequence)}
         generations = {chain.generation}
     else:
         min_oldest, max_oldest = chain.acked_oldest, chain.oldest
-        min_next, max_next = chain.acked_next, chain.next_sequence
-        acked_next = chain.acked_next
+        max_next = chain.next_sequence
+        acked_next = chain.acked_next  # the lower bound on the recovered next
         header_ranges = {(chain.acked_oldest, chain.acked_next),
                          (chain.oldest, chain.next_sequence)}
         generations = {chain.previous_generation, chain.generation}

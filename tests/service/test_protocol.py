@@ -20,7 +20,7 @@ from service import protocol
 from service.protocol import (
     CLIENT, CLOSED, ERROR_CODE_INFO, FRAME_HEADER_SIZE_BYTES, FRAME_SIZE_BYTES_MAX, NEED_DATA,
     PUBLISH_RECORD_COUNT_MAX, RECEIVE_BUFFER_BYTES_MAX, RECORD_INDEX_NONE,
-    RECORDS_FRAME_RECORD_COUNT_MAX, SERVER, SUBSCRIBE_OPCODE_COUNT_MAX, U64_MAX, Ack, Connection,
+    RECORDS_FRAME_RECORD_COUNT_MAX, SERVER, U64_MAX, Ack, Connection,
     End, Error, ErrorCode, Event, FrameType, Gap, Hello, LocalProtocolError, Ping, Pong,
     ProtocolError, Publish, Records, RemoteProtocolError, StartKind, State, Subscribe, Welcome,
     decode_frame, encode_event, encode_records_frame,
