@@ -79,6 +79,21 @@ async def test_remote_tail_over_tls_matches_the_local_one(daemon, tmp_path, pki)
          pki.ca, "--tenant", str(TENANT), "--format", "raw"], capture_stdout=True,
         capture_stderr=True)
     assert remote.stdout == records, remote.stderr
+    # `ringtail publish --connect --raw`: the writer token publishes over TLS.
+    more = RecordFactory(TENANT, seed=5).records(20)
+    published = await trio.run_process(
+        [RINGTAIL, "publish", "--connect", f"127.0.0.1:{port}", "--token", WRITER, "--ca",
+         pki.ca, "--tenant", str(TENANT), "--raw"], stdin=more, capture_stdout=True,
+        capture_stderr=True, check=False)
+    assert published.returncode == 0, published.stderr
+    assert b"acknowledged 20 records: sequences 50..69" in published.stdout
+    assert (await read_all(server.socket_path, TENANT)).data == records + more
+    refused_publish = await trio.run_process(
+        [RINGTAIL, "publish", "--connect", f"127.0.0.1:{port}", "--token", READER, "--ca",
+         pki.ca, "--tenant", str(TENANT), "--raw"], stdin=more, capture_stdout=True,
+        capture_stderr=True, check=False)
+    assert refused_publish.returncode == 1
+    assert b"may not publish" in refused_publish.stderr, refused_publish.stderr
     untrusted = await trio.run_process(
         [RINGTAIL, "tail", "--connect", f"127.0.0.1:{port}", "--token", READER,
          "--tenant", str(TENANT)], capture_stdout=True, capture_stderr=True, check=False)
