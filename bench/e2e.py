@@ -883,6 +883,22 @@ under a minute.
 PROFILE_NOTES = """\
 ### Profiles (py-spy, what bounds each missed target)
 
+**Read this first: the profiles below were taken at commit e9d2bb0, before
+three changes that the table above includes:** (1) the write-path memory
+leak described at the end of this section is fixed (2d14268: every batch's
+buffer stayed alive, and each new batch paid fresh page faults); (2) one
+hash call per chunk on verified reads (02191c9: read+verify 8.4 -> 19.2 M
+records/s in isolation) and per full chunk when planning a chain (e5a226c:
+planning 134 -> ~70-97 µs per 1,024 records); (3) replies decided together
+go out in one write, and small batches are checked without numpy (4 x
+1-record publishers, window 16: 5.9 k -> 11.0 k records/s in a separate
+run). Between the first full run and the table above: durable ingest 4 x
+1,024 went 1.47 M -> 3.24 M records/s (target met; 9.46x Redis always, just
+short of 10x), replay 5.5 M -> 9.4 M records/s, live tail p99 at 100 k/s
+13.0 -> 3.0 ms, peak RSS during ingest 1.2 GiB -> ~55 MiB. The shares below
+are out of date for ingest and replay; what they say about per-frame costs,
+ack latency and live tail still holds.
+
 Taken with `.venv/bin/python -m bench.profile ingest|ingest-small|replay`
 (py-spy 250 Hz on the daemon, non-idle samples, self/total share by
 function), same machine, same working tree as the run above. The samples are
@@ -965,7 +981,9 @@ memory in `on_commit`) to live subscribers, instead of reading them back
 from the file, would remove one read and one verification per batch. p99 is
 still bounded below by the fsync tail of this disk.
 
-**Memory: a leak in the write path (ioring/uring.py, not changed here).**
+**Memory: a leak in the write path (ioring/uring.py), FIXED in 2d14268**
+(Iovecs now take the bytes; a test checks a buffer's refcount returns to
+baseline once its chain is reaped, on both backends). As found:
 The daemon's anonymous memory grows ~64 MiB per million records written and
 is never freed. The peak-RSS column climbs from 50 MiB to 1.2 GiB across the
 ingest cells; a fresh daemon after the 10 M-record fill is at 745 MiB. The
