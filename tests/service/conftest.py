@@ -66,11 +66,12 @@ class DaemonProcess:
     """
 
     def __init__(self, data_dir: str, socket_path: str, options: dict[str, object],
-                 cwd: str):
+                 cwd: str, wrapper: tuple[str, ...] = ()):
         self.data_dir = data_dir
         self.socket_path = socket_path
         self.options = dict(options)
         self.cwd = cwd
+        self.wrapper = tuple(wrapper)  # argv prefix, e.g. tests/seccomp_exec.py
         self.process: subprocess.Popen | None = None
         self.starts = 0
         self._lines: list[str] = []  # every stderr line of every run
@@ -83,7 +84,8 @@ class DaemonProcess:
     # -- lifecycle -----------------------------------------------------------------
 
     def command(self) -> list[str]:
-        argv = [RINGTAIL, "serve", "--data-dir", self.data_dir, "--socket", self.socket_path]
+        argv = [*self.wrapper, RINGTAIL, "serve", "--data-dir", self.data_dir,
+                "--socket", self.socket_path]
         for name, value in self.options.items():
             if value is not None:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
@@ -252,7 +254,8 @@ def daemon(tmp_path):
     """Factory: `daemon(capacity=..., sync=..., io=..., data_dir=..., socket_path=...)`.
 
     Starts `ringtail serve` and returns the ready DaemonProcess; options left
-    at None are not passed (the daemon's defaults apply).
+    at None are not passed (the daemon's defaults apply). `wrapper` is an argv
+    prefix the daemon runs under (e.g. tests/seccomp_exec.py).
     """
     started: list[DaemonProcess] = []
     socket_dir = short_socket_dir(tmp_path)
@@ -260,13 +263,14 @@ def daemon(tmp_path):
 
     def start(*, capacity: int | None = None, sync: str | None = None, io: str | None = None,
               data_dir: str | None = None, socket_path: str | None = None,
-              config: str | None = None, wait: bool = True) -> DaemonProcess:
+              config: str | None = None, wait: bool = True,
+              wrapper: tuple[str, ...] = ()) -> DaemonProcess:
         index = next(counter)
         data_dir = data_dir or os.fspath(tmp_path / f"data-{index}")
         socket_path = socket_path or os.path.join(socket_dir, f"rt-{index}.sock")
         process = DaemonProcess(data_dir, socket_path,
                                 {"capacity": capacity, "sync": sync, "io": io, "config": config},
-                                cwd=os.fspath(tmp_path))
+                                cwd=os.fspath(tmp_path), wrapper=wrapper)
         started.append(process)
         if wait:
             process.start()
