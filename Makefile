@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test soak bench clean
+.PHONY: venv demo test-tools test soak bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,20 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m service.demo
 
-test: $(STAMP)
+# tests/ioring/test_cpu_baseline.py runs the daemon's native code on emulated
+# CPUs without AVX-512 (qemu-user; x86_64 only): install it here, out loud.
+test-tools:
+	@if [ "$$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then \
+		echo "make: installing qemu-user (apt-get) for the CPU-baseline test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		apt-cache policy qemu-user | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends qemu-user; \
+	fi
+
+test: $(STAMP) test-tools
 	$(PY) -m pytest -q -m "not soak" tests
 
-soak: $(STAMP)
+soak: $(STAMP) test-tools
 	$(PY) -m pytest -q -m soak -s tests
 
 # The end-to-end bench compares with Redis and fio: install them here, out loud.
