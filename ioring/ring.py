@@ -466,7 +466,8 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
     if sync not in SYNC_CHOICES:
         raise ValueError(f"sync={sync!r} is not one of {', '.join(SYNC_CHOICES)}")
     created = False
-    backend = open_backend(io)  # validates io before any file is made
+    # Validates io before any file is made; `auto` probes beside the file.
+    backend = open_backend(io, os.path.dirname(os.path.abspath(path)))
     fd = -1
     opened = False
     try:

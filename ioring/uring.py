@@ -1,42 +1,82 @@
 """The io_uring backend: one linked chain per batch, completions via eventfd.
 
-The only module that imports the io_uring binding (PyPI `liburing`). Facts it
-relies on are measured in shared/notes/iouring-from-python.md:
+The only module that imports the io_uring binding (ioring/uring_abi.py, our
+own ctypes binding of the kernel ABI; the decision and its measurements are in
+docs/OPERATIONS.md "io_uring"). Facts it relies on are measured in
+shared/notes/iouring-from-python.md:
 
 - every operation but the last carries IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS,
   so a good chain posts exactly one CQE (the last operation's), and a failing
   operation (error or short write) posts its own CQE and cancels the rest,
   which post none: any CQE ends its chain;
-- the kernel reads write buffers later, so each chain's buffers and Iovecs
-  stay referenced here until its CQE is reaped;
-- arguments are validated before `io_uring_get_sqe`, so a failing `prep_*`
-  never leaves a stray SQE behind.
+- the kernel reads write buffers later, so each chain's buffers stay
+  referenced here until its CQE is reaped (IORING_OP_WRITE takes the address
+  of the `bytes` payload itself: no iovec to keep alive);
+- a chain is never split across submissions, and one that does not fit the
+  submission queue waits in a bounded software queue, in order, until the
+  kernel has consumed earlier entries.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import errno
 import os
+import select
 
-try:
-    import liburing
-except ImportError:  # not x86_64, or the wheel is missing
-    liburing = None
-
+from ioring import uring_abi
 from ioring.chain import (FDATASYNC, ChainResult, Operation, errno_result,
                           short_write_result)
 from ioring.errors import BackendUnavailableError
 
 # Submission queue entries. A batch chain has at most 6 operations (two data
 # writes around the wrap, two table writes, the header, fdatasync) and each
-# ring keeps one chain in flight, so 64 leaves room for 10 chains.
+# ring keeps one chain in flight, so 64 leaves room for 10 chains. Memory:
+# 64 SQEs x 64 B + 128 CQEs x 16 B, about 8 KiB of locked kernel memory.
 URING_QUEUE_ENTRY_COUNT = 64
 CHAIN_OPERATION_COUNT_MAX = 16
+# Chains waiting for room in the submission queue (only when the kernel has
+# not consumed earlier ones: EBUSY/EAGAIN, or many chains submitted at once).
+# The engine keeps one chain in flight per ring, so this is never reached in
+# normal use; it caps memory (each holds up to one batch's buffers).
+BACKLOG_CHAIN_COUNT_MAX = 1024
+# io_uring_enter retried at once on EINTR at most this many times in a row
+# before the chain is left queued for the next submit or reap.
+ENTER_RETRY_COUNT_MAX = 16
 # Operation index lives in the low bits of user_data, the chain tag above.
 _INDEX_BITS = 8
+# io_uring_enter answers meaning "nothing was lost, try again later".
+_RETRY_LATER_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR})
 
 assert CHAIN_OPERATION_COUNT_MAX <= URING_QUEUE_ENTRY_COUNT
 assert CHAIN_OPERATION_COUNT_MAX < (1 << _INDEX_BITS)
+
+# Refusals at set-up, by errno: what it means here and what to do.
+SETUP_REFUSALS: dict[int, str] = {
+    errno.EPERM: "io_uring is blocked: a seccomp profile (Docker >= 25 and containerd 2 "
+                 "defaults) or sysctl kernel.io_uring_disabled; allow io_uring_setup, "
+                 "io_uring_enter and io_uring_register, or run with --io threads",
+    errno.ENOSYS: "this kernel (or sandbox: gVisor, qemu-user) has no io_uring; "
+                  "run with --io threads",
+    errno.EINVAL: "this kernel's io_uring rejected the set-up (too old?); "
+                  "Linux 5.17 or later is needed, or run with --io threads",
+    errno.ENOMEM: "no memory for the io_uring rings (RLIMIT_MEMLOCK on kernels before "
+                  "5.12); raise LimitMEMLOCK or run with --io threads",
+    errno.EMFILE: "the process is out of file descriptors; raise LimitNOFILE",
+    errno.ENFILE: "the system is out of file descriptors",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UringStatistics:
+    chains_submitted: int
+    chains_completed: int
+    chains_in_flight: int
+    chains_backlogged: int  # waiting for submission-queue room right now
+    backlog_waits: int  # chains that ever had to wait for room
+    enter_retries: int  # io_uring_enter answered EINTR, EAGAIN or EBUSY
+    ordering: str
 
 
 class UringBackend:
@@ -46,87 +86,104 @@ class UringBackend:
     with it; `close()` waits for chains in flight, then releases both.
 
     Error handling: a refused io_uring (EPERM under seccomp or
-    kernel.io_uring_disabled, ENOSYS) raises BackendUnavailableError at
-    construction; a failed operation becomes a ChainResult with its errno.
+    kernel.io_uring_disabled, ENOSYS, EINVAL) raises BackendUnavailableError
+    at construction, naming the errno and the fix; a failed operation becomes
+    a ChainResult with its errno.
     """
 
     name = "uring"
 
-    def __init__(self) -> None:
-        if liburing is None:
-            raise BackendUnavailableError("the liburing Python binding is not installed")
-        self._ring = liburing.Ring()
+    def __init__(self, entries: int = URING_QUEUE_ENTRY_COUNT) -> None:
+        assert CHAIN_OPERATION_COUNT_MAX <= entries
         try:
-            liburing.io_uring_queue_init(URING_QUEUE_ENTRY_COUNT, self._ring, 0)
+            self._ring = uring_abi.Ring(entries)
         except OSError as error:
-            raise BackendUnavailableError(
-                f"io_uring_queue_init failed: {os.strerror(error.errno)} "
-                f"[{errno.errorcode.get(error.errno, error.errno)}]; io_uring is disabled "
-                "or blocked (seccomp, kernel.io_uring_disabled)") from error
-        self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        liburing.io_uring_register_eventfd(self._ring, self.completion_fd)
-        self._cqe = liburing.Cqe()
-        # tag -> (operations, iovecs): keeps buffers alive until reaped.
-        self._in_flight: dict[int, tuple[list[Operation], list]] = {}
+            reason = SETUP_REFUSALS.get(error.errno, "run with --io threads")
+            raise BackendUnavailableError(f"{error.strerror}; {reason}") from error
+        try:
+            self.completion_fd = _eventfd()
+            self._ring.register_eventfd(self.completion_fd)
+        except OSError as error:
+            self._ring.close()
+            raise BackendUnavailableError(f"{error}; run with --io threads") from error
+        # tag -> operations: keeps the buffers alive until the chain is reaped.
+        self._in_flight: dict[int, list[Operation]] = {}
+        self._backlog: collections.deque[tuple[int, int, list[Operation]]] = collections.deque()
+        self._submitted = self._completed = self._backlog_waits = self._enter_retries = 0
         self._closed = False
 
     def submit(self, fd: int, operations: list[Operation], tag: int) -> None:
         assert not self._closed
         assert 0 < len(operations) <= CHAIN_OPERATION_COUNT_MAX
         assert tag not in self._in_flight
-        if liburing.io_uring_sq_space_left(self._ring) < len(operations):
-            # Never split a linked chain across submits: make room first.
-            self._submit()
-            assert liburing.io_uring_sq_space_left(self._ring) >= len(operations)
-        # Iovec over the bytes object itself: an Iovec over a memoryview never
-        # releases its hold on the buffer (measured: every batch leaked).
-        iovecs = [liburing.Iovec([op.data]) if op is not FDATASYNC else None
-                  for op in operations]
-        last = len(operations) - 1
-        for index, (op, iovec) in enumerate(zip(operations, iovecs)):
-            sqe = liburing.io_uring_get_sqe(self._ring)
-            assert sqe is not None
-            if op is FDATASYNC:
-                liburing.io_uring_prep_fsync(sqe, fd, liburing.IORING_FSYNC_DATASYNC)
-            else:
-                liburing.io_uring_prep_writev(sqe, fd, iovec, op.offset)
-            if index != last:
-                sqe.flags = liburing.IOSQE_IO_LINK | liburing.IOSQE_CQE_SKIP_SUCCESS
-            sqe.user_data = (tag << _INDEX_BITS) | index
-        self._in_flight[tag] = (list(operations), iovecs)
-        self._submit()
+        assert len(self._backlog) < BACKLOG_CHAIN_COUNT_MAX, "BACKLOG_CHAIN_COUNT_MAX reached"
+        self._in_flight[tag] = list(operations)
+        self._submitted += 1
+        if self._backlog or self._ring.sq_space_left() < len(operations):
+            self._backlog_waits += 1
+        self._backlog.append((fd, tag, self._in_flight[tag]))
+        self._flush()
 
-    def _submit(self) -> None:
-        while True:
+    def _flush(self) -> None:
+        """Move whole chains from the backlog into the SQ, in order, and enter."""
+        ring = self._ring
+        while self._backlog:
+            fd, tag, operations = self._backlog[0]
+            if ring.sq_space_left() < len(operations):
+                if not self._enter(ring.sq_publish()):
+                    return  # the kernel is busy: the next submit or reap retries
+                if ring.sq_space_left() < len(operations):
+                    return
+            self._backlog.popleft()
+            self._prepare(fd, tag, operations)
+        self._enter(ring.sq_publish())
+
+    def _prepare(self, fd: int, tag: int, operations: list[Operation]) -> None:
+        last = len(operations) - 1
+        for index, op in enumerate(operations):
+            sqe = self._ring.sqe_claim()
+            sqe.fd = fd
+            if op is FDATASYNC:
+                sqe.opcode = uring_abi.IORING_OP_FSYNC
+                sqe.op_flags = uring_abi.IORING_FSYNC_DATASYNC
+            else:
+                sqe.opcode = uring_abi.IORING_OP_WRITE
+                sqe.addr = uring_abi.buffer_address(op.data)
+                sqe.len = len(op.data)
+                sqe.off = op.offset
+            if index != last:
+                sqe.flags = uring_abi.IOSQE_IO_LINK | uring_abi.IOSQE_CQE_SKIP_SUCCESS
+            sqe.user_data = (tag << _INDEX_BITS) | index
+
+    def _enter(self, pending: int) -> bool:
+        """Hand `pending` SQEs to the kernel. False: it asked us to come back later."""
+        retries = 0
+        while pending:
             try:
-                liburing.io_uring_submit(self._ring)
-                return
-            except InterruptedError:
-                continue
+                pending -= self._ring.enter(pending)
+            except OSError as error:
+                if error.errno not in _RETRY_LATER_ERRNOS:
+                    raise
+                self._enter_retries += 1
+                retries += 1
+                if error.errno != errno.EINTR or retries >= ENTER_RETRY_COUNT_MAX:
+                    return False
+        return True
 
     def reap(self) -> list[ChainResult]:
         try:
-            os.eventfd_read(self.completion_fd)
+            _eventfd_drain(self.completion_fd)
         except BlockingIOError:
             pass
-        results = []
-        while True:
-            try:
-                liburing.io_uring_peek_cqe(self._ring, self._cqe)
-            except BlockingIOError:
-                return results
-            cqe = self._cqe[0]
-            user_data = cqe.user_data
-            try:
-                res = cqe.res
-            except OSError as error:  # the binding raises for negative results
-                res = -error.errno
-            liburing.io_uring_cqe_seen(self._ring, cqe)
-            results.append(self._result(user_data, res))
+        results = [self._result(user_data, res) for user_data, res in self._ring.cq_drain()]
+        if self._backlog:
+            self._flush()  # completions free room (and end EBUSY)
+        return results
 
     def _result(self, user_data: int, res: int) -> ChainResult:
         tag, index = user_data >> _INDEX_BITS, user_data & ((1 << _INDEX_BITS) - 1)
-        operations, _ = self._in_flight.pop(tag)
+        operations = self._in_flight.pop(tag)
+        self._completed += 1
         op = operations[index]
         if res < 0:
             return errno_result(tag, index, -res, op)
@@ -136,17 +193,32 @@ class UringBackend:
             return short_write_result(tag, index, res, len(op.data))
         return ChainResult(tag)
 
-    @property
-    def in_flight_count(self) -> int:
-        return len(self._in_flight)
+    def statistics(self) -> UringStatistics:
+        return UringStatistics(self._submitted, self._completed, len(self._in_flight),
+                               len(self._backlog), self._backlog_waits, self._enter_retries,
+                               self._ring.ordering)
+
+    def wait_for_completion(self) -> None:
+        """Block until the completion fd is readable (close() and tests; never on a loop)."""
+        select.select([self.completion_fd], [], [])
 
     def close(self) -> None:
         if self._closed:
             return
-        import select
         while self._in_flight:  # buffers must outlive the kernel's use of them
-            select.select([self.completion_fd], [], [])
+            if len(self._in_flight) == len(self._backlog):  # nothing with the kernel yet
+                self._flush()
+                continue
+            self.wait_for_completion()
             self.reap()
-        liburing.io_uring_queue_exit(self._ring)
+        self._ring.close()
         os.close(self.completion_fd)
         self._closed = True
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def _eventfd_drain(fd: int) -> None:
+    os.eventfd_read(fd)

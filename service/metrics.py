@@ -193,6 +193,14 @@ class DaemonCollector(Collector):
                 ("ringtail_reload_failures", stats.reload_failures,
                  "SIGHUP reloads refused (the old config stayed)")):
             yield CounterMetricFamily(name, documentation, value=value)
+        probe = daemon.io_probe
+        fallback = gauge("ringtail_io_uring_fallback",
+                         "1 when io=auto fell back to the thread backend because the "
+                         "io_uring probe failed, by cause (refused, signal, timeout, failed)",
+                         ["cause"])
+        if probe is not None and not probe.ok:
+            fallback.add_metric([probe.cause], 1)
+        yield fallback
         yield GaugeMetricFamily("ringtail_tenants", "Tenants with an open ring",
                                 value=len(tenants))
         unavailable = gauge("ringtail_tenant_unavailable",

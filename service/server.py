@@ -20,6 +20,8 @@ import signal
 
 import trio
 
+from ioring.errors import BackendUnavailableError
+from ioring.probe import ProbeResult, probe_uring
 from service import metrics
 from service.auth import AuthError, AuthFailureLimiter, ForbiddenError, Role
 from service.config import ConfigError, ServeConfig
@@ -94,6 +96,10 @@ class Daemon:
         self.quotas: dict[int, TenantQuota] = {}  # tenant id -> quota state (opened tenants)
         self.handlers: set[ConnectionHandler] = set()  # welcomed connections
         self.tcp_address: str | None = None  # "HOST:PORT" once listening
+        # The I/O backend every ring uses, decided once at start (_choose_io):
+        # "uring" or "threads"; io_probe is the io_uring probe's verdict.
+        self.io_backend: str | None = None
+        self.io_probe: ProbeResult | None = None
         self.registry = TenantRegistry(config.data_dir, config.default_tenant, config.io,
                                        create_on_first_use=config.create_tenants,
                                        settings=config.tenants)
@@ -143,8 +149,10 @@ class Daemon:
             if self.config.tcp_listen:
                 tcp_listener = await bind_tcp_listener(self.config)
                 self.tcp_address = tcp_address(tcp_listener)
-            # On a worker thread: recovery may take seconds, and meanwhile the
-            # metrics listener must answer /healthz (and /readyz: 503).
+            # On worker threads: the io_uring probe waits on a child process
+            # and recovery may take seconds; meanwhile the metrics listener
+            # must answer /healthz (and /readyz: 503).
+            await trio.to_thread.run_sync(self._choose_io)
             await trio.to_thread.run_sync(self.registry.open_existing)
             async with trio.open_nursery() as root:
                 await root.start(self.registry.run)
@@ -153,7 +161,7 @@ class Daemon:
                 await root.start(self._watch_signals, signal_scope)
                 log.info("ringtail ready: socket %s, data dir %s, sync=%s, io=%s%s",
                          self.config.socket, self.config.data_dir, self.config.sync,
-                         self.config.io, self._tcp_description())
+                         self.io_backend, self._tcp_description())
                 self.ready = not self._stopping
                 self.notifier.notify("READY=1")
                 task_status.started()
@@ -180,6 +188,30 @@ class Daemon:
             except FileNotFoundError:
                 pass
         log.info("ringtail stopped")
+
+    def _choose_io(self) -> None:
+        """Decide the rings' I/O backend once, before any ring opens.
+
+        `auto` and `uring` first run the daemon's io_uring calls in a child
+        process (ioring/probe.py), so a native fault or a hang costs the
+        probe, never the daemon. A failed probe gives, for `auto`, one log
+        line naming the cause and the fix and the thread backend; for
+        `uring`, BackendUnavailableError with the same cause (serve exits 1).
+        """
+        if self.config.io == "threads":
+            self.io_backend = "threads"
+        else:
+            os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
+            self.io_probe = probe_uring(self.config.data_dir)
+            if self.io_probe.ok:
+                self.io_backend = "uring"
+            elif self.config.io == "uring":
+                raise BackendUnavailableError(
+                    f"--io uring: io_uring unavailable ({self.io_probe.message})")
+            else:
+                log.warning("%s", self.io_probe.fallback_line())
+                self.io_backend = "threads"
+        self.registry.io = self.io_backend
 
     def _tcp_description(self) -> str:
         if self.tcp_address is None:

@@ -27,6 +27,7 @@ from ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, Write, errno_resul
                           open_backend)
 from ioring.errors import BackendUnavailableError, RingFailedError, RingRangeError
 from ioring.format import Layout
+from ioring.probe import probe_uring
 from ioring.record import RECORD_SIZE_BYTES
 from ioring.ring import open_ring
 
@@ -64,40 +65,104 @@ def test_an_unknown_backend_name_is_rejected():
         open_backend("epoll")
 
 
-def test_refused_io_uring_raises_for_uring_and_falls_back_for_auto(monkeypatch, caplog):
-    def refuse(*args):
-        raise PermissionError(errno.EPERM, "Operation not permitted")
+SECCOMP_EXEC = os.path.join(REPOSITORY_ROOT, "tests", "seccomp_exec.py")
+PROBE_BINDING = "RINGTAIL_TEST_URING_BINDING"
 
-    monkeypatch.setattr(uring_module.liburing, "io_uring_queue_init", refuse)
-    monkeypatch.setattr(chain_module, "_uring_refusal", None)  # the probe's memory
-    with pytest.raises(BackendUnavailableError,
-                       match=r"^io_uring_queue_init failed: Operation not permitted \[EPERM\]; "
-                             r"io_uring is disabled or blocked \(seccomp, "
-                             r"kernel.io_uring_disabled\)$"):
-        open_backend("uring")
+
+def _fresh_probe(monkeypatch):
+    """Forget this process's probe verdict, so the next `auto` probes again."""
+    monkeypatch.setattr(chain_module, "_probe_result", None)
+
+
+def test_auto_probes_once_per_process_and_a_killed_probe_falls_back_with_one_line(
+        monkeypatch, caplog, tmp_path):
+    # A test-only binding that executes a real illegal instruction, as the
+    # 2026 liburing wheels did on CPUs without AVX-512.
+    monkeypatch.setenv(PROBE_BINDING, "tests.uring_sigill")
+    _fresh_probe(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="ioring"):
-        backend = open_backend("auto")
+        backends = [open_backend("auto", tmp_path) for _ in range(3)]
     try:
-        assert backend.name == "threads"
+        assert [backend.name for backend in backends] == ["threads"] * 3
+    finally:
+        for backend in backends:
+            backend.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ioring"]
+    assert len(warnings) == 1  # said once per process, in one clear line
+    assert re.fullmatch(r"io_uring unavailable \(the io_uring probe process was killed by "
+                        r"SIGILL \(illegal instruction: .*\)\); using the thread backend "
+                        r"\(pwritev\+fdatasync on a worker thread: same guarantees, "
+                        r"slower per batch\)", warnings[0]), warnings[0]
+    assert chain_module._probe_result.cause == "signal"
+    assert os.listdir(tmp_path) == []  # the probe's temporary file is gone
+
+
+def test_io_uring_chosen_explicitly_does_not_consult_the_probe(monkeypatch, tmp_path):
+    monkeypatch.setenv(PROBE_BINDING, "tests.uring_sigill")
+    _fresh_probe(monkeypatch)
+    backend = open_backend("uring", tmp_path)
+    try:
+        assert backend.name == "uring"
+        assert chain_module._probe_result is None
     finally:
         backend.close()
-    with caplog.at_level(logging.WARNING, logger="ioring"):
-        second = open_backend("auto")  # a second ring: no second probe, no second line
-    try:
-        assert second.name == "threads"
-    finally:
-        second.close()
-    warnings = [r for r in caplog.records if r.name == "ioring"]
-    assert len(warnings) == 1  # said once per process, in one clear line
-    assert "io_uring unavailable" in warnings[0].getMessage()
-    assert "thread backend" in warnings[0].getMessage()
 
 
-def test_missing_liburing_binding_is_reported(monkeypatch):
-    monkeypatch.setattr(uring_module, "liburing", None)
-    with pytest.raises(BackendUnavailableError,
-                       match=r"^the liburing Python binding is not installed$"):
-        open_backend("uring")
+def test_probe_passes_here_and_leaves_nothing_behind(tmp_path):
+    result = probe_uring(tmp_path)
+    assert (result.ok, result.cause) == (True, "")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_hung_probe_is_killed_at_its_timeout(monkeypatch, tmp_path):
+    monkeypatch.setenv(PROBE_BINDING, "tests.uring_hang")
+    result = probe_uring(tmp_path, timeout_s=2.0)
+    assert (result.ok, result.cause) == (False, "timeout")
+    assert result.message.startswith("the io_uring probe did not finish within 2 s "
+                                     "(PROBE_TIMEOUT_S)")
+    assert "--io threads" in result.message
+
+
+def test_a_probe_child_that_breaks_reports_its_last_stderr_line(monkeypatch, tmp_path):
+    monkeypatch.setenv(PROBE_BINDING, "tests.no_such_binding")
+    result = probe_uring(tmp_path)
+    assert (result.ok, result.cause) == (False, "failed")
+    assert result.message == ("the io_uring probe exited with status 1: ModuleNotFoundError: "
+                              "No module named 'tests.no_such_binding'")
+
+
+@pytest.mark.parametrize("io", ["uring", "auto"])
+def test_io_uring_refused_by_seccomp_is_named_with_its_fix(io, tmp_path):
+    """For real: a seccomp filter answers io_uring_setup with EPERM, as Docker's does."""
+    script = textwrap.dedent(f"""
+        import json, logging
+        from ioring.chain import open_backend
+        from ioring.errors import BackendUnavailableError
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        try:
+            backend = open_backend({io!r}, {os.fspath(tmp_path)!r})
+        except BackendUnavailableError as error:
+            print(json.dumps({{"error": str(error)}}))
+        else:
+            print(json.dumps({{"backend": backend.name}}))
+            backend.close()
+    """)
+    child = subprocess.run([sys.executable, SECCOMP_EXEC, sys.executable, "-c", script],
+                           capture_output=True, text=True, cwd=REPOSITORY_ROOT, timeout=60)
+    assert child.returncode == 0, child.stderr
+    outcome = json.loads(child.stdout)
+    if io == "uring":
+        assert outcome == {"error": (
+            "io_uring_setup: Operation not permitted [EPERM]; io_uring is blocked: a seccomp "
+            "profile (Docker >= 25 and containerd 2 defaults) or sysctl "
+            "kernel.io_uring_disabled; allow io_uring_setup, io_uring_enter and "
+            "io_uring_register, or run with --io threads")}
+    else:
+        assert outcome == {"backend": "threads"}
+        lines = child.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "io_uring unavailable (io_uring_setup: Operation not permitted [EPERM]; "
+            "io_uring is blocked: a seccomp profile"), child.stderr
 
 
 # -- completions -----------------------------------------------------------------------
@@ -249,7 +314,7 @@ class FdatasyncFailsBackend:
 
 def test_a_failed_fdatasync_fails_the_ring_loudly_and_keeps_the_cursor(ring_path, monkeypatch):
     backend = FdatasyncFailsBackend()
-    monkeypatch.setattr(ring_module, "open_backend", lambda io: backend)
+    monkeypatch.setattr(ring_module, "open_backend", lambda io, probe_directory=None: backend)
     with open_ring(ring_path, capacity=128, tenant_id=TENANT_ID) as ring:
         assert ring.backend == "fake"
         ring.append(make_records(0, 10))

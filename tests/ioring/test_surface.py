@@ -98,11 +98,31 @@ def test_engine_source_never_imports_trio_or_service():
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
+def _imported_module_names(path: pathlib.Path) -> set[str]:
+    """Full dotted names a module imports (`from ioring import x` gives ioring.x)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
 def test_only_the_uring_module_imports_the_io_uring_binding():
     importers = sorted(path.name for path in ENGINE_DIRECTORY.glob("*.py")
-                       if "liburing" in _imported_top_level_names(path))
+                       if "ioring.uring_abi" in _imported_module_names(path))
     assert importers == ["uring.py"]
     # nor reaches it by name at run time (importlib.import_module, __import__)
-    dynamic = re.compile(r"""(import_module|__import__)\(\s*["']liburing""")
+    dynamic = re.compile(r"""(import_module|__import__)\(\s*["'](ioring\.)?uring_abi""")
     assert [path.name for path in ENGINE_DIRECTORY.glob("*.py")
             if dynamic.search(path.read_text())] == []
+
+
+def test_no_native_io_uring_binding_is_imported_or_required():
+    """The PyPI liburing wheels died with SIGILL without AVX-512 and have no aarch64 build."""
+    for path in ENGINE_DIRECTORY.glob("*.py"):
+        assert "liburing" not in _imported_top_level_names(path), path.name
+    pyproject = (ENGINE_DIRECTORY.parent / "pyproject.toml").read_text()
+    assert "liburing" not in pyproject
