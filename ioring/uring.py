@@ -44,6 +44,8 @@ BACKLOG_CHAIN_COUNT_MAX = 1024
 # io_uring_enter retried at once on EINTR at most this many times in a row
 # before the chain is left queued for the next submit or reap.
 ENTER_RETRY_COUNT_MAX = 16
+# close() re-checks for refused submissions this often while it waits.
+CLOSE_POLL_INTERVAL_S = 0.1
 # Operation index lives in the low bits of user_data, the chain tag above.
 _INDEX_BITS = 8
 # io_uring_enter answers meaning "nothing was lost, try again later".
@@ -176,8 +178,8 @@ class UringBackend:
         except BlockingIOError:
             pass
         results = [self._result(user_data, res) for user_data, res in self._ring.cq_drain()]
-        if self._backlog:
-            self._flush()  # completions free room (and end EBUSY)
+        if self._backlog or self._ring.sq_pending():
+            self._flush()  # an earlier enter was refused; completions free room
         return results
 
     def _result(self, user_data: int, res: int) -> ChainResult:
@@ -198,18 +200,18 @@ class UringBackend:
                                len(self._backlog), self._backlog_waits, self._enter_retries,
                                self._ring.ordering)
 
-    def wait_for_completion(self) -> None:
+    def wait_for_completion(self, timeout_s: float | None = None) -> None:
         """Block until the completion fd is readable (close() and tests; never on a loop)."""
-        select.select([self.completion_fd], [], [])
+        select.select([self.completion_fd], [], [], timeout_s)
 
     def close(self) -> None:
         if self._closed:
             return
         while self._in_flight:  # buffers must outlive the kernel's use of them
-            if len(self._in_flight) == len(self._backlog):  # nothing with the kernel yet
+            if self._backlog or self._ring.sq_pending():
                 self._flush()
-                continue
-            self.wait_for_completion()
+            # Bounded wait: a refused enter (EBUSY) leaves SQEs to re-submit.
+            self.wait_for_completion(CLOSE_POLL_INTERVAL_S)
             self.reap()
         self._ring.close()
         os.close(self.completion_fd)

@@ -314,10 +314,14 @@ class Ring:
         self._sq_tail_local = (self._sq_tail_local + 1) & 0xFFFFFFFF
         return sqe
 
+    def sq_pending(self) -> int:
+        """SQEs claimed but not yet consumed by the kernel."""
+        return (self._sq_tail_local - self._load_acquire(self._sq_head)) & 0xFFFFFFFF
+
     def sq_publish(self) -> int:
         """Make every claimed SQE visible to the kernel; returns how many are pending."""
         self._store_release(self._sq_tail, self._sq_tail_local)
-        return (self._sq_tail_local - self._load_acquire(self._sq_head)) & 0xFFFFFFFF
+        return self.sq_pending()
 
     def enter(self, to_submit: int, min_complete: int = 0, flags: int = 0) -> int:
         """io_uring_enter once. Returns SQEs consumed; raises OSError with the errno.
