@@ -40,6 +40,7 @@ import gc
 import os
 import platform
 import re
+import select
 import shlex
 import subprocess
 import sys
@@ -303,6 +304,89 @@ async def run_all(directory: str, seconds: float, rounds: int, progress) -> list
         os.close(fd)
 
 
+# -- the binding's own cost per chain ----------------------------------------------
+
+# One chain as the daemon's 1,024-record batch writes it at its simplest: 64 KiB
+# of records, a 128-byte header, fdatasync (the notes' reference chain).
+BINDING_CHAIN_DATA_BYTES = 64 * 1024
+BINDING_CHAIN_HEADER_BYTES = 128
+BINDING_CHAIN_COUNT_FULL = 2000
+BINDING_CHAIN_COUNT_QUICK = 300
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BindingResult:
+    variant: str
+    sync: str
+    chain_us_p50: float
+    chain_us_p99: float
+
+
+def run_binding(directory: str, chain_count: int) -> list[BindingResult]:
+    """The same chain, interleaved, through: the plain calls inline, our io_uring
+    binding (submit, select on the eventfd, reap: no Trio) and the thread backend.
+    """
+    from ioring.chain import FDATASYNC, Write
+    from ioring.threads import ThreadBackend
+    from ioring.uring import UringBackend
+
+    path = os.path.join(directory, "binding.dat")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    data = bytes(range(256)) * (BINDING_CHAIN_DATA_BYTES // 256)
+    header = b"\x5a" * BINDING_CHAIN_HEADER_BYTES
+    header_offset = BINDING_CHAIN_DATA_BYTES + 4096
+    zero_fill(fd, 0, header_offset + 4096)
+    backends = {"threads": ThreadBackend()}
+    try:
+        backends["uring"] = UringBackend()
+    except BackendUnavailableError:
+        pass
+    samples: dict[tuple[str, str], list[float]] = {}
+    try:
+        for index in range(chain_count):
+            for sync in SYNCS:
+                operations = [Write(0, data), Write(header_offset, header)]
+                if sync == "batch":
+                    operations.append(FDATASYNC)
+                started = time.perf_counter()
+                os.pwrite(fd, data, 0)
+                os.pwrite(fd, header, header_offset)
+                if sync == "batch":
+                    os.fdatasync(fd)
+                samples.setdefault(("plain pwrite x2 (+ fdatasync)", sync), []).append(
+                    time.perf_counter() - started)
+                for name, backend in backends.items():
+                    started = time.perf_counter()
+                    backend.submit(fd, operations, index)
+                    results = []
+                    while not results:
+                        select.select([backend.completion_fd], [], [])
+                        results = backend.reap()
+                    samples.setdefault((f"{name} backend chain", sync), []).append(
+                        time.perf_counter() - started)
+                    assert [result.ok for result in results] == [True], results
+    finally:
+        for backend in backends.values():
+            backend.close()
+        os.close(fd)
+    return [BindingResult(variant, sync,
+                          float(numpy.percentile(values, 50)) * 1e6,
+                          float(numpy.percentile(values, 99)) * 1e6)
+            for (variant, sync), values in sorted(samples.items(),
+                                                   key=lambda item: (item[0][1], item[0][0]))]
+
+
+def binding_table(results: list[BindingResult]) -> str:
+    plain = {r.sync: r for r in results if r.variant.startswith("plain")}
+    lines = ["| chain | sync | µs/chain p50 | µs/chain p99 | × plain p50 |",
+             "|---|---|---:|---:|---:|"]
+    for r in results:
+        ratio = r.chain_us_p50 / plain[r.sync].chain_us_p50 if r.sync in plain else 0
+        lines.append(f"| {r.variant} | {'fdatasync' if r.sync == 'batch' else 'none'} "
+                     f"| {r.chain_us_p50:,.1f} | {r.chain_us_p99:,.1f} | ×{ratio:.2f} |")
+    return "\n".join(lines)
+
+
 # -- reporting ------------------------------------------------------------------------
 
 
@@ -436,7 +520,7 @@ machine, 1,024-record batches, io_uring, sync=batch; p50 per batch, ±30%):
 | part of one batch | µs | what it is |
 |---|---:|---|
 | `submit()`: planning the chain | ~140 | one BLAKE3 per 4 KiB chunk (16 here, ~1.5 µs of hashing each) plus ~4 µs of Python per chunk (hasher set-up and copy, struct packing, entry objects), the header encode and checksum |
-| `submit()`: Iovecs, SQEs, `io_uring_submit` | ~13 | |
+| `submit()`: SQEs, `io_uring_enter` (then liburing; now our ctypes binding, see the table above) | ~13 | |
 | waiting for the chain (Trio `wait_readable`) | ~310 | the kernel: data write, table-entry write, header write, fdatasync as one linked chain |
 | `reap()` and commit | ~24 | eventfd read, CQE peek, installing 16 entries in the table mirror |
 | plain loop, for comparison | ~200 | one `pwritev` + `fdatasync` |
@@ -468,11 +552,24 @@ the load average above).
 """
 
 
-def render_section(results: list[CellResult], machine: list[str], load_end: str) -> str:
+DOC_BINDING = """\
+### The io_uring binding's own cost per chain
+
+One chain of 64 KiB of records and a 128-byte header (plus fdatasync, or
+not), interleaved: the same calls made inline (`os.pwrite` twice, then
+`os.fdatasync`), our ctypes io_uring binding (`UringBackend.submit`, `select`
+on its eventfd, `reap`: no Trio), and the thread backend (the same plain calls
+on a worker thread, signalled through an eventfd). "× plain" is the chain's
+p50 over the plain calls' p50, same run.
+"""
+
+
+def render_section(results: list[CellResult], machine: list[str], load_end: str,
+                   binding: list[BindingResult]) -> str:
     return "\n".join([
         DOC_SECTION_TITLE, "", DOC_INTRO, *machine, f"- load average at the end: {load_end}",
         "", table(results), "",
-        headline(results), "", DOC_READING,
+        headline(results), "", DOC_BINDING, binding_table(binding), "", DOC_READING,
     ])
 
 
@@ -514,14 +611,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(table([]).splitlines()), flush=True)
         results = trio.run(run_all, directory, seconds, rounds,
                            lambda line: print(line, flush=True))
+        binding = run_binding(directory, BINDING_CHAIN_COUNT_QUICK if args.quick
+                              else BINDING_CHAIN_COUNT_FULL)
     print()
     print(table(results))
+    print()
+    print(binding_table(binding))
     print()
     print(headline(results))
     load_end = load_average()
     print(f"load average at the end: {load_end}")
     if args.write_doc:
-        update_doc(render_section(results, machine, load_end))
+        update_doc(render_section(results, machine, load_end, binding))
         print(f"\nwrote the engine section of {os.path.relpath(DOC_PATH)}")
     return 0
 
