@@ -35,6 +35,8 @@ import trio
 
 from ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from service.client import Client
+
+from ..conftest import require_uring
 from service.protocol import (FRAME_HEADER_SIZE_BYTES, End, Gap, Hello, Records, StartKind,
                               decode_frame, encode_event)
 
@@ -265,6 +267,8 @@ def daemon(tmp_path):
               data_dir: str | None = None, socket_path: str | None = None,
               config: str | None = None, wait: bool = True,
               wrapper: tuple[str, ...] = ()) -> DaemonProcess:
+        if io == "uring":
+            require_uring()  # skipped only where the run opted out, saying why
         index = next(counter)
         data_dir = data_dir or os.fspath(tmp_path / f"data-{index}")
         socket_path = socket_path or os.path.join(socket_dir, f"rt-{index}.sock")
