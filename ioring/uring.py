@@ -48,6 +48,9 @@ ENTER_RETRY_COUNT_MAX = 16
 CLOSE_POLL_INTERVAL_S = 0.1
 # Operation index lives in the low bits of user_data, the chain tag above.
 _INDEX_BITS = 8
+# Every operation of a chain but the last: run the next only if this one
+# succeeded, and post no completion when it does.
+_LINKED = uring_abi.IOSQE_IO_LINK | uring_abi.IOSQE_CQE_SKIP_SUCCESS
 # io_uring_enter answers meaning "nothing was lost, try again later".
 _RETRY_LATER_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR})
 
@@ -142,20 +145,16 @@ class UringBackend:
 
     def _prepare(self, fd: int, tag: int, operations: list[Operation]) -> None:
         last = len(operations) - 1
+        write = self._ring.sqe_write
         for index, op in enumerate(operations):
-            sqe = self._ring.sqe_claim()
-            sqe.fd = fd
+            flags = 0 if index == last else _LINKED
+            user_data = (tag << _INDEX_BITS) | index
             if op is FDATASYNC:
-                sqe.opcode = uring_abi.IORING_OP_FSYNC
-                sqe.op_flags = uring_abi.IORING_FSYNC_DATASYNC
+                write(uring_abi.IORING_OP_FSYNC, flags, fd, 0, 0, 0,
+                      uring_abi.IORING_FSYNC_DATASYNC, user_data)
             else:
-                sqe.opcode = uring_abi.IORING_OP_WRITE
-                sqe.addr = uring_abi.buffer_address(op.data)
-                sqe.len = len(op.data)
-                sqe.off = op.offset
-            if index != last:
-                sqe.flags = uring_abi.IOSQE_IO_LINK | uring_abi.IOSQE_CQE_SKIP_SUCCESS
-            sqe.user_data = (tag << _INDEX_BITS) | index
+                write(uring_abi.IORING_OP_WRITE, flags, fd, op.offset,
+                      uring_abi.buffer_address(op.data), len(op.data), 0, user_data)
 
     def _enter(self, pending: int) -> bool:
         """Hand `pending` SQEs to the kernel. False: it asked us to come back later."""
