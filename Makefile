@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test-tools test soak bench clean
+.PHONY: venv demo test-tools test soak bench check-aarch64 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: $(STAMP) test-tools
 
 soak: $(STAMP) test-tools
 	$(PY) -m pytest -q -m soak -s tests
+
+# The io_uring binding's aarch64 path (libatomic acquire/release), run for real
+# under qemu-aarch64 with Debian's arm64 CPython (tests/aarch64/run.py). Not in
+# `make test`: it adds arm64 as a dpkg foreign architecture (root or sudo) and
+# downloads arm64 packages and wheels into build/aarch64-sysroot.
+check-aarch64: $(STAMP) test-tools
+	$(PY) tests/aarch64/run.py
 
 # The end-to-end bench compares with Redis and fio: install them here, out loud.
 bench: $(STAMP)
