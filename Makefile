@@ -34,9 +34,10 @@ soak: $(STAMP) test-tools
 	$(PY) -m pytest -q -m soak -s tests
 
 # The io_uring binding's aarch64 path (libatomic acquire/release), run for real
-# under qemu-aarch64 with Debian's arm64 CPython (tests/aarch64/run.py). Not in
-# `make test`: it adds arm64 as a dpkg foreign architecture (root or sudo) and
-# downloads arm64 packages and wheels into build/aarch64-sysroot.
+# under qemu-aarch64 with Debian's arm64 CPython (tests/aarch64/run.py). `make
+# test` runs it too (tests/ioring/test_aarch64_path.py): it adds arm64 as a dpkg
+# foreign architecture (root or sudo) and downloads arm64 packages and wheels
+# into build/aarch64-sysroot (~15 s, once).
 check-aarch64: $(STAMP) test-tools
 	$(PY) tests/aarch64/run.py
 

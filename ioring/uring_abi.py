@@ -26,7 +26,8 @@ On x86-64 (TSO) an aligned 32-bit load is already an acquire and a store a
 release, and a ctypes access is a real load or store (each is an opaque call,
 so no compiler reorders across it): plain accesses are correct. On aarch64
 they are not: there we call libatomic's `__atomic_load_4(ptr, ACQUIRE)` and
-`__atomic_store_4(ptr, value, RELEASE)` (LDAR/STLR; measured +4.7 us per chain).
+`__atomic_store_4(ptr, value, RELEASE)` (LDAR/STLR; the notes' sketch measured +4.7 us per chain for it; executed under
+qemu-aarch64 by `make check-aarch64`, not yet on aarch64 hardware).
 Any other architecture is refused with BackendUnavailableError rather than
 run with guessed ordering.
 """
@@ -177,9 +178,11 @@ class _Ordering:
                     f"io_uring needs libatomic on aarch64 for acquire/release ring "
                     f"indices, and it cannot be loaded ({error}); install it "
                     "(Debian/Ubuntu: apt-get install libatomic1)") from error
-            load = libatomic.__atomic_load_4
+            # By item, not attribute: inside a class body `libatomic.__atomic_load_4`
+            # would be name-mangled to `_Ordering__atomic_load_4`.
+            load = libatomic["__atomic_load_4"]
             load.restype, load.argtypes = ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_int]
-            store = libatomic.__atomic_store_4
+            store = libatomic["__atomic_store_4"]
             store.restype = None
             store.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
             self.load_acquire = lambda address: load(address, _ATOMIC_ACQUIRE)
@@ -204,10 +207,12 @@ _ordering: _Ordering | None = None
 
 
 def _runtime():
+    """The C library and the ordering helpers, loaded once; a refusal is raised
+    again on every call (nothing half-initialised is kept)."""
     global _libc, _ordering
-    if _libc is None:
-        _libc = _load_libc()
-        _ordering = _Ordering()
+    if _ordering is None:
+        libc, ordering = _load_libc(), _Ordering()
+        _libc, _ordering = libc, ordering
     return _libc, _ordering
 
 

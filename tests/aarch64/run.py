@@ -1,8 +1,9 @@
 """Run tests/aarch64/check_binding.py under qemu-aarch64 with Debian's arm64 CPython.
 
-`make check-aarch64` runs this. It is not part of `make test`: it adds arm64
-as a dpkg foreign architecture (root or sudo, once), downloads arm64 .debs and
-the arm64 numpy and blake3 wheels, and takes about half a minute the first time.
+`make check-aarch64` runs this, and so does `make test`
+(tests/ioring/test_aarch64_path.py): it adds arm64 as a dpkg foreign
+architecture (root or sudo, once), downloads arm64 .debs and the arm64 numpy
+and blake3 wheels, and takes about half a minute the first time.
 
 Why: ioring/uring_abi.py has an aarch64-only path (libatomic acquire/release
 for the ring indices) that no x86_64 machine executes, and NVIDIA Grace hosts
