@@ -38,9 +38,19 @@ def data_fd(tmp_path):
     os.close(fd)
 
 
-@pytest.fixture
-def ring():
-    ring = uring_abi.Ring(8)
+ORDERINGS = {
+    "native": None,
+    # aarch64's path (libatomic load-acquire/store-release), run here against
+    # the real kernel; qemu-aarch64 cannot (it has no io_uring).
+    "libatomic": "aarch64",
+}
+
+
+@pytest.fixture(params=sorted(ORDERINGS))
+def ring(request):
+    machine = ORDERINGS[request.param]
+    ring = uring_abi.Ring(8, None if machine is None else uring_abi._Ordering(machine))
+    assert ("libatomic" in ring.ordering) == (machine is not None)
     yield ring
     ring.close()
 
