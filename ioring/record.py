@@ -47,12 +47,38 @@ RECORD_DTYPE = numpy.dtype(
         ("output_digest", "<u8"),
     ]
 )
-assert RECORD_DTYPE.itemsize == RECORD_SIZE_BYTES
-assert RECORD_DTYPE.fields["tenant_id"][1] == 16  # offsets are the contract
 
-_STRUCT = struct.Struct("<IQIII4IIIIIQ")
-assert _STRUCT.size == RECORD_SIZE_BYTES
-TENANT_ID_OFFSET = 16
+# `struct` codes of the little-endian integer types the on-disk layouts use.
+_STRUCT_CODES = {"|u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q"}
+
+
+def struct_for_dtype(dtype: numpy.dtype, field_count: int | None = None) -> struct.Struct:
+    """The `struct.Struct` twin of a structured dtype (or of its first `field_count` fields).
+
+    The dtype is the single definition of a layout; this derives the format
+    that packs and unpacks one item without numpy, and asserts that the dtype
+    is little-endian and has no padding (offsets follow one another).
+    """
+    codes = ["<"]
+    offset = 0
+    for name in dtype.names[:field_count]:
+        field_dtype, field_offset = dtype.fields[name][:2]
+        assert field_offset == offset, f"field {name} at {field_offset}, expected {offset}"
+        base = field_dtype.base
+        assert base.kind in "SV" or base.str in _STRUCT_CODES, f"field {name}: {base.str}"
+        code = f"{base.itemsize}s" if base.kind in "SV" else _STRUCT_CODES[base.str]
+        item_count = int(numpy.prod(field_dtype.shape))
+        codes.append(code if item_count == 1 else f"{item_count}{code}")
+        offset += field_dtype.itemsize
+    layout = struct.Struct("".join(codes))
+    assert layout.size == offset
+    return layout
+
+
+_STRUCT = struct_for_dtype(RECORD_DTYPE)
+assert _STRUCT.size == RECORD_DTYPE.itemsize == RECORD_SIZE_BYTES
+TENANT_ID_OFFSET = RECORD_DTYPE.fields["tenant_id"][1]
+assert TENANT_ID_OFFSET == 16  # offsets are the contract (module docstring)
 
 FAILURE_CLASS_NAMES = {
     0: "none",
