@@ -48,8 +48,9 @@ import dataclasses
 import struct
 
 import blake3
+import numpy
 
-from ioring.record import RECORD_SIZE_BYTES
+from ioring.record import RECORD_SIZE_BYTES, struct_for_dtype
 
 FORMAT_MAGIC = b"RINGTAIL"
 FORMAT_VERSION = 1
@@ -93,7 +94,6 @@ assert BATCH_RECORD_COUNT_MAX % CHUNK_RECORD_COUNT == 0
 _HEADER = struct.Struct("<8sIIQQQQQIIQQ32s")
 _HEADER_CHECKED_SIZE = HEADER_SIZE_BYTES - CHECKSUM_SIZE_BYTES
 assert _HEADER.size == _HEADER_CHECKED_SIZE
-_ENTRY_PREFIX = struct.Struct("<QII")
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -237,6 +237,20 @@ def capacity_problem(capacity: int) -> str | None:
 # -- chunk entries ------------------------------------------------------------
 
 
+# The chunk entry layout (module docstring); the dtype is its one definition and
+# decodes whole tables at once (recovery, verify); the structs are derived.
+CHUNK_ENTRY_DTYPE = numpy.dtype([
+    ("first_sequence", "<u8"),
+    ("record_count", "<u4"),
+    ("reserved", "<u4"),
+    ("checksum", f"V{CHECKSUM_SIZE_BYTES}"),
+])
+_ENTRY = struct_for_dtype(CHUNK_ENTRY_DTYPE)
+ENTRY_HEAD = struct_for_dtype(CHUNK_ENTRY_DTYPE, 2)  # first_sequence, record_count
+assert CHUNK_ENTRY_DTYPE.itemsize == _ENTRY.size == CHUNK_ENTRY_SIZE_BYTES
+assert CHUNK_ENTRY_DTYPE.fields["checksum"][1] == CHUNK_ENTRY_SIZE_BYTES - CHECKSUM_SIZE_BYTES
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChunkEntry:
     first_sequence: int
@@ -244,16 +258,15 @@ class ChunkEntry:
     checksum: bytes
 
     def encode(self) -> bytes:
-        return _ENTRY_PREFIX.pack(self.first_sequence, self.record_count, 0) + self.checksum
+        return _ENTRY.pack(self.first_sequence, self.record_count, 0, self.checksum)
 
 
 EMPTY_ENTRY = ChunkEntry(0, 0, bytes(CHECKSUM_SIZE_BYTES))
 
 
 def decode_entry(data: bytes | memoryview) -> ChunkEntry:
-    first_sequence, record_count, _ = _ENTRY_PREFIX.unpack_from(data)
-    return ChunkEntry(first_sequence, record_count,
-                      bytes(data[16:CHUNK_ENTRY_SIZE_BYTES]))
+    first_sequence, record_count, _, entry_checksum = _ENTRY.unpack_from(data)
+    return ChunkEntry(first_sequence, record_count, entry_checksum)
 
 
 def chunk_hasher(file_id: int, first_sequence: int) -> "blake3.blake3":
@@ -268,9 +281,6 @@ def finish_chunk(hasher: "blake3.blake3", record_count: int) -> bytes:
     final = hasher.copy()
     final.update(_U32.pack(record_count))
     return final.digest(CHECKSUM_SIZE_BYTES)
-
-
-ENTRY_HEAD = struct.Struct("<QI")  # first_sequence, record_count at entry offset 0
 
 
 def chunk_digest(file_prefix: bytes, first_sequence: int, records: bytes | memoryview,
@@ -316,7 +326,7 @@ def encode_batch_entries(file_id: int, first_sequence: int, records: bytes,
             digest = finish_chunk(hasher, count)
             if count == CHUNK_RECORD_COUNT:
                 hasher = None
-        entries.append((chunk, _ENTRY_PREFIX.pack(start, count, 0) + digest))
+        entries.append((chunk, _ENTRY.pack(start, count, 0, digest)))
         chunk += 1
     return entries, hasher
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 
+import numpy
+
 from ioring.errors import RingCorruptError, RingRangeError
-from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, CHUNK_SIZE_BYTES,
-                           ENTRY_HEAD, ChunkEntry, Layout, chunk_checksum, chunk_digest,
-                           decode_entry)
+from ioring.format import (CHUNK_ENTRY_DTYPE, CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
+                           CHUNK_SIZE_BYTES, ENTRY_HEAD, ChunkEntry, Layout, chunk_checksum,
+                           chunk_digest, decode_entry)
 from ioring.record import RECORD_SIZE_BYTES
 
 NO_COPY = 0xFF
@@ -57,6 +59,36 @@ class ChunkTable:
         found.sort(key=lambda item: -item[1].record_count)
         return found
 
+    def choose_first_candidates(self, chunk_first: int, chunk_end: int,
+                                next_sequence: int) -> None:
+        """Make each chunk's first candidate current, for chunks [chunk_first, chunk_end).
+
+        The vectorised form of `current[position] = candidates(chunk,
+        count_max)[0][0]` (or NO_COPY) with `count_max` the chunk's records
+        below `next_sequence`: both tables are decoded with CHUNK_ENTRY_DTYPE
+        and compared at once, table A winning a tie as in `candidates`.
+        """
+        chunk_count = self.layout.chunk_count
+        # Each position once: the caller splits longer ranges.
+        assert chunk_first <= chunk_end <= chunk_first + chunk_count
+        assert chunk_end * CHUNK_RECORD_COUNT < next_sequence + CHUNK_RECORD_COUNT
+        chunks = numpy.arange(chunk_first, chunk_end, dtype=numpy.uint64)
+        positions = chunks % numpy.uint64(chunk_count)
+        firsts = chunks * numpy.uint64(CHUNK_RECORD_COUNT)
+        count_max = numpy.minimum(numpy.uint64(CHUNK_RECORD_COUNT),
+                                  numpy.uint64(next_sequence) - firsts)
+        valid, counts = [], []
+        for table in self.tables:
+            entries = numpy.frombuffer(table, dtype=CHUNK_ENTRY_DTYPE,
+                                       count=chunk_count)[positions]
+            count = entries["record_count"]
+            valid.append((entries["first_sequence"] == firsts) & (count > 0)
+                         & (count <= count_max))
+            counts.append(count)
+        take_b = valid[1] & (~valid[0] | (counts[1] > counts[0]))
+        choice = numpy.where(take_b, 1, numpy.where(valid[0], 0, NO_COPY))
+        numpy.frombuffer(self.current, dtype=numpy.uint8)[positions] = choice
+
 
 def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
                   first_sequence: int, count: int, oldest: int, next_sequence: int) -> bytes:
@@ -87,7 +119,7 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
             raise RingCorruptError(path, offset + len(data),
                                    f"file ends inside the data region (read {len(data)} of {size} bytes)")
         view = memoryview(data)
-        _verify_run(path, table, file_id, chunk, run, view, offset)
+        verify_run(path, table, file_id, chunk, run, view, offset)
         skip = (max(first_sequence, run_start) - run_start) * RECORD_SIZE_BYTES
         take = (min(end, run_end) - max(first_sequence, run_start)) * RECORD_SIZE_BYTES
         pieces.append(view[skip:skip + take] if skip or take != size else data)
@@ -95,7 +127,7 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
     return pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
 
 
-def _verify_run(path: str, table: ChunkTable, file_id: int, chunk: int, run: int,
+def verify_run(path: str, table: ChunkTable, file_id: int, chunk: int, run: int,
                 view: memoryview, offset: int) -> None:
     """Check `run` consecutive chunks read into `view` (the replay hot path: one
     hash call and no objects per chunk; any doubt goes to `check_chunk`, which

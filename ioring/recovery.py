@@ -166,23 +166,32 @@ def recover(fd: int, path: str) -> Recovery:
     assert window_end <= tail_start - tail_start % CHUNK_RECORD_COUNT or window_end <= header_oldest
     oldest, next_sequence = header_oldest, header_next
     verified = 0
-    for chunk in range(header_oldest // CHUNK_RECORD_COUNT,
-                       -(-header_next // CHUNK_RECORD_COUNT)):
-        first = chunk * CHUNK_RECORD_COUNT
+    # The chunks of one pass in order: the head window, then the middle (durable
+    # when H was written: no checksum here, every read verifies them), then the
+    # tail. Only the edges are checked chunk by chunk; the middle's current
+    # entries are chosen with one vectorised decode of both tables.
+    chunk_first = header_oldest // CHUNK_RECORD_COUNT
+    chunk_end = -(-header_next // CHUNK_RECORD_COUNT)
+    window_chunk_end = min(chunk_end, max(chunk_first, -(-window_end // CHUNK_RECORD_COUNT)))
+    # A chunk is in the middle while all its records below the cursor lie
+    # below tail_start: every chunk when there is no tail.
+    middle_end = chunk_end if tail_start == header_next else \
+        min(chunk_end, max(window_chunk_end, tail_start // CHUNK_RECORD_COUNT))
+    for chunk in range(chunk_first, window_chunk_end):
+        good = _verified_count(fd, layout, table, file_id, chunk, _count_max(chunk, header_next))
+        if good == _count_max(chunk, header_next):
+            verified += good
+        else:  # evicted by the batch in flight: this chunk and all older go
+            oldest = min(header_next, chunk * CHUNK_RECORD_COUNT + CHUNK_RECORD_COUNT)
+            verified = 0
+    table.choose_first_candidates(window_chunk_end, middle_end, header_next)
+    for chunk in range(middle_end, chunk_end):
         count_max = _count_max(chunk, header_next)
-        in_window = first < window_end
-        if not in_window and first + count_max <= tail_start:
-            candidates = table.candidates(chunk, count_max)  # verified on every read
-            table.current[chunk % layout.chunk_count] = candidates[0][0] if candidates else NO_COPY
-            continue
         good = _verified_count(fd, layout, table, file_id, chunk, count_max)
         if good == count_max:
             verified += good
-        elif in_window:  # evicted by the batch in flight: this chunk and all older go
-            oldest = min(header_next, first + CHUNK_RECORD_COUNT)
-            verified = 0
         else:  # the header's own batch is torn here: cut
-            next_sequence = max(first + good, oldest)
+            next_sequence = max(chunk * CHUNK_RECORD_COUNT + good, oldest)
             verified += good
             break
     if next_sequence == header_next:
