@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from ioring.files import write_file_atomically
+
 DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "docs", "BENCHMARKS.md")
 _DOC_HEAD = "# Benchmarks\n\nReproducible benchmarks; each section names the script that writes it.\n"
@@ -28,7 +30,4 @@ def update_section(title: str, section: str, path: str = DOC_PATH) -> None:
         following = re.search(r"^## ", text[start + len(title):], re.MULTILINE)
         end = len(text) if following is None else start + len(title) + following.start()
         text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
+    write_file_atomically(path, text.encode("utf-8"), mode=0o644)

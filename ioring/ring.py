@@ -23,6 +23,7 @@ Write rules that make crashes safe (docs/FORMAT.md):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -34,6 +35,7 @@ from typing import Callable
 from ioring.chain import FDATASYNC, Backend, Operation, Write, open_backend
 from ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
                            RingFormatError, RingLockedError)
+from ioring.files import write_file_atomically
 from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
                            HEADER_COPY_OFFSETS, Header, Layout, capacity_problem,
                            chunk_hasher, encode_batch_entries)
@@ -372,11 +374,11 @@ class RingFile:
 
 
 def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
-    """Write a new, empty ring file atomically (temp file, fsync, rename).
+    """Write a new, empty ring file atomically (`<path>.creating`, fsync, link).
 
     Raises:
         RingFormatError: the capacity is out of bounds.
-        FileExistsError: `path` exists.
+        FileExistsError: `path` exists (it is left as it is).
     """
     problem = capacity_problem(capacity)
     if problem:
@@ -385,27 +387,21 @@ def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
     header = Header(generation=1, capacity=capacity, oldest_sequence=0, next_sequence=0,
                     batch_first_sequence=0, tenant_id=tenant_id, created_ns=time.time_ns(),
                     file_id=int.from_bytes(secrets.token_bytes(8), "little"))
-    temporary = f"{path}.creating"
-    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    written = False
-    try:
+
+    def fill(fd: int) -> None:
         # Allocate the blocks now (not a sparse file): a full disk fails here,
         # at creation, instead of failing a batch later.
         os.posix_fallocate(fd, 0, layout.file_size_bytes)
         for generation in (0, 1):
             copy = dataclasses.replace(header, generation=generation)
             os.pwrite(fd, copy.encode(), HEADER_COPY_OFFSETS[copy.copy_index])
-        os.fsync(fd)
-        written = True
-    finally:
-        os.close(fd)
-        if not written:
-            os.unlink(temporary)  # a half-made file must not be left behind
-    if os.path.exists(path):
+
+    temporary = f"{path}.creating"
+    # Only a complete file gets the ring's name, so a `.creating` file that is
+    # already there was left by a creation that crashed: never a ring.
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
-        raise FileExistsError(path)
-    os.rename(temporary, path)
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    write_file_atomically(path, fill, replace=False, temporary_path=temporary)
 
 
 def lock_writer(fd: int, path: str) -> None:
@@ -431,14 +427,6 @@ def is_locked_by_writer(fd: int) -> bool:
         return True
     fcntl.flock(fd, fcntl.LOCK_UN)
     return False
-
-
-def fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id: int = 0,

@@ -50,12 +50,12 @@ import dataclasses
 import operator
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 
 import numpy
 
 from ioring.errors import VrrlFormatError
+from ioring.files import write_file_atomically
 from ioring.record import RECORD_MAGIC, RECORD_SIZE_BYTES
 
 __all__ = [
@@ -268,7 +268,7 @@ def export_vrrl(records: Iterable[bytes], path: str | os.PathLike,
     body.release()
     _HEADER_STRUCT.pack_into(image, 0, VRRL_MAGIC, VRRL_VERSION, 0, capacity,
                              record_count % capacity)
-    _write_atomically(path, image)
+    write_file_atomically(path, image, temporary_suffix=".vrrl-tmp", mode=0o600)  # tenant data
 
 
 def _parse_header(path: str | os.PathLike, header_bytes: bytes,
@@ -362,32 +362,3 @@ def _check_export_record(index: int, record: bytes) -> None:
             f" 0x{RECORD_MAGIC:08x} (RECORD_MAGIC); a VRRL reader skips magic 0"
             f" and rejects any other, so this record could not be read back:"
             f" export only well-formed records")
-
-
-def _write_atomically(path: str | os.PathLike, data: bytes | bytearray) -> None:
-    """Replace `path` with `data`: temp file, fsync, rename, fsync directory."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temp_path = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".vrrl-tmp", dir=directory)
-    renamed = False
-    try:
-        with open(descriptor, "wb", closefd=True) as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_path, path)
-        renamed = True
-    finally:
-        # Cleanup only, the exception (if any) propagates: no partial file is
-        # left beside `path` after a failed write or an interrupt.
-        if not renamed:
-            try:
-                os.unlink(temp_path)
-            except FileNotFoundError:
-                pass
-    directory_descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory_descriptor)
-    finally:
-        os.close(directory_descriptor)

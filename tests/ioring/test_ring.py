@@ -28,7 +28,7 @@ from ioring.format import (CAPACITY_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT_MIN,
                            HEADER_SIZE_BYTES, Layout, decode_entry, decode_header,
                            entry_matches)
 from ioring.record import RECORD_SIZE_BYTES
-from ioring.ring import open_ring
+from ioring.ring import create_ring_file, open_ring
 
 from .conftest import TENANT_ID, make_records
 
@@ -413,6 +413,25 @@ def test_capacity_out_of_bounds_is_rejected_and_no_file_is_made(ring_path, capac
 def test_capacity_bounds_are_accepted(ring_path):
     with open_ring(ring_path, capacity=CAPACITY_RECORD_COUNT_MIN, io="threads") as ring:
         assert ring.capacity == CAPACITY_RECORD_COUNT_MIN
+
+
+def test_a_creation_left_by_a_crash_is_replaced_not_reused(ring_path):
+    with open(ring_path + ".creating", "wb") as leftover:  # crashed mid-creation
+        leftover.write(b"half a ring")
+    with open_ring(ring_path, capacity=128, tenant_id=TENANT_ID, io="threads") as ring:
+        ring.append(make_records(0, 3))
+    assert os.path.getsize(ring_path) == Layout(128).file_size_bytes
+    assert sorted(os.listdir(os.path.dirname(ring_path))) == [os.path.basename(ring_path)]
+
+
+def test_creating_over_an_existing_file_is_refused_and_leaves_it(ring_path):
+    with open(ring_path, "wb") as other:  # e.g. made by another process meanwhile
+        other.write(b"not ours")
+    with pytest.raises(FileExistsError, match="tenant.ring exists; it was left as it is"):
+        create_ring_file(ring_path, 128, TENANT_ID)
+    with open(ring_path, "rb") as other:
+        assert other.read() == b"not ours"
+    assert sorted(os.listdir(os.path.dirname(ring_path))) == [os.path.basename(ring_path)]
 
 
 def test_opening_another_tenants_ring_is_rejected(io, ring_path):
