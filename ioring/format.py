@@ -261,9 +261,6 @@ class ChunkEntry:
         return _ENTRY.pack(self.first_sequence, self.record_count, 0, self.checksum)
 
 
-EMPTY_ENTRY = ChunkEntry(0, 0, bytes(CHECKSUM_SIZE_BYTES))
-
-
 def decode_entry(data: bytes | memoryview) -> ChunkEntry:
     first_sequence, record_count, _, entry_checksum = _ENTRY.unpack_from(data)
     return ChunkEntry(first_sequence, record_count, entry_checksum)

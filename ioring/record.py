@@ -164,14 +164,6 @@ def output_digest(output: bytes) -> int:
     return int.from_bytes(blake3.blake3(output).digest(8), "little")
 
 
-def iter_records(data: bytes | memoryview):
-    """Yield memoryviews of each 64-byte record in `data` (length must divide)."""
-    assert len(data) % RECORD_SIZE_BYTES == 0
-    view = memoryview(data)
-    for offset in range(0, len(view), RECORD_SIZE_BYTES):
-        yield view[offset:offset + RECORD_SIZE_BYTES]
-
-
 def as_array(data: bytes | memoryview) -> numpy.ndarray:
     """A read-only structured view of concatenated records (no copy)."""
     assert len(data) % RECORD_SIZE_BYTES == 0
