@@ -16,8 +16,9 @@ systemd's READY=1). It turns 503 again when shutdown begins.
 Every metric, its type, labels and meaning: docs/OPERATIONS.md, "Metrics and
 health".
 
-Resource handling: `serve_with_metrics` owns the listener and the HTTP server
-task; both end when the daemon's serve returns.
+Resource handling: the daemon (service/server.py, `Daemon.serve`) binds the
+listener and runs `serve_metrics` in its own nursery; both end when its serve
+returns.
 Error handling: a listener that cannot bind raises OSError naming the address
 and the fix, before anything else starts (the CLI exits 1).
 """
@@ -28,7 +29,7 @@ import dataclasses
 import logging
 import socket
 from types import MappingProxyType
-from typing import Awaitable, Callable, Mapping
+from typing import Mapping
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -145,149 +146,168 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str],
     family.add_metric(labels, buckets, snapshot.sum / divisor)
 
 
+def _gauge(name, documentation, labels=None):
+    return GaugeMetricFamily(name, documentation, labels=labels)
+
+
+def _counter(name, documentation, labels=None):
+    return CounterMetricFamily(name, documentation, labels=labels)
+
+
 class DaemonCollector(Collector):
-    """Reads one daemon's state at scrape time (on the Trio thread: no locks needed)."""
+    """Reads one daemon's state at scrape time (on the Trio thread: no locks needed).
+
+    One function per source, each reading that source's `statistics()` (or
+    state) and nothing else: the daemon's connections, the I/O backend
+    choice, the tenants' rings and writers, the per-frame traffic counters.
+    """
 
     def __init__(self, daemon):
         self.daemon = daemon
 
     def collect(self):
         daemon = self.daemon
-        stats = daemon.stats
-        traffic = daemon.counters.statistics()
-        tenants = sorted(daemon.registry.tenants.items())  # a copy: opens may follow
+        yield from _daemon_families(daemon)
+        yield from _io_families(daemon.io_probe)
+        yield from _tenant_families(daemon.registry)
+        yield from _traffic_families(daemon.counters.statistics())
 
-        def gauge(name, documentation, labels=None):
-            return GaugeMetricFamily(name, documentation, labels=labels)
 
-        def counter(name, documentation, labels=None):
-            return CounterMetricFamily(name, documentation, labels=labels)
+def _daemon_families(daemon):
+    stats = daemon.stats
+    yield GaugeMetricFamily("ringtail_ready", "1 once rings are recovered and the socket "
+                            "is bound; 0 before, and from the start of shutdown",
+                            value=1 if daemon.ready else 0)
+    yield GaugeMetricFamily("ringtail_connections_open", "Client connections open now",
+                            value=stats.connections)
+    for name, value, documentation in (
+            ("ringtail_connections_accepted", stats.connections_total,
+             "Client connections accepted"),
+            ("ringtail_protocol_errors", stats.protocol_errors,
+             "Connections closed with a fatal protocol Error"),
+            ("ringtail_peers_gone", stats.peers_gone,
+             "Connections that broke while the daemon had something to send"),
+            ("ringtail_accept_retries", stats.accept_retries,
+             "accept() failures for want of file descriptors or memory"),
+            ("ringtail_internal_errors", stats.internal_errors,
+             "Connection handler bugs (that connection was closed)"),
+            ("ringtail_notify_failures", daemon.notifier.statistics().failed,
+             "systemd notifications ($NOTIFY_SOCKET) that could not be sent"),
+            ("ringtail_auth_rate_limited", stats.auth_rate_limited,
+             "Hellos refused unchecked: the peer had too many recent auth failures"),
+            ("ringtail_forbidden", stats.forbidden,
+             "Requests refused FORBIDDEN: valid credentials without the role"),
+            ("ringtail_tls_failures", stats.tls_failures,
+             "TCP peers whose TLS handshake failed"),
+            ("ringtail_quota_refused_batches", stats.quota_refused_batches,
+             "Publish batches refused QUOTA_EXCEEDED (quota_mode = \"reject\")"),
+            ("ringtail_reloads", stats.reloads, "SIGHUP reloads applied"),
+            ("ringtail_reload_failures", stats.reload_failures,
+             "SIGHUP reloads refused (the old config stayed)")):
+        yield CounterMetricFamily(name, documentation, value=value)
 
-        yield GaugeMetricFamily("ringtail_ready", "1 once rings are recovered and the socket "
-                                "is bound; 0 before, and from the start of shutdown",
-                                value=1 if daemon.ready else 0)
-        yield GaugeMetricFamily("ringtail_connections_open", "Client connections open now",
-                                value=stats.connections)
-        for name, value, documentation in (
-                ("ringtail_connections_accepted", stats.connections_total,
-                 "Client connections accepted"),
-                ("ringtail_protocol_errors", stats.protocol_errors,
-                 "Connections closed with a fatal protocol Error"),
-                ("ringtail_peers_gone", stats.peers_gone,
-                 "Connections that broke while the daemon had something to send"),
-                ("ringtail_accept_retries", stats.accept_retries,
-                 "accept() failures for want of file descriptors or memory"),
-                ("ringtail_internal_errors", stats.internal_errors,
-                 "Connection handler bugs (that connection was closed)"),
-                ("ringtail_notify_failures", daemon.notifier.statistics().failed,
-                 "systemd notifications ($NOTIFY_SOCKET) that could not be sent"),
-                ("ringtail_auth_rate_limited", stats.auth_rate_limited,
-                 "Hellos refused unchecked: the peer had too many recent auth failures"),
-                ("ringtail_forbidden", stats.forbidden,
-                 "Requests refused FORBIDDEN: valid credentials without the role"),
-                ("ringtail_tls_failures", stats.tls_failures,
-                 "TCP peers whose TLS handshake failed"),
-                ("ringtail_quota_refused_batches", stats.quota_refused_batches,
-                 "Publish batches refused QUOTA_EXCEEDED (quota_mode = \"reject\")"),
-                ("ringtail_reloads", stats.reloads, "SIGHUP reloads applied"),
-                ("ringtail_reload_failures", stats.reload_failures,
-                 "SIGHUP reloads refused (the old config stayed)")):
-            yield CounterMetricFamily(name, documentation, value=value)
-        probe = daemon.io_probe
-        fallback = gauge("ringtail_io_uring_fallback",
-                         "1 when io=auto fell back to the thread backend because the "
-                         "io_uring probe failed, by cause (refused, signal, timeout, failed)",
-                         ["cause"])
-        if probe is not None and not probe.ok:
-            fallback.add_metric([probe.cause], 1)
-        yield fallback
-        yield GaugeMetricFamily("ringtail_tenants", "Tenants with an open ring",
-                                value=len(tenants))
-        unavailable = gauge("ringtail_tenant_unavailable",
-                            "1 for each tenant whose ring could not be opened", ["tenant"])
-        for tenant_id in sorted(daemon.registry.unavailable):
-            unavailable.add_metric([str(tenant_id)], 1)
-        yield unavailable
 
-        records_in = counter("ringtail_records_in", "Records made durable (acknowledged)",
-                             ["tenant"])
-        bytes_in = counter("ringtail_bytes_in", "Record bytes made durable", ["tenant"])
-        batches = counter("ringtail_batches", "Ring batches written (group commits)",
+def _io_families(probe):
+    fallback = _gauge("ringtail_io_uring_fallback",
+                      "1 when io=auto fell back to the thread backend because the "
+                      "io_uring probe failed, by cause (refused, signal, timeout, failed)",
+                      ["cause"])
+    if probe is not None and not probe.ok:
+        fallback.add_metric([probe.cause], 1)
+    yield fallback
+
+
+def _tenant_families(registry):
+    tenants = sorted(registry.tenants.items())  # a copy: opens may follow
+    yield GaugeMetricFamily("ringtail_tenants", "Tenants with an open ring",
+                            value=len(tenants))
+    unavailable = _gauge("ringtail_tenant_unavailable",
+                         "1 for each tenant whose ring could not be opened", ["tenant"])
+    for tenant_id in sorted(registry.unavailable):
+        unavailable.add_metric([str(tenant_id)], 1)
+    yield unavailable
+
+    records_in = _counter("ringtail_records_in", "Records made durable (acknowledged)",
                           ["tenant"])
-        fdatasyncs = counter("ringtail_fdatasyncs", "fdatasync calls on the ring file",
-                             ["tenant"])
-        batch_records = HistogramMetricFamily(
-            "ringtail_batch_records", "Records per ring batch", labels=["tenant"])
-        commit_seconds = HistogramMetricFamily(
-            "ringtail_commit_seconds",
-            "Per batch, submit to durable: the write chain and its fdatasync (sync=batch)",
-            labels=["tenant"])
-        ack_seconds = HistogramMetricFamily(
-            "ringtail_ack_latency_seconds",
-            "Per publish batch, queued by the daemon to durable (its Ack is sent then)",
-            labels=["tenant"])
-        pending = gauge("ringtail_pending_records", "Records queued for the writer",
-                        ["tenant"])
-        subscribers = gauge("ringtail_subscribers", "Subscriptions open now", ["tenant"])
-        gaps = counter("ringtail_gaps", "Gap events sent (a subscriber fell behind eviction)",
+    bytes_in = _counter("ringtail_bytes_in", "Record bytes made durable", ["tenant"])
+    batches = _counter("ringtail_batches", "Ring batches written (group commits)",
                        ["tenant"])
-        capacity = gauge("ringtail_ring_capacity_records", "Ring capacity", ["tenant"])
-        retained = gauge("ringtail_ring_retained_records", "Records retained in the ring",
-                         ["tenant"])
-        fill = gauge("ringtail_ring_fill_ratio", "Retained records / capacity (0..1)",
+    fdatasyncs = _counter("ringtail_fdatasyncs", "fdatasync calls on the ring file",
+                          ["tenant"])
+    batch_records = HistogramMetricFamily(
+        "ringtail_batch_records", "Records per ring batch", labels=["tenant"])
+    commit_seconds = HistogramMetricFamily(
+        "ringtail_commit_seconds",
+        "Per batch, submit to durable: the write chain and its fdatasync (sync=batch)",
+        labels=["tenant"])
+    ack_seconds = HistogramMetricFamily(
+        "ringtail_ack_latency_seconds",
+        "Per publish batch, queued by the daemon to durable (its Ack is sent then)",
+        labels=["tenant"])
+    pending = _gauge("ringtail_pending_records", "Records queued for the writer",
                      ["tenant"])
-        next_sequence = gauge("ringtail_ring_next_sequence",
-                              "Sequence the next record will get", ["tenant"])
-        failed = gauge("ringtail_ring_failed", "1 if the ring's writes failed (reopen needed)",
-                       ["tenant"])
-        backend = gauge("ringtail_io_backend", "1 for the I/O backend each ring uses",
-                        ["tenant", "backend"])
-        for tenant_id, tenant in tenants:
-            label = [str(tenant_id)]
-            writer = tenant.writer.statistics()
-            ring = tenant.ring.statistics()
-            records_in.add_metric(label, writer.records)
-            bytes_in.add_metric(label, writer.records * RECORD_SIZE_BYTES)
-            batches.add_metric(label, writer.batches)
-            fdatasyncs.add_metric(label, ring.fdatasync_count)
-            _add_histogram(batch_records, label, writer.batch_record_count)
-            _add_histogram(commit_seconds, label, writer.commit_latency_ns, 1e9)
-            _add_histogram(ack_seconds, label, writer.ack_latency_ns, 1e9)
-            pending.add_metric(label, writer.pending_records)
-            subscribers.add_metric(label, tenant.subscriber_count)
-            gaps.add_metric(label, tenant.gaps)
-            kept = ring.next_sequence - ring.oldest_sequence
-            capacity.add_metric(label, ring.capacity)
-            retained.add_metric(label, kept)
-            fill.add_metric(label, kept / ring.capacity)
-            next_sequence.add_metric(label, ring.next_sequence)
-            failed.add_metric(label, 1 if writer.failed else 0)
-            backend.add_metric([str(tenant_id), ring.backend], 1)
-        yield from (records_in, bytes_in, batches, fdatasyncs, batch_records, commit_seconds,
-                    ack_seconds, pending, subscribers, gaps, capacity, retained, fill,
-                    next_sequence, failed, backend)
+    subscribers = _gauge("ringtail_subscribers", "Subscriptions open now", ["tenant"])
+    gaps = _counter("ringtail_gaps", "Gap events sent (a subscriber fell behind eviction)",
+                    ["tenant"])
+    capacity = _gauge("ringtail_ring_capacity_records", "Ring capacity", ["tenant"])
+    retained = _gauge("ringtail_ring_retained_records", "Records retained in the ring",
+                      ["tenant"])
+    fill = _gauge("ringtail_ring_fill_ratio", "Retained records / capacity (0..1)",
+                  ["tenant"])
+    next_sequence = _gauge("ringtail_ring_next_sequence",
+                           "Sequence the next record will get", ["tenant"])
+    failed = _gauge("ringtail_ring_failed", "1 if the ring's writes failed (reopen needed)",
+                    ["tenant"])
+    backend = _gauge("ringtail_io_backend", "1 for the I/O backend each ring uses",
+                     ["tenant", "backend"])
+    for tenant_id, tenant in tenants:
+        label = [str(tenant_id)]
+        writer = tenant.writer.statistics()
+        ring = tenant.ring.statistics()
+        records_in.add_metric(label, writer.records)
+        bytes_in.add_metric(label, writer.records * RECORD_SIZE_BYTES)
+        batches.add_metric(label, writer.batches)
+        fdatasyncs.add_metric(label, ring.fdatasync_count)
+        _add_histogram(batch_records, label, writer.batch_record_count)
+        _add_histogram(commit_seconds, label, writer.commit_latency_ns, 1e9)
+        _add_histogram(ack_seconds, label, writer.ack_latency_ns, 1e9)
+        pending.add_metric(label, writer.pending_records)
+        subscribers.add_metric(label, tenant.subscriber_count)
+        gaps.add_metric(label, tenant.gaps)
+        kept = ring.next_sequence - ring.oldest_sequence
+        capacity.add_metric(label, ring.capacity)
+        retained.add_metric(label, kept)
+        fill.add_metric(label, kept / ring.capacity)
+        next_sequence.add_metric(label, ring.next_sequence)
+        failed.add_metric(label, 1 if writer.failed else 0)
+        backend.add_metric([str(tenant_id), ring.backend], 1)
+    yield from (records_in, bytes_in, batches, fdatasyncs, batch_records, commit_seconds,
+                ack_seconds, pending, subscribers, gaps, capacity, retained, fill,
+                next_sequence, failed, backend)
 
-        records_out = counter("ringtail_records_out", "Records sent to subscribers", ["tenant"])
-        bytes_out = counter("ringtail_bytes_out", "Record bytes sent to subscribers",
-                            ["tenant"])
-        for key in sorted(traffic.records_out):
-            records_out.add_metric([key], traffic.records_out[key])
-            bytes_out.add_metric([key], traffic.bytes_out[key])
-        rejected_batches = counter("ringtail_rejected_batches",
-                                   "Publish batches refused, by error code",
-                                   ["tenant", "code"])
-        rejected_records = counter("ringtail_rejected_records",
-                                   "Records in refused publish batches, by error code "
-                                   "(0 where the frame had no whole records)",
-                                   ["tenant", "code"])
-        for key in sorted(traffic.rejected_batches):
-            rejected_batches.add_metric(list(key), traffic.rejected_batches[key])
-            rejected_records.add_metric(list(key), traffic.rejected_records[key])
-        auth_failures = counter("ringtail_auth_failures", "Failed authentications",
-                                ["tenant", "reason"])
-        for key in sorted(traffic.auth_failures):
-            auth_failures.add_metric(list(key), traffic.auth_failures[key])
-        yield from (records_out, bytes_out, rejected_batches, rejected_records, auth_failures)
+
+def _traffic_families(traffic: TrafficStatistics):
+    records_out = _counter("ringtail_records_out", "Records sent to subscribers", ["tenant"])
+    bytes_out = _counter("ringtail_bytes_out", "Record bytes sent to subscribers",
+                         ["tenant"])
+    for key in sorted(traffic.records_out):
+        records_out.add_metric([key], traffic.records_out[key])
+        bytes_out.add_metric([key], traffic.bytes_out[key])
+    rejected_batches = _counter("ringtail_rejected_batches",
+                                "Publish batches refused, by error code",
+                                ["tenant", "code"])
+    rejected_records = _counter("ringtail_rejected_records",
+                                "Records in refused publish batches, by error code "
+                                "(0 where the frame had no whole records)",
+                                ["tenant", "code"])
+    for key in sorted(traffic.rejected_batches):
+        rejected_batches.add_metric(list(key), traffic.rejected_batches[key])
+        rejected_records.add_metric(list(key), traffic.rejected_records[key])
+    auth_failures = _counter("ringtail_auth_failures", "Failed authentications",
+                             ["tenant", "reason"])
+    for key in sorted(traffic.auth_failures):
+        auth_failures.add_metric(list(key), traffic.auth_failures[key])
+    yield from (records_out, bytes_out, rejected_batches, rejected_records, auth_failures)
 
 
 def build_registry(daemon) -> CollectorRegistry:
@@ -407,33 +427,3 @@ async def serve_metrics(daemon, sock: socket.socket, *,
     config.keep_alive_timeout = METRICS_KEEP_ALIVE_TIMEOUT_S
     config.graceful_timeout = METRICS_GRACEFUL_TIMEOUT_S
     await serve(HealthApp(daemon, build_registry(daemon)), config, task_status=task_status)
-
-
-async def serve_with_metrics(daemon, serve_daemon: Callable[..., Awaitable[None]],
-                             task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run `serve_daemon(task_status=...)`, with the metrics listener around it if set.
-
-    The listener binds (or fails, plainly) before the daemon binds its socket
-    or opens a ring, and stops after the daemon's serve returns.
-    """
-    if not daemon.config.metrics_listen:
-        await serve_daemon(task_status=task_status)
-        return
-    sock = bind_metrics_socket(daemon.config.metrics_listen)
-    url = listener_url(sock)
-    failure = None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve_metrics, daemon, sock)
-        daemon.metrics_url = url
-        log.info("metrics listening on %s (/metrics, /healthz, /readyz)", url)
-        try:
-            await serve_daemon(task_status=task_status)
-        except Exception as error:
-            # Re-raised after the nursery: inside it, the daemon's own errors
-            # (socket in use, ...) would reach the CLI wrapped in an
-            # ExceptionGroup instead of as the OSError it reports plainly.
-            failure = error
-        finally:
-            nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure

@@ -135,9 +135,35 @@ class Daemon:
         self.counters.count_auth_failure(tenant_id, reason)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        # The metrics listener (if configured) first, so /healthz answers and
-        # /readyz says 503 while the rings recover.
-        await metrics.serve_with_metrics(self, self._serve, task_status)
+        """Serve until shutdown. The metrics listener (if configured) binds first,
+        in this daemon's own nursery, so /healthz answers and /readyz says 503
+        while the rings recover; it stops after everything else has.
+
+        Raises:
+            OSError: a listener cannot bind (the message names it and the fix).
+            BackendUnavailableError: `io = "uring"` and the io_uring probe failed.
+        """
+        if not self.config.metrics_listen:
+            await self._serve(task_status=task_status)
+            return
+        sock = metrics.bind_metrics_socket(self.config.metrics_listen)
+        url = metrics.listener_url(sock)
+        failure = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(metrics.serve_metrics, self, sock)
+            self.metrics_url = url
+            log.info("metrics listening on %s (/metrics, /healthz, /readyz)", url)
+            try:
+                await self._serve(task_status=task_status)
+            except Exception as error:
+                # Re-raised after the nursery: inside it, the daemon's own errors
+                # (socket in use, ...) would reach the CLI wrapped in an
+                # ExceptionGroup instead of as the error it reports plainly.
+                failure = error
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         # The socket first: it is what tells a second daemon that this one is
