@@ -14,7 +14,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
-# Records per ring batch: powers of two up to BATCH_RECORD_COUNT_MAX (4,096).
+# Records per ring batch: powers of two up to BATCH_RECORD_COUNT_MAX (4,096;
+# service/limits.py asserts the relation).
 BATCH_RECORD_COUNT_BOUNDS = tuple(1 << shift for shift in range(13))
 # Latencies in nanoseconds, 50 us .. 10 s: an fdatasync on NVMe is ~50 us-2 ms,
 # a throttled cloud disk tens of ms, a stalled one seconds.
@@ -22,7 +23,6 @@ LATENCY_NS_BOUNDS = tuple(int(seconds * 1e9) for seconds in (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 
-assert BATCH_RECORD_COUNT_BOUNDS[-1] == 4096  # ioring.format.BATCH_RECORD_COUNT_MAX
 assert list(LATENCY_NS_BOUNDS) == sorted(set(LATENCY_NS_BOUNDS))
 
 
