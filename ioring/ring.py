@@ -1,6 +1,6 @@
 """RingFile: one tenant's ring file — batched durable appends and verified reads.
 
-A batch becomes one chain (see ioring/chain.py)::
+A batch becomes one chain (planned and checked by ioring/batch.py; see ioring/chain.py)::
 
     data write(s)  ->  chunk-table write(s)  ->  header copy  ->  fdatasync
 
@@ -32,35 +32,18 @@ import select
 import time
 from typing import Callable
 
-from ioring.chain import FDATASYNC, Backend, Operation, Write, open_backend
+from ioring.batch import BatchPlan, BatchTicket, check_header_successor, check_plan, plan_batch
+from ioring.chain import Backend, Operation, open_backend
 from ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
                            RingFormatError, RingLockedError)
 from ioring.files import write_file_atomically
-from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
-                           HEADER_COPY_OFFSETS, Header, Layout, capacity_problem,
-                           chunk_hasher, encode_batch_entries)
-from ioring.reader import NO_COPY, ChunkTable, read_verified
+from ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, Header, Layout,
+                           capacity_problem, chunk_hasher)
+from ioring.reader import ChunkTable, read_verified
 from ioring.record import RECORD_SIZE_BYTES
 from ioring.recovery import RecoveryReport, recover
 
 SYNC_CHOICES = ("batch", "none")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BatchTicket:
-    """A submitted batch: its sequences are first_sequence..last_sequence."""
-
-    tag: int
-    first_sequence: int
-    record_count: int
-
-    @property
-    def last_sequence(self) -> int:
-        return self.first_sequence + self.record_count - 1
-
-    @property
-    def next_sequence(self) -> int:
-        return self.first_sequence + self.record_count
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,16 +57,6 @@ class RingStatistics:
     records_committed: int
     fdatasync_count: int
     in_flight: bool
-
-
-@dataclasses.dataclass(slots=True)
-class _Pending:
-    ticket: BatchTicket
-    table_index: int
-    entries: list[tuple[int, bytes]]  # (position, encoded entry)
-    tail_hasher: object | None
-    header: Header
-    operations: list[Operation]
 
 
 class RingFile:
@@ -115,7 +88,7 @@ class RingFile:
         self._observer = observer
         self.oldest_sequence = header.oldest_sequence
         self.next_sequence = header.next_sequence
-        self._pending: _Pending | None = None
+        self._pending: BatchPlan | None = None
         self._failure: RingFailedError | None = None
         self._closed = False
         self._tail_hasher = self._load_tail_hasher()
@@ -187,58 +160,20 @@ class RingFile:
             raise ValueError(
                 f"a batch is 1..{self.batch_record_count_max} whole {RECORD_SIZE_BYTES}-byte "
                 f"records; got {len(records)} bytes; split it into smaller batches")
+        # The committed state the plan continues from (paired with _commit).
+        assert (self.oldest_sequence, self.next_sequence) == (
+            self._header.oldest_sequence, self._header.next_sequence)
         self._tag += 1
-        first = self.next_sequence
-        ticket = BatchTicket(self._tag, first, count)
-        pending = self._plan(ticket, records)
-        self.oldest_sequence = pending.header.oldest_sequence
+        ticket = BatchTicket(self._tag, self.next_sequence, count)
+        plan = plan_batch(ticket, records, self.layout, self._header, self._table,
+                          self._tail_hasher, self.sync)
+        check_plan(plan, self.layout, self._header, self._table, self.sync)
+        self.oldest_sequence = plan.header.oldest_sequence
         if self._observer is not None:
-            self._observer(pending.operations)
-        self._backend.submit(self._fd, pending.operations, ticket.tag)
-        self._pending = pending
+            self._observer(plan.operations)
+        self._backend.submit(self._fd, plan.operations, ticket.tag)
+        self._pending = plan
         return ticket
-
-    def _plan(self, ticket: BatchTicket, records: bytes) -> _Pending:
-        layout = self.layout
-        first, end = ticket.first_sequence, ticket.next_sequence
-        operations: list[Operation] = []
-        slot = first % self.capacity
-        split = min(ticket.record_count, self.capacity - slot) * RECORD_SIZE_BYTES
-        operations.append(Write(layout.record_offset(first), records if split == len(records)
-                                else records[:split]))
-        if split != len(records):
-            operations.append(Write(layout.data_offset, records[split:]))
-        # Chunk entries: the first chunk's entry goes to the copy that is not
-        # current, so a torn write keeps the acknowledged entry.
-        first_chunk = first // CHUNK_RECORD_COUNT
-        current = self._table.current[first_chunk % layout.chunk_count]
-        table_index = 0 if current == NO_COPY else 1 - current
-        chunk_entries, hasher = encode_batch_entries(
-            self._header.file_id, first, records,
-            self._tail_hasher if first % CHUNK_RECORD_COUNT else None)
-        entries = [(chunk % layout.chunk_count, encoded) for chunk, encoded in chunk_entries]
-        operations.extend(self._entry_writes(table_index, entries))
-        header = dataclasses.replace(
-            self._header, generation=self._header.generation + 1,
-            oldest_sequence=layout.oldest_after_append(self.oldest_sequence, end),
-            next_sequence=end, batch_first_sequence=first)
-        operations.append(Write(HEADER_COPY_OFFSETS[header.copy_index], header.encode()))
-        if self.sync == "batch":
-            operations.append(FDATASYNC)
-        return _Pending(ticket, table_index, entries, hasher, header, operations)
-
-    def _entry_writes(self, table_index: int, entries: list[tuple[int, bytes]]) -> list[Write]:
-        """Entries at consecutive positions, one write per contiguous run."""
-        writes = []
-        run_start = 0
-        for index in range(1, len(entries) + 1):
-            if index == len(entries) or entries[index][0] != entries[index - 1][0] + 1:
-                position = entries[run_start][0]
-                data = b"".join(encoded for _, encoded in entries[run_start:index])
-                offset = self.layout.table_offset(table_index) + position * CHUNK_ENTRY_SIZE_BYTES
-                writes.append(Write(offset, data))
-                run_start = index
-        return writes
 
     def reap(self) -> list[BatchTicket]:
         """Collect finished chains; return the batches now committed.
@@ -267,14 +202,19 @@ class RingFile:
             raise self._failure
         return committed
 
-    def _commit(self, pending: _Pending) -> None:
-        for position, encoded in pending.entries:
-            self._table.install(pending.table_index, position, encoded)
-        self._tail_hasher = pending.tail_hasher
-        self._header = pending.header
-        self.next_sequence = pending.header.next_sequence
+    def _commit(self, plan: BatchPlan) -> None:
+        # The plan's facts again, against the state the commit is applied to
+        # (paired with submit): a planning bug is caught at both ends.
+        check_plan(plan, self.layout, self._header, self._table, self.sync)
+        assert self.oldest_sequence == plan.header.oldest_sequence
+        assert self.next_sequence == self._header.next_sequence
+        for position, encoded in plan.entries:
+            self._table.install(plan.table_index, position, encoded)
+        self._tail_hasher = plan.tail_hasher
+        self._header = plan.header
+        self.next_sequence = plan.header.next_sequence
         self._batches += 1
-        self._records += pending.ticket.record_count
+        self._records += plan.ticket.record_count
         self._fdatasyncs += self.sync == "batch"
 
     def wait(self) -> list[BatchTicket]:
@@ -362,6 +302,9 @@ class RingFile:
             return
         header = dataclasses.replace(self._header, generation=self._header.generation + 1,
                                      batch_first_sequence=self.next_sequence)
+        check_header_successor(self._header, header)
+        assert (header.oldest_sequence, header.next_sequence) == (
+            self.oldest_sequence, self.next_sequence)
         os.pwrite(self._fd, header.encode(), HEADER_COPY_OFFSETS[header.copy_index])
         os.fdatasync(self._fd)
         self._header = header
@@ -497,6 +440,7 @@ def _persist_recovered(fd: int, recovery) -> Header:
         os.fdatasync(fd)
     header = dataclasses.replace(recovery.header, generation=recovery.header.generation + 1,
                                  batch_first_sequence=recovery.header.next_sequence)
+    check_header_successor(recovery.header, header)
     os.pwrite(fd, header.encode(), HEADER_COPY_OFFSETS[header.copy_index])
     os.fdatasync(fd)
     return header
