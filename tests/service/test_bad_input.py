@@ -80,235 +80,59 @@ async def welcomed(socket_path: str, tenant_id: int = TENANT) -> RawPeer:
     return peer
 
 
-async def test_bad_input_gets_its_error_code_and_spares_other_connections(daemon):
-    server = daemon()
+# -- the bad-input matrix: each case its own test, amid well-behaved traffic -------------
+
+
+@dataclasses.dataclass
+class Scene:
+    """What a case works with: the daemon's socket, a record maker, the ledger."""
+
+    socket_path: str
+    factory: RecordFactory
+    ledger: Ledger
+
+
+async def run_amid_traffic(server, case, seed: int) -> None:
+    """Run `case(scene)` while a well-behaved publisher keeps publishing and a
+    bystander connection stays open; then check the other connections were
+    spared and the stored records match the ledger.
+
+    The background publisher has an ack before the case starts and publishes
+    until it gets one for a batch sent after the case ended; the bystander,
+    connected before the case, gets an ack after it.
+    """
     socket_path = server.socket_path
-    factory = RecordFactory(TENANT, seed=9)
-    ledger = Ledger()
-    background_stop = trio.Event()
-    background_acks = []
+    scene = Scene(socket_path, RecordFactory(TENANT, seed=seed), Ledger())
+    factory, ledger = scene.factory, scene.ledger
+    case_done = trio.Event()
+    first_background_ack = trio.Event()
+    background_acks: list[bool] = []  # per ack: was its batch sent after the case?
 
     async def background_publisher() -> None:
-        """A well-behaved publisher that keeps publishing through the whole matrix."""
         async with await Client.connect(socket_path, TENANT) as client:
-            while not background_stop.is_set():
+            while True:
+                sent_after_case = case_done.is_set()
                 records = factory.records(20)
-                ack = await client.publish(records)
-                ledger.ack(ack, records)
-                background_acks.append(ack)
+                ledger.ack(await client.publish(records), records)
+                background_acks.append(sent_after_case)
+                first_background_ack.set()
+                if sent_after_case:
+                    return
 
     async def bystander_publishes(client: Client) -> None:
-        """After every case, a connection that was open all along still gets its ack."""
         records = factory.records(5)
         ledger.ack(await client.publish(records), records)
-
-    # -- fatal cases: (name, coroutine running the case) ------------------------------
-
-    async def truncated_frame_then_eof():
-        peer = await welcomed(socket_path)
-        records = factory.records(4)
-        ledger.refused.extend(split_records(records))
-        await peer.send(publish_frame(1, records)[:100])
-        await peer.stream.send_eof()
-        error = await expect_fatal(peer, ErrorCode.MALFORMED_FRAME)
-        assert "closed" in error.message
-
-    async def truncated_header_then_eof():
-        peer = await RawPeer.connect(socket_path)
-        await peer.send(b"\x10\x00\x00")
-        await peer.stream.send_eof()
-        await expect_fatal(peer, ErrorCode.MALFORMED_FRAME)
-
-    async def oversize_declared_frame():
-        peer = await welcomed(socket_path)
-        await peer.send(frame(FrameType.PUBLISH, b"", size=FRAME_SIZE_BYTES_MAX + 1))
-        error = await expect_fatal(peer, ErrorCode.FRAME_TOO_LARGE)
-        assert str(FRAME_SIZE_BYTES_MAX + 1) in error.message
-
-    async def unknown_frame_type():
-        peer = await welcomed(socket_path)
-        await peer.send(frame(99, bytes(8)))
-        error = await expect_fatal(peer, ErrorCode.UNKNOWN_FRAME_TYPE)
-        assert "99" in error.message
-
-    async def wrong_protocol_version():
-        peer = await RawPeer.connect(socket_path)
-        await peer.send(encode_event(Hello(TENANT, b"", "old client", protocol_version=2)))
-        await expect_fatal(peer, ErrorCode.UNSUPPORTED_VERSION)
-
-    async def publish_before_hello():
-        peer = await RawPeer.connect(socket_path)
-        records = factory.records(3)
-        ledger.refused.extend(split_records(records))
-        await peer.send(publish_frame(1, records))
-        await expect_fatal(peer, ErrorCode.HELLO_REQUIRED)
-
-    async def second_hello():
-        peer = await welcomed(socket_path)
-        await peer.send(encode_event(Hello(TENANT)))
-        await expect_fatal(peer, ErrorCode.UNEXPECTED_FRAME)
-
-    async def subscribe_with_inverted_epochs():
-        peer = await welcomed(socket_path)
-        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(epoch_min=5, epoch_max=4)))
-        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
-
-    async def subscribe_with_unknown_start():
-        peer = await welcomed(socket_path)
-        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(start=7)))
-        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
-
-    async def subscribe_with_unsorted_opcodes():
-        peer = await welcomed(socket_path)
-        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(opcodes=(3, 1))))
-        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
-
-    async def subscribe_past_the_cursor():
-        peer = await welcomed(socket_path)
-        async with await Client.connect(socket_path, TENANT) as probe:
-            beyond = probe.welcome.next_sequence + 1_000_000
-        await peer.send(frame(FrameType.SUBSCRIBE,
-                              subscribe_payload(start=StartKind.SEQUENCE, start_value=beyond)))
-        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
-
-    async def publish_on_a_subscribed_connection():
-        peer = await welcomed(socket_path)
-        await peer.send(encode_event(Subscribe(StartKind.LATEST, follow=True)))
-        records = factory.records(2)
-        ledger.refused.extend(split_records(records))
-        await peer.send(publish_frame(1, records))
-        await expect_fatal(peer, ErrorCode.UNEXPECTED_FRAME)
-
-    async def good_batch_then_garbage_in_one_write():
-        """A fatal error with an ack still pending: the daemon must not trip over it."""
-        peer = await welcomed(socket_path)
-        records = factory.records(8)
-        ledger.unanswered.extend(split_records(records))  # stored or not: both are allowed
-        await peer.send(publish_frame(1, records) + frame(99, bytes(8)))
-        frames = await peer.frames_until_closed()
-        errors = [event for event in frames if isinstance(event, Error)]
-        assert [error.code for error in errors] == [ErrorCode.UNKNOWN_FRAME_TYPE], frames
-        assert frames[-1] is errors[0], "nothing may follow the fatal Error"
-        await peer.aclose()
-
-    async def publisher_hangs_up_with_batches_pending():
-        peer = await welcomed(socket_path)
-        batches = [factory.records(50) for _ in range(8)]
-        for batch in batches:
-            ledger.unanswered.extend(split_records(batch))
-        await peer.send(b"".join(publish_frame(index + 1, batch)
-                                 for index, batch in enumerate(batches)))
-        await peer.aclose()
-
-    async def ping_before_hello():
-        peer = await RawPeer.connect(socket_path)
-        await peer.send(encode_event(Ping(1)))
-        await expect_fatal(peer, ErrorCode.HELLO_REQUIRED)
-
-    async def subscribe_oldest_with_a_start_value():
-        peer = await welcomed(socket_path)
-        await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(start=0, start_value=5)))
-        await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
-
-    async def client_gives_up_with_a_fatal_error_and_a_batch_pending():
-        """The client's fatal Error ends the connection: the pending ack is not sent."""
-        peer = await welcomed(socket_path)
-        records = factory.records(6)
-        ledger.unanswered.extend(split_records(records))
-        await peer.send(publish_frame(1, records)
-                        + encode_event(Error(ErrorCode.INTERNAL, "client bug", 0)))
-        await peer.stream.send_eof()  # the sender of a fatal Error closes
-        frames = await peer.frames_until_closed()
-        assert all(isinstance(event, Ack) for event in frames), frames
-        await peer.aclose()
-
-    fatal_cases = [ping_before_hello, subscribe_oldest_with_a_start_value,
-                   client_gives_up_with_a_fatal_error_and_a_batch_pending,
-                   truncated_frame_then_eof, truncated_header_then_eof, oversize_declared_frame,
-                   unknown_frame_type, wrong_protocol_version, publish_before_hello,
-                   second_hello, subscribe_with_inverted_epochs, subscribe_with_unknown_start,
-                   subscribe_with_unsorted_opcodes, subscribe_past_the_cursor,
-                   publish_on_a_subscribed_connection, good_batch_then_garbage_in_one_write,
-                   publisher_hangs_up_with_batches_pending]
-
-    # -- batch rejections: (frame's records, code, record_index); not fatal -----------
-
-    def bad_magic():
-        records = [factory.slot_record() for _ in range(10)]
-        records[3] = dataclasses.replace(records[3], magic=0xDEADBEEE)
-        return b"".join(r.encode() for r in records), ErrorCode.BAD_RECORD_MAGIC, 3
-
-    def wrong_tenant():
-        records = [factory.slot_record() for _ in range(10)]
-        records[5] = dataclasses.replace(records[5], tenant_id=TENANT + 1)
-        return b"".join(r.encode() for r in records), ErrorCode.WRONG_TENANT, 5
-
-    def first_bad_record_is_named_whatever_its_fault():
-        records = [factory.slot_record() for _ in range(10)]
-        records[2] = dataclasses.replace(records[2], tenant_id=TENANT + 1)
-        records[6] = dataclasses.replace(records[6], magic=0)
-        return b"".join(r.encode() for r in records), ErrorCode.WRONG_TENANT, 2
-
-    def not_a_multiple_of_64():
-        return factory.records(2)[:100], ErrorCode.BAD_RECORD_SIZE, RECORD_INDEX_NONE
-
-    def no_records():
-        return b"", ErrorCode.BAD_RECORD_SIZE, RECORD_INDEX_NONE
-
-    def too_many_records():
-        return (factory.records(PUBLISH_RECORD_COUNT_MAX + 1), ErrorCode.BATCH_TOO_LARGE,
-                RECORD_INDEX_NONE)
-
-    rejection_cases = [bad_magic, wrong_tenant, first_bad_record_is_named_whatever_its_fault,
-                       not_a_multiple_of_64, no_records, too_many_records]
 
     with trio.fail_after(TIMEOUT_S * 2):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(background_publisher)
+            await first_background_ack.wait()
             async with await Client.connect(socket_path, TENANT) as bystander:
-                for case in fatal_cases:
-                    await case()
-                    await bystander_publishes(bystander)
-
-                # Rejections on one connection, each followed by a good batch on it.
-                peer = await welcomed(socket_path)
-                for batch_id, case in enumerate(rejection_cases, start=100):
-                    records, code, record_index = case()
-                    ledger.refused.extend(split_records(records[:len(records) // 64 * 64]))
-                    await peer.send(publish_frame(batch_id, records))
-                    error = await peer.read_frame()
-                    assert isinstance(error, Error), (case.__name__, error)
-                    assert (error.code, error.batch_id, error.record_index) == (
-                        code, batch_id, record_index), (case.__name__, error)
-                    assert not error.fatal and error.message
-                    good = factory.records(3)
-                    await peer.send(publish_frame(batch_id + 1000, good))
-                    ack = await peer.read_frame()
-                    assert isinstance(ack, Ack) and ack.batch_id == batch_id + 1000, ack
-                    ledger.ack(ack, good)
-                    await bystander_publishes(bystander)
-                await peer.send(encode_event(Ping(77)))
-                assert await peer.read_frame() == Pong(77)
-                await peer.aclose()
-
-                # Random garbage, before and after the handshake: one fatal Error, then closed.
-                rng = random.Random(1234)
-                for round_index in range(20):
-                    garbage = rng.randbytes(rng.randint(1, 300))
-                    if round_index % 2:
-                        peer = await welcomed(socket_path)
-                    else:
-                        peer = await RawPeer.connect(socket_path)
-                    await peer.send(garbage)
-                    await peer.stream.send_eof()
-                    frames = await peer.frames_until_closed()
-                    assert len(frames) == 1 and isinstance(frames[0], Error), (garbage, frames)
-                    assert frames[0].code in ErrorCode and frames[0].fatal, frames[0]
-                    await peer.aclose()
                 await bystander_publishes(bystander)
-            background_stop.set()
-
-        assert background_acks, "the background publisher got no ack at all"
+                await case(scene)
+                await bystander_publishes(bystander)  # open all along, still served
+            case_done.set()
+        assert background_acks[0] is False and background_acks[-1] is True, background_acks
         assert server.alive, f"the daemon died:\n{server.stderr}"
         replay = await read_all(socket_path, TENANT)
 
@@ -321,6 +145,256 @@ async def test_bad_input_gets_its_error_code_and_spares_other_connections(daemon
     assert stored_records <= set(ledger.acked.values()) | set(ledger.unanswered)
     assert replay.sequences == list(range(replay.sequences[0], replay.sequences[-1] + 1))
     assert "Traceback" not in server.stderr, server.stderr
+
+
+# -- fatal cases: one Error with the documented code, then the daemon closes -------------
+
+
+async def truncated_frame_then_eof(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    records = scene.factory.records(4)
+    scene.ledger.refused.extend(split_records(records))
+    await peer.send(publish_frame(1, records)[:100])
+    await peer.stream.send_eof()
+    error = await expect_fatal(peer, ErrorCode.MALFORMED_FRAME)
+    assert "closed" in error.message
+
+
+async def truncated_header_then_eof(scene: Scene) -> None:
+    peer = await RawPeer.connect(scene.socket_path)
+    await peer.send(b"\x10\x00\x00")
+    await peer.stream.send_eof()
+    await expect_fatal(peer, ErrorCode.MALFORMED_FRAME)
+
+
+async def oversize_declared_frame(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(frame(FrameType.PUBLISH, b"", size=FRAME_SIZE_BYTES_MAX + 1))
+    error = await expect_fatal(peer, ErrorCode.FRAME_TOO_LARGE)
+    assert str(FRAME_SIZE_BYTES_MAX + 1) in error.message
+
+
+async def unknown_frame_type(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(frame(99, bytes(8)))
+    error = await expect_fatal(peer, ErrorCode.UNKNOWN_FRAME_TYPE)
+    assert "99" in error.message
+
+
+async def wrong_protocol_version(scene: Scene) -> None:
+    peer = await RawPeer.connect(scene.socket_path)
+    await peer.send(encode_event(Hello(TENANT, b"", "old client", protocol_version=2)))
+    await expect_fatal(peer, ErrorCode.UNSUPPORTED_VERSION)
+
+
+async def publish_before_hello(scene: Scene) -> None:
+    peer = await RawPeer.connect(scene.socket_path)
+    records = scene.factory.records(3)
+    scene.ledger.refused.extend(split_records(records))
+    await peer.send(publish_frame(1, records))
+    await expect_fatal(peer, ErrorCode.HELLO_REQUIRED)
+
+
+async def second_hello(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(encode_event(Hello(TENANT)))
+    await expect_fatal(peer, ErrorCode.UNEXPECTED_FRAME)
+
+
+async def subscribe_with_inverted_epochs(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(epoch_min=5, epoch_max=4)))
+    await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+
+async def subscribe_with_unknown_start(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(start=7)))
+    await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+
+async def subscribe_with_unsorted_opcodes(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(opcodes=(3, 1))))
+    await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+
+async def subscribe_past_the_cursor(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    async with await Client.connect(scene.socket_path, TENANT) as probe:
+        beyond = probe.welcome.next_sequence + 1_000_000
+    await peer.send(frame(FrameType.SUBSCRIBE,
+                          subscribe_payload(start=StartKind.SEQUENCE, start_value=beyond)))
+    await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+
+async def publish_on_a_subscribed_connection(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(encode_event(Subscribe(StartKind.LATEST, follow=True)))
+    records = scene.factory.records(2)
+    scene.ledger.refused.extend(split_records(records))
+    await peer.send(publish_frame(1, records))
+    await expect_fatal(peer, ErrorCode.UNEXPECTED_FRAME)
+
+
+async def good_batch_then_garbage_in_one_write(scene: Scene) -> None:
+    """A fatal error with an ack still pending: the daemon must not trip over it."""
+    peer = await welcomed(scene.socket_path)
+    records = scene.factory.records(8)
+    scene.ledger.unanswered.extend(split_records(records))  # stored or not: both are allowed
+    await peer.send(publish_frame(1, records) + frame(99, bytes(8)))
+    frames = await peer.frames_until_closed()
+    errors = [event for event in frames if isinstance(event, Error)]
+    assert [error.code for error in errors] == [ErrorCode.UNKNOWN_FRAME_TYPE], frames
+    assert frames[-1] is errors[0], "nothing may follow the fatal Error"
+    await peer.aclose()
+
+
+async def publisher_hangs_up_with_batches_pending(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    batches = [scene.factory.records(50) for _ in range(8)]
+    for batch in batches:
+        scene.ledger.unanswered.extend(split_records(batch))
+    await peer.send(b"".join(publish_frame(index + 1, batch)
+                             for index, batch in enumerate(batches)))
+    await peer.aclose()
+
+
+async def ping_before_hello(scene: Scene) -> None:
+    peer = await RawPeer.connect(scene.socket_path)
+    await peer.send(encode_event(Ping(1)))
+    await expect_fatal(peer, ErrorCode.HELLO_REQUIRED)
+
+
+async def subscribe_oldest_with_a_start_value(scene: Scene) -> None:
+    peer = await welcomed(scene.socket_path)
+    await peer.send(frame(FrameType.SUBSCRIBE, subscribe_payload(start=0, start_value=5)))
+    await expect_fatal(peer, ErrorCode.BAD_SUBSCRIBE)
+
+
+async def client_gives_up_with_a_fatal_error_and_a_batch_pending(scene: Scene) -> None:
+    """The client's fatal Error ends the connection: the pending ack is not sent,
+    and nothing else is either (the daemon answers a fatal Error with EOF)."""
+    peer = await welcomed(scene.socket_path)
+    records = scene.factory.records(6)
+    scene.ledger.unanswered.extend(split_records(records))
+    await peer.send(publish_frame(1, records)
+                    + encode_event(Error(ErrorCode.INTERNAL, "client bug", 0)))
+    await peer.stream.send_eof()  # the sender of a fatal Error closes
+    frames = await peer.frames_until_closed()
+    assert frames == [], frames
+    await peer.aclose()
+
+
+FATAL_CASES = [ping_before_hello, subscribe_oldest_with_a_start_value,
+               client_gives_up_with_a_fatal_error_and_a_batch_pending,
+               truncated_frame_then_eof, truncated_header_then_eof, oversize_declared_frame,
+               unknown_frame_type, wrong_protocol_version, publish_before_hello,
+               second_hello, subscribe_with_inverted_epochs, subscribe_with_unknown_start,
+               subscribe_with_unsorted_opcodes, subscribe_past_the_cursor,
+               publish_on_a_subscribed_connection, good_batch_then_garbage_in_one_write,
+               publisher_hangs_up_with_batches_pending]
+
+
+@pytest.mark.parametrize("case", FATAL_CASES, ids=[case.__name__ for case in FATAL_CASES])
+async def test_fatal_bad_input_gets_its_error_code_and_spares_other_connections(daemon, case):
+    await run_amid_traffic(daemon(), case, seed=FATAL_CASES.index(case))
+
+
+# -- batch rejections: (frame's records, code, record_index); not fatal ------------------
+
+
+def bad_magic(factory: RecordFactory):
+    records = [factory.slot_record() for _ in range(10)]
+    records[3] = dataclasses.replace(records[3], magic=0xDEADBEEE)
+    return b"".join(r.encode() for r in records), ErrorCode.BAD_RECORD_MAGIC, 3
+
+
+def wrong_tenant(factory: RecordFactory):
+    records = [factory.slot_record() for _ in range(10)]
+    records[5] = dataclasses.replace(records[5], tenant_id=TENANT + 1)
+    return b"".join(r.encode() for r in records), ErrorCode.WRONG_TENANT, 5
+
+
+def first_bad_record_is_named_whatever_its_fault(factory: RecordFactory):
+    records = [factory.slot_record() for _ in range(10)]
+    records[2] = dataclasses.replace(records[2], tenant_id=TENANT + 1)
+    records[6] = dataclasses.replace(records[6], magic=0)
+    return b"".join(r.encode() for r in records), ErrorCode.WRONG_TENANT, 2
+
+
+def not_a_multiple_of_64(factory: RecordFactory):
+    return factory.records(2)[:100], ErrorCode.BAD_RECORD_SIZE, RECORD_INDEX_NONE
+
+
+def no_records(factory: RecordFactory):
+    return b"", ErrorCode.BAD_RECORD_SIZE, RECORD_INDEX_NONE
+
+
+def too_many_records(factory: RecordFactory):
+    return (factory.records(PUBLISH_RECORD_COUNT_MAX + 1), ErrorCode.BATCH_TOO_LARGE,
+            RECORD_INDEX_NONE)
+
+
+REJECTION_CASES = [bad_magic, wrong_tenant, first_bad_record_is_named_whatever_its_fault,
+                   not_a_multiple_of_64, no_records, too_many_records]
+# Each rejection alone, and all of them in a row on one connection.
+REJECTION_RUNS = {case.__name__: [case] for case in REJECTION_CASES}
+REJECTION_RUNS["all_in_a_row_on_one_connection"] = REJECTION_CASES
+
+
+@pytest.mark.parametrize("cases", list(REJECTION_RUNS.values()), ids=list(REJECTION_RUNS))
+async def test_rejected_batch_gets_its_error_code_and_the_connection_goes_on(daemon, cases):
+    """Each rejection names its batch and record, and a good batch on the same
+    connection right after it is acknowledged."""
+
+    async def rejections(scene: Scene) -> None:
+        factory, ledger = scene.factory, scene.ledger
+        peer = await welcomed(scene.socket_path)
+        for batch_id, case in enumerate(cases, start=100):
+            records, code, record_index = case(factory)
+            ledger.refused.extend(split_records(records[:len(records) // 64 * 64]))
+            await peer.send(publish_frame(batch_id, records))
+            error = await peer.read_frame()
+            assert isinstance(error, Error), (case.__name__, error)
+            assert (error.code, error.batch_id, error.record_index) == (
+                code, batch_id, record_index), (case.__name__, error)
+            assert not error.fatal and error.message
+            good = factory.records(3)
+            await peer.send(publish_frame(batch_id + 1000, good))
+            ack = await peer.read_frame()
+            assert isinstance(ack, Ack) and ack.batch_id == batch_id + 1000, ack
+            ledger.ack(ack, good)
+        await peer.send(encode_event(Ping(77)))
+        assert await peer.read_frame() == Pong(77)
+        await peer.aclose()
+
+    await run_amid_traffic(daemon(), rejections, seed=100 + len(cases))
+
+
+# -- random garbage: one fatal Error, then closed -----------------------------------------
+
+
+@pytest.mark.parametrize("after_hello", [False, True], ids=["before_hello", "after_hello"])
+async def test_random_garbage_gets_one_fatal_error_then_eof(daemon, after_hello):
+
+    async def garbage_rounds(scene: Scene) -> None:
+        rng = random.Random(1234 + after_hello)
+        for round_index in range(10):
+            garbage = rng.randbytes(rng.randint(1, 300))
+            if after_hello:
+                peer = await welcomed(scene.socket_path)
+            else:
+                peer = await RawPeer.connect(scene.socket_path)
+            await peer.send(garbage)
+            await peer.stream.send_eof()
+            frames = await peer.frames_until_closed()
+            assert len(frames) == 1 and isinstance(frames[0], Error), (
+                round_index, garbage, frames)
+            assert frames[0].code in ErrorCode and frames[0].fatal, (round_index, frames[0])
+            await peer.aclose()
+
+    await run_amid_traffic(daemon(), garbage_rounds, seed=200 + after_hello)
 
 
 # -- the handshake timeout, in virtual time ----------------------------------------------
