@@ -46,13 +46,18 @@ async def test_sighup_adds_a_tenant_and_rotates_a_token_while_a_publisher_goes_o
     published: list = []
     factory = RecordFactory(1)
 
+    publishing = trio.Event()
+
     async def publisher():
-        # One connection across the reload; it must never see an error.
+        # One connection across the reload; it must never see an error. Each
+        # ack is noted with whether the reload had finished when it arrived.
         async with await connect(port, 1, PUBLISHER_TOKEN) as client:
+            published.append((await client.publish(factory.records(4)), reloaded.is_set()))
+            publishing.set()
             while not reloaded.is_set():
                 published.append((await client.publish(factory.records(4)), reloaded.is_set()))
             for _ in range(20):
-                published.append((await client.publish(factory.records(4)), True))
+                published.append((await client.publish(factory.records(4)), reloaded.is_set()))
 
     with trio.fail_after(TIMEOUT_S):
         old_session = await connect(port, 2, OLD_TOKEN)
@@ -60,6 +65,7 @@ async def test_sighup_adds_a_tenant_and_rotates_a_token_while_a_publisher_goes_o
             await connect(port, 3, ADDED_TOKEN)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(publisher)
+            await publishing.wait()  # the connection is acknowledged before the reload
             write_config(tmp_path, config_text(NEW_TOKEN, tenant_3=True))
             server.send_signal(signal.SIGHUP)
             await server.await_stderr("reloaded config: tenants added [3], removed none; "
@@ -79,7 +85,11 @@ async def test_sighup_adds_a_tenant_and_rotates_a_token_while_a_publisher_goes_o
             ack = await client.publish(RecordFactory(3).records(2))
         assert ack.last_sequence == 1
     acks = [ack for ack, _ in published]
-    assert sum(after for _, after in published) >= 20
+    # The same connection was acknowledged before the reload and after it.
+    after_reload = [after for _, after in published]
+    assert after_reload[0] is False, "the publisher's first ack must precede the reload"
+    assert after_reload == sorted(after_reload)
+    assert after_reload.count(True) >= 20, after_reload
     assert [ack.first_sequence for ack in acks] == list(range(0, 4 * len(acks), 4))
     assert len((await read_all(server.socket_path, 1)).records) == 4 * len(acks)
 
