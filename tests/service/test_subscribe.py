@@ -14,7 +14,9 @@ import trio
 from ioring.record import SlotRecord
 from service.client import Client
 from service.protocol import End, Gap, Records, StartKind, Subscribe, Welcome, encode_event
-from tests.service.conftest import RawPeer, RecordFactory, frame_records, read_all, split_records
+from tests.service.conftest import (RawPeer, RecordFactory, frame_records, read_all,
+                                    split_records, write_config)
+from tests.service.test_metrics import METRICS_URL, http_get, samples, value
 
 TENANT = 11
 TIMEOUT_S = 60
@@ -231,13 +233,24 @@ async def test_start_before_the_oldest_retained_record_gets_a_gap_first(daemon):
     assert replay.data == data[oldest * 64:]
 
 
-async def test_stalled_subscriber_gets_a_gap_then_resumes_and_never_slows_publishers(daemon):
-    """A follower that stops reading while the ring (capacity 256) overflows many
-    times over: publishers still get every ack (the same count as on a tenant
-    without a subscriber); the follower, reading again, gets the records it
-    was sent, a Gap naming exactly the lost range, then contiguous records
-    from the oldest retained one up to the last acknowledged."""
-    server = daemon(capacity=256)
+async def test_stalled_subscriber_gets_a_gap_then_resumes_and_never_slows_publishers(
+        daemon, tmp_path):
+    """A follower that stops reading while publishers complete a fixed workload
+    many times larger than its socket buffer and the ring (capacity 256).
+
+    Never slowed, without a clock: the follower's pace is zero, so publishers
+    held to it in any way (the writer waiting for subscribers, a pending bound
+    that counts unsent records) would never finish. They do: every batch is
+    acknowledged, the same count as on a tenant without a subscriber, with
+    nothing left pending, while the daemon has handed the stalled follower
+    fewer records than were acknowledged by more than the ring holds. Then the
+    follower, reading again, gets the records it was sent, a Gap naming exactly
+    the lost range, and contiguous records from the oldest retained one up to
+    the last acknowledged."""
+    capacity = 256
+    config = write_config(tmp_path, 'metrics_listen = "127.0.0.1:0"\n')
+    server = daemon(capacity=capacity, config=config)
+    metrics_url = METRICS_URL.search(server.run_stderr).group(1) + "/metrics"
     stalled_tenant, free_tenant = 31, 32
     # What the stalled follower's socket can hold is bounded by the daemon's send
     # buffer (net.core.wmem_default for a Unix socket): publish five times that.
@@ -251,7 +264,7 @@ async def test_stalled_subscriber_gets_a_gap_then_resumes_and_never_slows_publis
     stalled_factory = RecordFactory(stalled_tenant, seed=28)
     published = Published()
     history = stalled_factory.records(50)
-    with trio.fail_after(TIMEOUT_S * 2):
+    with trio.fail_after(TIMEOUT_S * 2):  # a hang guard: publishers held up never finish
         async with await Client.connect(server.socket_path, stalled_tenant) as client:
             published.add(await client.publish(history), history)
 
@@ -278,6 +291,10 @@ async def test_stalled_subscriber_gets_a_gap_then_resumes_and_never_slows_publis
         async with trio.open_nursery() as nursery:
             nursery.start_soon(publisher, stalled_tenant)
             nursery.start_soon(publisher, free_tenant)
+        # Publishing is over and the follower has read nothing since its first frame.
+        status, text = await trio.to_thread.run_sync(http_get, metrics_url)
+        assert status == 200, text
+        while_stalled = samples(text)
         # Publishing is over, so the ring stands still while the follower reads.
         async with await Client.connect(server.socket_path, stalled_tenant) as probe:
             final_oldest = probe.welcome.oldest_sequence
@@ -293,10 +310,26 @@ async def test_stalled_subscriber_gets_a_gap_then_resumes_and_never_slows_publis
             else:
                 assert isinstance(event, Gap), event
                 gaps.append((len(stream), event))
+        status, text = await trio.to_thread.run_sync(http_get, metrics_url)
+        assert status == 200, text
+        after_reading = samples(text)
         await follower.aclose()
 
+    # Every batch acknowledged, with and without a stalled subscriber alike.
     assert ack_counts[stalled_tenant] == ack_counts[free_tenant] == (
         len(batch_sizes), sum(batch_sizes))
+    for tenant_id in (stalled_tenant, free_tenant):
+        assert value(while_stalled, "ringtail_pending_records", tenant=tenant_id) == 0
+    # The follower was really stalled: the publishers got acks for more than a
+    # ring's worth of records beyond everything the daemon had handed it.
+    handed_while_stalled = value(while_stalled, "ringtail_records_out_total",
+                                 tenant=stalled_tenant)
+    acknowledged = published.last_sequence + 1
+    assert acknowledged - handed_while_stalled > capacity, (acknowledged, handed_while_stalled)
+    # ... which counts what the follower receives: afterwards, exactly its stream.
+    assert value(after_reading, "ringtail_records_out_total",
+                 tenant=stalled_tenant) == len(stream)
+
     assert gaps, "a follower this far behind must be told what it lost"
     # The stream and its gaps tile 0..last exactly once, in order.
     expected_next = 0
