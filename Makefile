@@ -18,13 +18,20 @@ demo: $(STAMP)
 	$(PY) -m service.demo
 
 # tests/ioring/test_cpu_baseline.py runs the daemon's native code on emulated
-# CPUs without AVX-512 (qemu-user; x86_64 only): install it here, out loud.
+# CPUs without AVX-512 (qemu-user; x86_64 only), and tests/deploy verifies the
+# systemd unit with systemd-analyze (Debian's systemd): install them here, out loud.
 test-tools:
 	@if [ "$$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then \
 		echo "make: installing qemu-user (apt-get) for the CPU-baseline test"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		apt-cache policy qemu-user | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends qemu-user; \
+	fi
+	@if ! command -v systemd-analyze >/dev/null; then \
+		echo "make: installing systemd (apt-get) for systemd-analyze, the unit file's check"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		apt-cache policy systemd | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends systemd; \
 	fi
 
 test: $(STAMP) test-tools
