@@ -1,0 +1,222 @@
+"""The group-commit writer (service/batcher.py), unit-tested in one Trio run.
+
+A `GatedRing` stands in for the ring file: a submitted chain stays in flight
+until the test completes it (a byte on the pipe that is its completion fd),
+so "what gathered while a chain was in flight" is decided by the test, and
+`wait_all_tasks_blocked()` shows where the writer and the publishers stand.
+One test runs the writer against a real ring file (thread backend).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from ioring import RingError, open_ring
+from ioring.batch import BatchTicket
+from ioring.record import RECORD_SIZE_BYTES
+from service.batcher import PENDING_RECORD_COUNT_MAX, TenantWriter
+
+TIMEOUT_S = 30  # a hang guard, never a synchronisation
+
+
+def records(count: int, fill: int) -> bytes:
+    """`count` 64-byte records whose every byte is `fill` (the writer does not look)."""
+    return bytes([fill]) * (count * RECORD_SIZE_BYTES)
+
+
+class GatedRing:
+    """The part of RingFile the writer uses; a chain completes on `complete()`."""
+
+    def __init__(self, batch_record_count_max: int = 4096):
+        self.batch_record_count_max = batch_record_count_max
+        self.path = "gated.ring"
+        self.failed = None
+        self.next_sequence = 0
+        self.submitted: list[bytes] = []  # each chain's records, in order
+        self._pending: BatchTicket | None = None
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+
+    @property
+    def completion_fd(self) -> int:
+        return self._read_fd
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def submit(self, data: bytes) -> BatchTicket:
+        assert self._pending is None, "the writer submitted a chain while one was in flight"
+        assert 0 < len(data) // RECORD_SIZE_BYTES <= self.batch_record_count_max
+        self._pending = BatchTicket(len(self.submitted) + 1, self.next_sequence,
+                                    len(data) // RECORD_SIZE_BYTES)
+        self.submitted.append(data)
+        return self._pending
+
+    def complete(self) -> None:
+        """Let the chain in flight finish (the writer reaps it when it next runs)."""
+        assert self._pending is not None, "no chain is in flight"
+        os.write(self._write_fd, b"x")
+
+    def reap(self) -> list[BatchTicket]:
+        try:
+            os.read(self._read_fd, 1)
+        except BlockingIOError:
+            return []
+        ticket, self._pending = self._pending, None
+        self.next_sequence = ticket.next_sequence
+        return [ticket]
+
+    def close(self) -> None:
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+
+@pytest.fixture
+def ring():
+    gated = GatedRing()
+    yield gated
+    gated.close()
+
+
+async def test_requests_gathered_while_a_chain_is_in_flight_go_out_as_one_chain(ring):
+    commits: list[tuple[int, bytes]] = []
+    writer = TenantWriter(ring, lambda first, data: commits.append((first, data)))
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            first = await writer.publish(records(3, 1))
+            await wait_all_tasks_blocked()
+            assert ring.submitted == [first.records]  # the first goes out alone, at once
+
+            gathered = [await writer.publish(records(count, fill))
+                        for count, fill in ((2, 2), (5, 3), (1, 4))]
+            await wait_all_tasks_blocked()
+            assert len(ring.submitted) == 1, "nothing more may go out while a chain is in flight"
+            assert writer.statistics().pending_records == 8
+            assert not any(request.done.is_set() for request in [first, *gathered])
+
+            ring.complete()
+            await first.done.wait()
+            assert (first.first_sequence, first.last_sequence, first.error) == (0, 2, None)
+            await wait_all_tasks_blocked()
+            # Everything that gathered, in publish order, as the next single chain.
+            assert ring.submitted[1:] == [b"".join(request.records for request in gathered)]
+            assert not any(request.done.is_set() for request in gathered)
+            assert writer.statistics().pending_records == 0
+
+            ring.complete()
+            for request in gathered:
+                await request.done.wait()
+            assert [(r.first_sequence, r.last_sequence) for r in gathered] == [
+                (3, 4), (5, 9), (10, 10)]
+            assert all(request.error is None for request in gathered)
+            writer.close()
+
+    assert commits == [(0, first.records), (3, ring.submitted[1])]
+    statistics = writer.statistics()
+    assert (statistics.batches, statistics.records, statistics.pending_records) == (2, 11, 0)
+    assert statistics.batch_record_count.count == 2
+
+
+async def test_a_request_larger_than_the_batch_maximum_spans_chains():
+    ring = GatedRing(batch_record_count_max=4)
+    try:
+        writer = TenantWriter(ring, lambda first, data: None)
+        with trio.fail_after(TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                request = await writer.publish(records(10, 7))
+                chains = 0
+                while not request.done.is_set():
+                    await wait_all_tasks_blocked()
+                    chains += 1
+                    ring.complete()
+                    await wait_all_tasks_blocked()
+                writer.close()
+        assert [len(data) // RECORD_SIZE_BYTES for data in ring.submitted] == [4, 4, 2]
+        assert chains == 3
+        assert (request.first_sequence, request.last_sequence) == (0, 9)
+    finally:
+        ring.close()
+
+
+async def test_a_publisher_over_the_pending_bound_waits_until_the_writer_takes_records(ring):
+    writer = TenantWriter(ring, lambda first, data: None)
+    batch = ring.batch_record_count_max
+    assert PENDING_RECORD_COUNT_MAX % batch == 0
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await writer.publish(records(batch, 1))  # taken at once: in flight
+            await wait_all_tasks_blocked()
+            for fill in range(PENDING_RECORD_COUNT_MAX // batch):  # exactly the bound
+                await writer.publish(records(batch, 2 + fill))
+            assert writer.statistics().pending_records == PENDING_RECORD_COUNT_MAX
+
+            late: list = []
+
+            async def late_publisher() -> None:
+                late.append(await writer.publish(records(1, 99)))
+
+            nursery.start_soon(late_publisher)
+            await wait_all_tasks_blocked()
+            assert late == [], "a publish over the pending bound must wait"
+            assert writer.statistics().pending_records == PENDING_RECORD_COUNT_MAX
+
+            ring.complete()  # the writer takes the next chain's records: room for one
+            await wait_all_tasks_blocked()
+            assert len(late) == 1
+            assert writer.statistics().pending_records == PENDING_RECORD_COUNT_MAX - batch + 1
+            for _ in range(PENDING_RECORD_COUNT_MAX // batch + 1):
+                ring.complete()
+                await wait_all_tasks_blocked()
+            await late[0].done.wait()
+            assert late[0].first_sequence == batch + PENDING_RECORD_COUNT_MAX
+            writer.close()
+
+
+async def test_a_closed_writer_refuses_new_requests_after_finishing_queued_ones(ring):
+    writer = TenantWriter(ring, lambda first, data: None)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            queued = await writer.publish(records(2, 1))
+            await wait_all_tasks_blocked()
+            writer.close()
+            refused = await writer.publish(records(1, 2))
+            assert refused.done.is_set()
+            assert isinstance(refused.error, RingError)
+            assert str(refused.error) == "tenant writer is closed"
+            ring.complete()  # run() returns once the queued request is durable
+    assert (queued.first_sequence, queued.last_sequence, queued.error) == (0, 1, None)
+    assert ring.submitted == [queued.records]
+
+
+async def test_the_writer_on_a_real_ring_stores_every_request_at_its_acknowledged_sequences(
+        tmp_path):
+    with open_ring(tmp_path / "tenant.ring", capacity=4096, tenant_id=5, io="threads",
+                   sync="none") as real_ring:
+        writer = TenantWriter(real_ring, lambda first, data: None)
+        requests = []
+        with trio.fail_after(TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                for fill in range(1, 41):
+                    requests.append(await writer.publish(records(fill, fill)))
+                for request in requests:
+                    await request.done.wait()
+                writer.close()
+        assert all(request.error is None for request in requests)
+        assert requests[0].first_sequence == 0
+        for before, after in zip(requests, requests[1:]):
+            assert after.first_sequence == before.last_sequence + 1
+        for request in requests:
+            assert real_ring.read(request.first_sequence, request.record_count) == request.records
+        statistics = writer.statistics()
+        assert statistics.records == sum(range(1, 41)) == real_ring.next_sequence
+        assert 1 <= statistics.batches <= len(requests)

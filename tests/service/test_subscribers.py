@@ -1,0 +1,227 @@
+"""Subscriptions (service/subscribers.py), unit-tested against a real ring file.
+
+Each test opens a ring in tmp_path (thread backend) behind a `Tenant`, runs
+`run_subscription` in the test's own Trio run with collecting `send` and
+`send_records` callables, and steps it with `wait_all_tasks_blocked()`:
+start positions, filters (vectorised selection and sparse sequences), End,
+the live tail, and the Gap a subscriber gets when it falls behind the ring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from ioring import open_ring
+from ioring.record import RECORD_SIZE_BYTES, SlotRecord
+from service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
+from service.subscribers import (REPLAY_READ_RECORD_COUNT_MAX, RecordFilter, run_subscription,
+                                 start_position)
+from service.tenants import Tenant
+from tests.service.conftest import RecordFactory, split_records
+
+TENANT = 4
+TIMEOUT_S = 30  # a hang guard, never a synchronisation
+
+
+@dataclasses.dataclass
+class Sent:
+    """What a subscription sent: Records frames as (first, sequences, records), and events."""
+
+    frames: list[tuple[int, tuple[int, ...] | None, bytes]] = dataclasses.field(
+        default_factory=list)
+    events: list[object] = dataclasses.field(default_factory=list)  # Gap/End, and "records"
+    gate: trio.Event | None = None  # while not set, send_records blocks (a stalled socket)
+
+    async def send(self, event) -> None:
+        self.events.append(event)
+
+    async def send_records(self, first_sequence: int, records: bytes, sequences) -> None:
+        self.frames.append((first_sequence, sequences, records))
+        self.events.append("records")
+        if self.gate is not None:
+            await self.gate.wait()
+
+    @property
+    def records(self) -> list[tuple[int, bytes]]:
+        """(sequence, record) of every record sent, in order."""
+        found = []
+        for first, sequences, data in self.frames:
+            rows = split_records(data)
+            numbers = sequences if sequences is not None else range(first, first + len(rows))
+            found.extend(zip(numbers, rows, strict=True))
+        return found
+
+
+@pytest.fixture
+def tenant(tmp_path):
+    ring = open_ring(tmp_path / "tenant.ring", capacity=8192, tenant_id=TENANT, io="threads",
+                     sync="none")
+    with ring:
+        yield Tenant(TENANT, ring)
+
+
+def append(tenant: Tenant, data: bytes) -> None:
+    """Append and commit, outside the writer (no subscriber is woken)."""
+    for offset in range(0, len(data), tenant.ring.batch_record_count_max * RECORD_SIZE_BYTES):
+        tenant.ring.append(data[offset:offset + tenant.ring.batch_record_count_max
+                                * RECORD_SIZE_BYTES])
+
+
+async def replay(tenant: Tenant, subscribe: Subscribe) -> Sent:
+    sent = Sent()
+    with trio.fail_after(TIMEOUT_S):
+        await run_subscription(tenant, subscribe, sent.send, sent.send_records)
+    return sent
+
+
+# -- start positions ------------------------------------------------------------------
+
+
+async def test_each_start_kind_begins_where_it_says(tenant):
+    factory = RecordFactory(TENANT, seed=1)
+    data = factory.records(500)
+    append(tenant, data)
+    stamps = [SlotRecord.decode(record).timestamp_ns for record in split_records(data)]
+    cases = [(Subscribe(StartKind.OLDEST), 0),
+             (Subscribe(StartKind.LATEST), 500),
+             (Subscribe(StartKind.SEQUENCE, 123), 123),
+             (Subscribe(StartKind.SEQUENCE, 500), 500),  # at the cursor: nothing, then End
+             (Subscribe(StartKind.TIME, stamps[321]), 321),  # a record's own timestamp
+             (Subscribe(StartKind.TIME, stamps[321] - 1), 321),  # between two records
+             (Subscribe(StartKind.TIME, stamps[0] - 10**9), 0),
+             (Subscribe(StartKind.TIME, stamps[-1] + 1), 500)]
+    for subscribe, first in cases:
+        assert start_position(tenant, subscribe) == first, subscribe
+        sent = await replay(tenant, subscribe)
+        assert sent.records == list(zip(range(first, 500), split_records(data)[first:])), (
+            subscribe)
+        assert sent.events[-1] == End(500), subscribe
+        assert all(sequences is None for _, sequences, _ in sent.frames), "unfiltered: dense"
+
+
+async def test_a_start_sequence_past_the_cursor_is_bad_subscribe(tenant):
+    append(tenant, RecordFactory(TENANT).records(10))
+    with pytest.raises(RemoteProtocolError, match=r"start sequence 11 is past the tenant's "
+                                                  r"next_sequence 10") as raised:
+        await replay(tenant, Subscribe(StartKind.SEQUENCE, 11))
+    assert raised.value.code == ErrorCode.BAD_SUBSCRIBE
+
+
+async def test_replay_is_read_in_steps_of_the_read_maximum(tenant):
+    data = RecordFactory(TENANT, seed=2).records(REPLAY_READ_RECORD_COUNT_MAX + 100)
+    append(tenant, data)
+    sent = await replay(tenant, Subscribe())
+    assert [(first, len(records) // RECORD_SIZE_BYTES) for first, _, records in sent.frames] == [
+        (0, REPLAY_READ_RECORD_COUNT_MAX), (REPLAY_READ_RECORD_COUNT_MAX, 100)]
+    assert b"".join(records for _, _, records in sent.frames) == data
+    assert sent.events == ["records", "records", End(REPLAY_READ_RECORD_COUNT_MAX + 100)]
+
+
+# -- filters ----------------------------------------------------------------------------
+
+
+FILTER_CASES = {
+    "opcodes": (dict(opcodes=frozenset({1, 3, 12})), lambda r: r.opcode in (1, 3, 12)),
+    "epoch_range": (dict(epoch_min=3, epoch_max=5), lambda r: 3 <= r.epoch <= 5),
+    "failure_only": (dict(failure_only=True), lambda r: r.has_failure_evidence),
+    "all_at_once": (dict(opcodes=frozenset({2, 7}), epoch_max=4, failure_only=True),
+                    lambda r: r.opcode in (2, 7) and r.epoch <= 4 and r.has_failure_evidence),
+    "nothing_matches": (dict(opcodes=frozenset({99})), lambda r: False),
+}
+
+
+@pytest.mark.parametrize("filters,matches", list(FILTER_CASES.values()), ids=list(FILTER_CASES))
+async def test_a_filter_sends_exactly_the_matching_records_with_their_sequences(
+        tenant, filters, matches):
+    data = RecordFactory(TENANT, seed=3).records(REPLAY_READ_RECORD_COUNT_MAX + 500)
+    append(tenant, data)
+    rows = split_records(data)
+    expected = [(sequence, record) for sequence, record in enumerate(rows)
+                if matches(SlotRecord.decode(record))]
+    assert len(expected) < len(rows)
+
+    subscribe = Subscribe(**filters)
+    record_filter = RecordFilter.from_subscribe(subscribe)
+    assert not record_filter.passes_everything
+    assert record_filter.select(data).tolist() == [sequence for sequence, _ in expected]
+
+    sent = await replay(tenant, subscribe)
+    assert sent.records == expected
+    assert all(sequences is not None for _, sequences, _ in sent.frames), "filtered: sparse"
+    assert all(first == sequences[0] for first, sequences, _ in sent.frames)
+    assert sent.events[-1] == End(len(rows))
+
+
+def test_the_default_filter_passes_everything():
+    assert RecordFilter.from_subscribe(Subscribe()).passes_everything
+    assert not RecordFilter(epoch_max=7).passes_everything
+
+
+# -- the live tail and falling behind ------------------------------------------------------
+
+
+async def test_a_follower_sends_new_commits_as_the_writer_makes_them(tenant):
+    factory = RecordFactory(TENANT, seed=4)
+    history = factory.records(20)
+    append(tenant, history)
+    sent = Sent()
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tenant.writer.run)
+            nursery.start_soon(run_subscription, tenant, Subscribe(follow=True), sent.send,
+                               sent.send_records)
+            await wait_all_tasks_blocked()
+            assert sent.records == list(enumerate(split_records(history)))  # then it waits
+
+            live = factory.records(7)
+            request = await tenant.writer.publish(live)
+            await request.done.wait()
+            await wait_all_tasks_blocked()
+            assert sent.records == list(enumerate(split_records(history + live)))
+            assert not any(isinstance(event, (Gap, End)) for event in sent.events)
+            nursery.cancel_scope.cancel()
+            tenant.writer.close()
+
+
+async def test_a_follower_that_falls_behind_the_ring_gets_a_gap_then_the_oldest(tmp_path):
+    capacity = 256
+    with open_ring(tmp_path / "small.ring", capacity=capacity, tenant_id=TENANT, io="threads",
+                   sync="none") as ring:
+        tenant = Tenant(TENANT, ring)
+        factory = RecordFactory(TENANT, seed=5)
+        history = factory.records(100)
+        append(tenant, history)
+        sent = Sent(gate=trio.Event())  # its first frame blocks, as on a full socket
+        with trio.fail_after(TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tenant.writer.run)
+                nursery.start_soon(run_subscription, tenant, Subscribe(follow=True), sent.send,
+                                   sent.send_records)
+                await wait_all_tasks_blocked()
+                assert sent.records == list(enumerate(split_records(history)))
+
+                # Publishers go on while the subscriber is stuck: the ring wraps.
+                later = factory.records(4 * capacity)
+                requests = [await tenant.writer.publish(later[offset:offset + 64 * 64])
+                            for offset in range(0, len(later), 64 * 64)]
+                for request in requests:
+                    await request.done.wait()
+                assert all(request.error is None for request in requests)
+                oldest, next_sequence = ring.oldest_sequence, ring.next_sequence
+                assert next_sequence == 100 + 4 * capacity and oldest > 100
+
+                sent.gate.set()
+                await wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+                tenant.writer.close()
+
+    everything = split_records(history + later)
+    assert sent.events == ["records", Gap(100, oldest - 1),
+                           *["records"] * (len(sent.frames) - 1)]
+    assert sent.records == (list(enumerate(everything[:100]))
+                            + list(zip(range(oldest, next_sequence), everything[oldest:])))
+    assert tenant.gaps == 1
