@@ -1,0 +1,172 @@
+"""The connection glue (service/connection.py) over an in-memory stream.
+
+A real in-process Daemon (thread backend, tmp_path) serves; each test hands
+one end of `trio.testing.memory_stream_pair()` to a `ConnectionHandler` and
+speaks frames by hand on the other end. So the handler's own work is seen in
+isolation: frames cut anywhere in the byte stream, pipelined publishes
+answered in order, a fatal Error and then EOF, the handshake deadline in
+virtual time (`autojump_clock`). `wait_all_tasks_blocked()` shows what the
+handler did with the bytes it has so far; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+import trio
+from trio.testing import memory_stream_pair, wait_all_tasks_blocked
+
+from service.config import ServeConfig
+from service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler
+from service.protocol import (FRAME_HEADER_SIZE_BYTES, Ack, Error, ErrorCode, Hello, Ping, Pong,
+                              Publish, Welcome, decode_frame, encode_event)
+from service.server import Daemon
+from tests.service.conftest import RecordFactory, short_socket_dir
+
+TENANT = 6
+TIMEOUT_S = 30  # a hang guard, never a synchronisation
+
+
+class MemoryPeer:
+    """The test's end of the stream: frames out by hand, frames in decoded."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def read_frame(self):
+        """The next frame's event, or None at EOF (on a frame boundary)."""
+        while True:
+            if len(self.buffer) >= FRAME_HEADER_SIZE_BYTES:
+                (size,) = struct.unpack_from("<I", self.buffer)
+                end = FRAME_HEADER_SIZE_BYTES + size
+                if len(self.buffer) >= end:
+                    frame = bytes(self.buffer[:end])
+                    del self.buffer[:end]
+                    return decode_frame(frame)
+            data = await self.stream.receive_some()
+            if not data:
+                assert not self.buffer, f"EOF inside a frame: {bytes(self.buffer)!r}"
+                return None
+            self.buffer += data
+
+
+@pytest.fixture
+async def in_process_daemon(tmp_path):
+    socket_path = os.path.join(short_socket_dir(tmp_path), "glue.sock")
+    config = ServeConfig(data_dir=os.fspath(tmp_path / "data"), socket=socket_path,
+                         io="threads", sync="none", capacity=256)
+    server = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        server.shutdown()
+
+
+@pytest.fixture
+async def connect(in_process_daemon):
+    """`await connect()` -> (MemoryPeer, finished): a handler runs on the other end;
+    `finished` is set when its run() returns (and its end of the stream is closed)."""
+    async with trio.open_nursery() as nursery:
+
+        async def start():
+            peer_stream, handler_stream = memory_stream_pair()
+            handler = ConnectionHandler(in_process_daemon, handler_stream)
+            finished = trio.Event()
+
+            async def run():
+                try:
+                    await handler.run()
+                finally:
+                    await handler_stream.aclose()
+                    finished.set()
+
+            nursery.start_soon(run)
+            return MemoryPeer(peer_stream), finished
+
+        yield start
+        nursery.cancel_scope.cancel()
+
+
+async def welcomed(connect) -> tuple[MemoryPeer, trio.Event]:
+    peer, finished = await connect()
+    await peer.send(encode_event(Hello(TENANT, b"", "glue-test")))
+    welcome = await peer.read_frame()
+    assert isinstance(welcome, Welcome) and welcome.tenant_id == TENANT, welcome
+    return peer, finished
+
+
+async def test_a_frame_cut_into_single_bytes_is_handled_only_once_whole(connect,
+                                                                       in_process_daemon):
+    with trio.fail_after(TIMEOUT_S):
+        peer, _ = await welcomed(connect)
+        writer = in_process_daemon.registry.get(TENANT).writer
+        records = RecordFactory(TENANT, seed=1).records(3)
+        frame = encode_event(Publish(41, records))
+        for index in range(len(frame) - 1):
+            await peer.send(frame[index:index + 1])
+            await wait_all_tasks_blocked()
+            statistics = writer.statistics()
+            assert (statistics.records, statistics.pending_records) == (0, 0), index
+        await peer.send(frame[-1:])
+        assert await peer.read_frame() == Ack(41, 0, 2)
+
+
+async def test_pipelined_frames_in_one_write_are_answered_in_order(connect):
+    factory = RecordFactory(TENANT, seed=2)
+    sizes = (5, 1, 9, 2)
+    batches = [factory.records(size) for size in sizes]
+    with trio.fail_after(TIMEOUT_S):
+        peer, _ = await welcomed(connect)
+        await peer.send(b"".join(encode_event(Publish(100 + index, batch))
+                                 for index, batch in enumerate(batches))
+                        + encode_event(Ping(7)))
+        answers = [await peer.read_frame() for _ in range(len(sizes) + 1)]
+    # The Pong may overtake acks (it needs no commit); the acks keep request order.
+    assert Pong(7) in answers
+    acks = [answer for answer in answers if answer != Pong(7)]
+    first = 0
+    expected = []
+    for index, size in enumerate(sizes):
+        expected.append(Ack(100 + index, first, first + size - 1))
+        first += size
+    assert acks == expected
+
+
+async def test_a_fatal_frame_gets_one_error_then_eof_and_the_handler_returns(connect):
+    with trio.fail_after(TIMEOUT_S):
+        peer, finished = await welcomed(connect)
+        await peer.send(struct.pack("<IHH", 8, 99, 0) + bytes(8))  # an unknown frame type
+        error = await peer.read_frame()
+        assert isinstance(error, Error) and error.code == ErrorCode.UNKNOWN_FRAME_TYPE, error
+        assert error.fatal and "99" in error.message
+        assert await peer.read_frame() is None  # EOF: nothing follows the fatal Error
+        await finished.wait()
+
+
+async def test_a_peer_that_closes_after_publishing_ends_the_handler_after_its_ack(connect):
+    records = RecordFactory(TENANT, seed=3).records(4)
+    with trio.fail_after(TIMEOUT_S):
+        peer, finished = await welcomed(connect)
+        await peer.send(encode_event(Publish(1, records)))
+        await peer.stream.send_eof()
+        assert await peer.read_frame() == Ack(1, 0, 3)  # queued batches are answered
+        await finished.wait()
+        assert await peer.read_frame() is None
+
+
+async def test_a_silent_peer_gets_handshake_timeout_at_the_limit(connect, autojump_clock):
+    peer, finished = await connect()
+    started = trio.current_time()
+    error = await peer.read_frame()
+    waited = trio.current_time() - started
+    assert isinstance(error, Error) and error.code == ErrorCode.HANDSHAKE_TIMEOUT, error
+    assert "HANDSHAKE_TIMEOUT_S" in error.message
+    assert HANDSHAKE_TIMEOUT_S <= waited < HANDSHAKE_TIMEOUT_S + 1  # virtual seconds
+    await finished.wait()
+    assert await peer.read_frame() is None
