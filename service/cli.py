@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -151,6 +152,9 @@ def serve_config(args) -> ServeConfig:
 
 def command_serve(args) -> int:
     from service.server import Daemon
+    # A native crash (SIGSEGV, SIGILL, SIGBUS, SIGABRT) prints every thread's
+    # Python stack to the log before the process dies: never a silent exit.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     config = serve_config(args)
     # SIGHUP re-reads the same file with the same flags on top.
     reload_config = (lambda: serve_config(args)) if args.config else None
@@ -250,7 +254,7 @@ def synthetic_records(tenant_id: int, count: int) -> bytes:
 
 
 def command_publish(args) -> int:
-    from service.client import RingtailError
+    from service.client import ErrorCode, RingtailError
     data = read_stdin_records() if args.raw else synthetic_records(args.tenant, args.count)
     if not data:
         raise CommandError("nothing to publish")
@@ -270,6 +274,8 @@ def command_publish(args) -> int:
     try:
         acks = trio.run(run)
     except RingtailError as error:
+        if error.code == ErrorCode.CONNECTION_LOST:  # not a rejection: the daemon went away
+            raise CommandError(str(error)) from error
         where = ""
         if error.batch_id and error.record_index != RECORD_INDEX_NONE:
             # The daemon names the record within its batch; the user wants the
@@ -408,7 +414,7 @@ def progress_bar(label: str):
 
 def command_import_vrrl(args) -> int:
     from ioring.vrrl import import_vrrl
-    from service.client import RingtailError
+    from service.client import ErrorCode, RingtailError
     records = import_vrrl(args.file)
     by_tenant: dict[int, list[bytes]] = {}
     for record in records:
@@ -437,6 +443,8 @@ def command_import_vrrl(args) -> int:
     try:
         trio.run(run)
     except RingtailError as error:
+        if error.code == ErrorCode.CONNECTION_LOST:  # not a rejection: the daemon went away
+            raise CommandError(str(error)) from error
         raise CommandError(f"rejected: {error}") from error
     print(f"imported {total} of {len(records)} records from {args.file}"
           + (f"; skipped {skipped} of other tenants" if args.tenant is not None else ""))

@@ -4,6 +4,11 @@
 once the batch is durable; `client.subscribe(...)` is an async iterator of
 Records, Gap and End events. The synchronous `Publisher` for plain Python GPU
 workers lives in service/publisher.py.
+
+A daemon that stops in order sends a fatal Error (SHUTTING_DOWN) before it
+closes, and that Error is what a call raises. A connection that ends without
+one (EOF, ECONNRESET, EPIPE: the daemon was killed or crashed) raises
+RingtailError with code CONNECTION_LOST, which no daemon sends.
 """
 
 from __future__ import annotations
@@ -16,13 +21,19 @@ from typing import AsyncIterator, Iterable
 import trio
 
 from service import protocol
-from service.errors import RingtailError
+from service.errors import RingtailError, connection_lost_error
 from service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, ErrorCode, Gap, Hello,
-                              Publish, Records, StartKind, Subscribe, Welcome)
+                              Publish, Records, RemoteProtocolError, StartKind, Subscribe,
+                              Welcome)
 
 RECEIVE_SIZE_BYTES = 256 * 1024
 # Publish batches sent but not yet acknowledged by one pipelined publisher.
 PIPELINE_BATCH_COUNT_MAX = 16
+# Seconds a client reads, after a send failed (EPIPE, ECONNRESET), for the
+# Error frame the daemon may have sent before it closed. A daemon that stopped
+# in order left it in our receive buffer, so reading ends at once (EOF); the
+# bound only matters for a peer that stopped reading but never closed.
+SEND_FAILURE_READ_TIMEOUT_S = 1.0
 
 
 class Client:
@@ -30,14 +41,19 @@ class Client:
 
     Resource handling: owns the stream; use `async with await Client.connect(...)`
     or call `aclose()`.
+
+    Error handling: every failure of the connection is a RingtailError: the
+    daemon's Error frame, or CONNECTION_LOST when it ended without one.
     """
 
-    def __init__(self, stream: trio.abc.Stream, tenant_id: int):
+    def __init__(self, stream: trio.abc.Stream, tenant_id: int, peer: str = ""):
         self.stream = stream
         self.tenant_id = tenant_id
+        self.peer = peer  # the daemon's socket path or host:port, for messages; "" if unknown
         self.connection = protocol.Connection(protocol.CLIENT)
         self.welcome: Welcome | None = None
         self._batch_ids = itertools.count(1)
+        self._eof = False  # the daemon closed its side (receive_some returned b"")
 
     @classmethod
     async def connect(cls, socket_path: str, tenant_id: int, *, token: bytes = b"",
@@ -49,13 +65,18 @@ class Client:
             RingtailError: the daemon refused the Hello.
         """
         stream = await trio.open_unix_socket(socket_path)
-        return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name)
+        return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name,
+                                        peer=socket_path)
 
     @classmethod
     async def connect_stream(cls, stream: trio.abc.Stream, tenant_id: int, *,
-                             token: bytes = b"", client_name: str = "ringtail-client") -> "Client":
-        """Handshake on a stream already connected (the stream is closed on failure)."""
-        client = cls(stream, tenant_id)
+                             token: bytes = b"", client_name: str = "ringtail-client",
+                             peer: str = "") -> "Client":
+        """Handshake on a stream already connected (the stream is closed on failure).
+
+        `peer` names the daemon (socket path or host:port) in error messages.
+        """
+        client = cls(stream, tenant_id, peer)
         try:
             await client._handshake(token, client_name)
         except BaseException:
@@ -89,7 +110,8 @@ class Client:
                 raise RingtailError(ErrorCode.AUTH_FAILED,
                                     f"TLS handshake with {host}:{port} failed: "
                                     f"{error.__cause__ or error}") from error
-        return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name)
+        return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name,
+                                        peer=f"{host}:{port}")
 
     async def _handshake(self, token: bytes, client_name: str) -> None:
         await self._send(Hello(self.tenant_id, token, client_name))
@@ -101,28 +123,64 @@ class Client:
         self.welcome = event
 
     async def _send(self, event) -> None:
+        data = self.connection.send(event)
         try:
-            await self.stream.send_all(self.connection.send(event))
+            await self.stream.send_all(data)
         except trio.BrokenResourceError as error:  # as in next_event(): callers catch one type
-            raise RingtailError(ErrorCode.SHUTTING_DOWN, f"connection lost: {error}") from error
+            raise await self._failure_after_send(error) from error
+
+    async def _failure_after_send(self, error: trio.BrokenResourceError) -> RingtailError:
+        """A send failed (EPIPE, ECONNRESET): the daemon's Error frame if it sent
+        one before closing (SHUTTING_DOWN on an orderly stop), else CONNECTION_LOST."""
+        with trio.move_on_after(SEND_FAILURE_READ_TIMEOUT_S):
+            try:
+                while True:  # ends: EOF, a reset or the timeout raise, or an Error returns
+                    event = await self.next_event()
+                    if isinstance(event, Error) and event.fatal:
+                        return RingtailError.from_event(event)
+            except RingtailError as lost:
+                if lost.code != ErrorCode.CONNECTION_LOST:
+                    return lost
+            except trio.BusyResourceError:
+                pass  # another task is reading: it will see the daemon's Error, if any
+        return self._connection_lost(_failure_detail(error))
+
+    def _connection_lost(self, detail: str = "") -> RingtailError:
+        """CONNECTION_LOST for this connection (naming the daemon's address)."""
+        if self.welcome is None and isinstance(self.stream, trio.SSLStream):
+            hint = ("before the Welcome, as a daemon refusing the client's certificate "
+                    "(mutual TLS) also does")
+            detail = f"{detail}; {hint}" if detail else hint
+        return connection_lost_error(self.peer, detail)
 
     async def next_event(self):
         """The next event from the daemon.
 
         Raises:
-            RingtailError: the connection closed (code SHUTTING_DOWN if cleanly).
+            RingtailError: CONNECTION_LOST: the connection ended (EOF, a reset,
+                or EOF in the middle of a frame) without an Error frame.
+            RemoteProtocolError: the daemon sent bytes that break the protocol.
         """
         while True:
-            event = self.connection.next_event()
+            try:
+                event = self.connection.next_event()
+            except RemoteProtocolError as error:
+                if not self._eof:
+                    raise
+                # After EOF the codec only refuses the partial frame the daemon
+                # left: it died (or was cut off) in the middle of a write.
+                buffered = self.connection.statistics().buffered_bytes
+                raise self._connection_lost(
+                    f"it ended {buffered} bytes into a frame") from error
             if event is CLOSED:
-                raise RingtailError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+                raise self._connection_lost()
             if event is not NEED_DATA:
                 return event
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE_BYTES)
-            except trio.BrokenResourceError as error:  # TLS: the cause names the alert
-                raise RingtailError(ErrorCode.SHUTTING_DOWN,
-                                    f"connection lost: {error.__cause__ or error}") from error
+            except trio.BrokenResourceError as error:  # ECONNRESET; TLS: the cause names the alert
+                raise self._connection_lost(_failure_detail(error)) from error
+            self._eof = not data
             self.connection.receive_data(data)
 
     async def publish(self, records: bytes) -> Ack:
@@ -215,6 +273,12 @@ class Client:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()
+
+
+def _failure_detail(error: trio.BrokenResourceError) -> str:
+    """What broke under a BrokenResourceError: "Connection reset by peer", a TLS alert..."""
+    cause = error.__cause__ or error
+    return getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
 
 
 def client_ssl_context(ca_file: str | None = None, cert_file: str | None = None,

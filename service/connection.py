@@ -10,7 +10,10 @@ Each connection runs three pieces in its own nursery:
 - for a subscriber, the subscription task (service/subscribers.py).
 
 The daemon (service/server.py) owns the listeners, the tenants and shutdown;
-a handler only moves one peer's bytes through the codec.
+a handler only moves one peer's bytes through the codec. When shutdown stops
+its reading, a handler answers every batch it queued, lets its subscription
+finish the frame it is writing, sends Error(SHUTTING_DOWN) and closes, so the
+peer can tell an orderly stop from a crash (docs/PROTOCOL.md 6.1).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import datetime
+import functools
 import logging
 import struct
 
@@ -55,8 +59,14 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # worst case per connection, bounded further by the writer's pending bound.
 CONNECTION_UNACKED_BATCH_COUNT_MAX = 64
 RECEIVE_SIZE_BYTES = 256 * 1024
+# Seconds a subscription ended by shutdown or a reload may still take to finish
+# the frame it is writing (a Records frame is at most 294,924 B), so its peer
+# gets whole frames and then the fatal Error; a peer that reads nothing for
+# that long gets the frame cut short (EOF in the middle of it) instead.
+FRAME_FINISH_TIMEOUT_S = 5.0
 
 assert HANDSHAKE_TIMEOUT_S > 0
+assert FRAME_FINISH_TIMEOUT_S > 0
 
 
 class ConnectionHandler:
@@ -74,23 +84,37 @@ class ConnectionHandler:
         self.tenant = None
         self.receive_scope = trio.CancelScope()
         self.subscription_scope = trio.CancelScope()
+        # A send_all was cut short (cancelled mid-frame): the peer may hold a
+        # partial frame, so nothing may follow it, not even an Error.
+        self.send_incomplete = False
+        self.subscription_writing = False  # the subscription task is in one of its sends
+        self.subscription_ending = False  # end_subscription() came while it was
+
+    async def _send_all(self, data: bytes) -> None:
+        """stream.send_all, remembering whether it finished. Send lock held."""
+        # Cancelled here, nothing was sent: the stream is still whole. Past
+        # this point (no checkpoint in between) send_all starts writing.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.send_incomplete = True
+        await self.stream.send_all(data)
+        self.send_incomplete = False
 
     async def send(self, event) -> None:
         async with self.send_lock:
-            if self.connection.state is protocol.State.CLOSING:
+            if self.connection.state is protocol.State.CLOSING or self.send_incomplete:
                 return  # a fatal Error was the last frame; pending acks/records are dropped
-            await self.stream.send_all(self.connection.send(event))
+            await self._send_all(self.connection.send(event))
 
     async def send_records(self, first_sequence: int, records: bytes, sequences) -> None:
         async with self.send_lock:
-            if self.connection.state is protocol.State.CLOSING:
+            if self.connection.state is protocol.State.CLOSING or self.send_incomplete:
                 return  # as in send(): nothing follows a fatal Error
             frame = self.connection.send_records(first_sequence, records, sequences)
             # Counted as handed to the socket, before the send returns: a
             # subscriber that has read them always finds them counted.
             self.daemon.counters.count_sent(self.tenant.tenant_id,
                                             len(records) // RECORD_SIZE_BYTES, len(records))
-            await self.stream.send_all(frame)
+            await self._send_all(frame)
 
     async def send_error(self, code: ErrorCode, message: str, batch_id: int = 0,
                          record_index: int = protocol.RECORD_INDEX_NONE) -> None:
@@ -148,6 +172,15 @@ class ConnectionHandler:
             daemon.handlers.discard(self)
         if self.close_reason is not None:  # a reload revoked this connection
             await self.send_error(*self.close_reason)
+        elif daemon._stopping and self.receive_scope.cancelled_caught:
+            # Shutdown stopped the reading and every queued batch was answered:
+            # say so, so the peer can tell an orderly stop from a crash (a
+            # connection that ends without an Error frame). A peer that closed
+            # first, or a fatal Error already sent, needs nothing more.
+            await self.send_error(ErrorCode.SHUTTING_DOWN,
+                                  "the daemon is shutting down; it answered every batch of "
+                                  "this connection that it stored (batches without an answer "
+                                  "were not stored); reconnect with backoff and resend them")
 
     async def session(self, hello: Hello) -> None:
         daemon = self.daemon
@@ -169,7 +202,7 @@ class ConnectionHandler:
             finally:
                 daemon._connection_scopes.discard(scope)
             # Replies drain (acks for every queued batch); a subscription ends.
-            self.subscription_scope.cancel()
+            self.end_subscription()
 
     async def tls_handshake(self) -> bool:
         """Complete TLS first (inside the handshake deadline); False if it failed."""
@@ -244,7 +277,28 @@ class ConnectionHandler:
         answered, then send a fatal Error with `code`."""
         self.close_reason = (code, message)
         self.receive_scope.cancel()
-        self.subscription_scope.cancel()
+        self.end_subscription()
+
+    def end_subscription(self) -> None:
+        """Stop the subscription, but not in the middle of a frame it is writing
+        (its peer would be left with part of a frame and could not read the
+        fatal Error that follows): that frame gets FRAME_FINISH_TIMEOUT_S."""
+        if not self.subscription_writing:
+            self.subscription_scope.cancel()
+            return
+        self.subscription_ending = True
+        self.subscription_scope.deadline = min(self.subscription_scope.deadline,
+                                               trio.current_time() + FRAME_FINISH_TIMEOUT_S)
+
+    async def _subscription_write(self, write, *args) -> None:
+        """One send of the subscription (send or send_records), see end_subscription()."""
+        self.subscription_writing = True
+        try:
+            await write(*args)
+        finally:
+            self.subscription_writing = False
+        if self.subscription_ending:  # end_subscription() came meanwhile: stop now
+            self.subscription_scope.cancel()
 
     async def forbidden(self, role: Role) -> None:
         self.daemon.stats.forbidden += 1
@@ -374,10 +428,9 @@ class ConnectionHandler:
         if not events:
             return
         async with self.send_lock:
-            if self.connection.state is protocol.State.CLOSING:
+            if self.connection.state is protocol.State.CLOSING or self.send_incomplete:
                 return  # as in send(): nothing follows a fatal Error
-            await self.stream.send_all(b"".join(self.connection.send(event)
-                                                for event in events))
+            await self._send_all(b"".join(self.connection.send(event) for event in events))
 
     async def subscribe(self, event: Subscribe) -> None:
         tenant = self.tenant
@@ -392,7 +445,9 @@ class ConnectionHandler:
         self.quota.subscribers += 1
         try:
             with self.subscription_scope:
-                await run_subscription(tenant, event, self.send, self.send_records)
+                await run_subscription(
+                    tenant, event, functools.partial(self._subscription_write, self.send),
+                    functools.partial(self._subscription_write, self.send_records))
         except RemoteProtocolError as error:  # BAD_SUBSCRIBE found against the ring
             await self.protocol_error(error)
             self.receive_scope.cancel()

@@ -129,7 +129,13 @@ class StartKind(enum.IntEnum):
 
 
 class ErrorCode(enum.IntEnum):
-    """The u16 code of an Error frame. Stable: never renumber, only append."""
+    """The u16 code of an Error frame. Stable: never renumber, only append.
+
+    CONNECTION_LOST is reserved for clients: a daemon never sends it; a client
+    reports it when the connection ended without an Error frame. A peer that
+    does receive it in an Error frame decodes it as any known code (fatal):
+    refusing it would turn a harmless report into a protocol failure.
+    """
 
     MALFORMED_FRAME = 1
     FRAME_TOO_LARGE = 2
@@ -153,6 +159,7 @@ class ErrorCode(enum.IntEnum):
     TOO_MANY_SUBSCRIBERS = 20
     INTERNAL = 21
     TENANT_UNAVAILABLE = 22
+    CONNECTION_LOST = 23
 
     @property
     def fatal(self) -> bool:
@@ -238,6 +245,11 @@ ERROR_CODE_INFO: dict[ErrorCode, ErrorCodeInfo] = {
         True, "the tenant's ring file cannot be opened or created (disk full, permissions,"
               " damage, io backend refused)",
         "read the daemon's log line for the tenant; fix the cause; reconnect with backoff"),
+    _E.CONNECTION_LOST: ErrorCodeInfo(
+        True, "reserved for clients, never sent by a daemon: the connection ended without an"
+              " Error frame (the daemon was killed or crashed, or the network broke)",
+        "check that the daemon is running and read its log (journalctl -u ringtail, or the"
+        " stderr of `ringtail serve`); reconnect with backoff and resend unacknowledged batches"),
 }
 assert set(ERROR_CODE_INFO) == set(ErrorCode)
 

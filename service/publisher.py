@@ -90,15 +90,21 @@ Resource handling:
 Error handling:
     The sender thread never raises into the caller: connection failures and
     daemon Error frames are counted and kept in `statistics().last_error`
-    (an OSError, a ProtocolError or a service.errors.RingtailError). An
-    unexpected exception in the sender (a bug) is logged, kept as last_error,
-    and stops sending: publish() then fills the buffer and applies the policy.
+    (an OSError, a ProtocolError or a service.errors.RingtailError). Why the
+    last connection ended is kept apart, in `statistics().last_disconnect_error`
+    (reconnect attempts overwrite last_error): the daemon's fatal Error
+    (SHUTTING_DOWN on an orderly stop), or RingtailError CONNECTION_LOST when
+    the connection ended without one (EOF, ECONNRESET, EPIPE: the daemon was
+    killed or crashed). An unexpected exception in the sender (a bug) is
+    logged, kept as last_error, and stops sending: publish() then fills the
+    buffer and applies the policy.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -111,7 +117,7 @@ import numpy
 
 from ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
 from service import protocol
-from service.errors import RingtailError
+from service.errors import RingtailError, connection_lost_error
 from service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
                               ProtocolError, Publish, Welcome)
 
@@ -160,6 +166,9 @@ CLOSE_TIMEOUT_S_DEFAULT = 30.0
 POLICIES = ("block", "drop")
 
 _TRANSIENT_CODES = frozenset({ErrorCode.QUOTA_EXCEEDED, ErrorCode.STORAGE_FAILED})
+# A send or receive failing with these means the daemon's end is gone: read
+# what it sent before, then report its Error frame or CONNECTION_LOST.
+_PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED})
 
 assert 0 < RECONNECT_DELAY_S_MIN <= RECONNECT_DELAY_S_MAX
 assert BUFFER_RECORD_COUNT_MAX >= protocol.PUBLISH_RECORD_COUNT_MAX
@@ -210,13 +219,18 @@ class PublisherStatistics:
     buffered: int  # taken and not yet acked or rejected (queued or in flight)
     connected: bool  # the sender holds a connection now
     last_error: Exception | None  # the most recent failure (connection or rejection)
+    # Why the most recent connection ended (None until one has): the daemon's
+    # fatal Error (SHUTTING_DOWN when it stopped in order), RingtailError
+    # CONNECTION_LOST when it ended without one, or another OSError/ProtocolError.
+    last_disconnect_error: Exception | None
 
 
 class _ConnectionLost(ConnectionError):
     """The connection is unusable; reconnect and resend what was not acknowledged.
 
-    Its argument is a message, or the RingtailError the daemon sent; the
-    latter is what statistics().last_error shows.
+    Its argument is a message, or a RingtailError (the daemon's fatal Error,
+    or CONNECTION_LOST when the connection ended without one); the latter is
+    what statistics().last_error and last_disconnect_error show.
     """
 
 
@@ -324,6 +338,7 @@ class Publisher:
         self._reconnects = 0
         self._connected = False
         self._last_error: Exception | None = None
+        self._last_disconnect_error: Exception | None = None
         # Ordinal (0-based count of taken records) of the oldest taken record
         # not yet acked or rejected; flush() waits for it to pass its target.
         self._unresolved_ordinal = 0
@@ -478,7 +493,8 @@ class Publisher:
                 published=buffered + self._acked + self._rejected + self._dropped_full,
                 acked=self._acked, dropped_full=self._dropped_full, rejected=self._rejected,
                 resent=self._resent, reconnects=self._reconnects, buffered=buffered,
-                connected=self._connected, last_error=self._last_error)
+                connected=self._connected, last_error=self._last_error,
+                last_disconnect_error=self._last_disconnect_error)
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S_DEFAULT) -> bool:
         """Stop taking records, flush up to `timeout` seconds, then stop the sender.
@@ -569,7 +585,9 @@ class Publisher:
             try:
                 self._serve_connection(sock, connection)
             except (OSError, ProtocolError, _ConnectionLost) as error:
-                self._note_error(error)
+                if isinstance(error, OSError) and error.errno in _PEER_GONE_ERRNOS:
+                    error = self._failure_after_peer_gone(sock, connection, error)
+                self._note_error(error, disconnect=True)
                 log.warning("ringtail publisher: connection to %s lost: %s; %d unacknowledged "
                             "batches will be resent", self.socket_path, error, self._in_flight)
                 outage_logged = True
@@ -593,12 +611,36 @@ class Publisher:
         except BlockingIOError:
             pass
 
-    def _note_error(self, error: Exception) -> None:
+    def _note_error(self, error: Exception, *, disconnect: bool = False) -> None:
         if isinstance(error, _ConnectionLost) and error.args and isinstance(
                 error.args[0], Exception):
             error = error.args[0]
         with self._lock:
             self._last_error = error
+            if disconnect:
+                self._last_disconnect_error = error
+
+    def _failure_after_peer_gone(self, sock: socket.socket, connection: protocol.Connection,
+                                 error: OSError) -> Exception:
+        """A send or receive failed with EPIPE or ECONNRESET: handle what the
+        daemon sent before it closed (its answers, then its fatal Error if it
+        stopped in order), and return why the connection ended."""
+        sock.settimeout(0)  # what it sent is already here: read it, never wait
+        try:
+            while True:  # ends: EOF or a fatal Error raise _ConnectionLost
+                self._receive(sock, connection, answer_pings=False)
+        except BlockingIOError:
+            pass  # nothing more to read, though the socket is not at EOF
+        except _ConnectionLost as lost:
+            reason = lost.args[0] if lost.args else None
+            if not (isinstance(reason, RingtailError)
+                    and reason.code == ErrorCode.CONNECTION_LOST):
+                return lost  # the daemon's Error frame, or a protocol violation
+        except ProtocolError as violation:
+            return violation
+        except OSError:
+            pass  # the reset itself, read again
+        return _ConnectionLost(connection_lost_error(self.socket_path, error.strerror))
 
     def _connect(self) -> tuple[socket.socket, protocol.Connection]:
         """Connect and handshake; the Welcome sets the batch size."""
@@ -614,7 +656,8 @@ class Publisher:
                     connection.receive_data(sock.recv(RECEIVE_SIZE_BYTES))
                     continue
                 if event is CLOSED:
-                    raise _ConnectionLost("the daemon closed the connection during the handshake")
+                    raise _ConnectionLost(connection_lost_error(
+                        self.socket_path, "during the handshake"))
                 if isinstance(event, Error):
                     raise _ConnectionLost(RingtailError.from_event(event))
                 if isinstance(event, Welcome):
@@ -745,19 +788,30 @@ class Publisher:
         log.warning("ringtail publisher: %s (further rejections are only counted: see "
                     "statistics().rejected)", message)
 
-    def _receive(self, sock: socket.socket, connection: protocol.Connection) -> None:
-        connection.receive_data(sock.recv(RECEIVE_SIZE_BYTES))  # b"": EOF
+    def _receive(self, sock: socket.socket, connection: protocol.Connection, *,
+                 answer_pings: bool = True) -> None:
+        data = sock.recv(RECEIVE_SIZE_BYTES)
+        connection.receive_data(data)  # b"": EOF
         while True:
-            event = connection.next_event()
+            try:
+                event = connection.next_event()
+            except protocol.RemoteProtocolError:
+                if data:
+                    raise
+                # After EOF the codec only refuses the partial frame the daemon
+                # left: it died (or was cut off) in the middle of a write.
+                buffered = connection.statistics().buffered_bytes
+                raise _ConnectionLost(connection_lost_error(
+                    self.socket_path, f"it ended {buffered} bytes into a frame")) from None
             if event is NEED_DATA:
                 return
             if event is CLOSED:
-                raise _ConnectionLost("the daemon closed the connection")
+                raise _ConnectionLost(connection_lost_error(self.socket_path))
             if isinstance(event, Ack):
                 self._on_ack(event)
             elif isinstance(event, Error):
                 self._on_error(event)
-            elif isinstance(event, Ping):
+            elif isinstance(event, Ping) and answer_pings:
                 sock.sendall(connection.send(Pong(event.nonce)))
 
     def _on_ack(self, ack: Ack) -> None:

@@ -301,3 +301,33 @@ def test_commands_default_to_the_embedded_socket_in_the_working_directory(daemon
     result = ringtail("tail", "--format", "raw", "--tenant", str(TENANT), cwd=os.fspath(workdir))
     assert result.returncode == 0 and result.stdout == data
     assert server.kill(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("signum, expected", [
+    (signal.SIGKILL, r"CONNECTION_LOST: the daemon at {socket} closed the connection without a "
+                     r"reply \(no Error frame\): it may have crashed or been killed; see its log "
+                     r"\(journalctl -u ringtail, or the stderr of `ringtail serve`\)"),
+    (signal.SIGTERM, r"SHUTTING_DOWN: the daemon is shutting down; .*"),
+], ids=["sigkill", "sigterm"])
+def test_tail_follow_exits_1_and_says_how_the_daemon_went_away(daemon, signum, expected):
+    """Killed: CONNECTION_LOST (no Error frame came). Stopped: the daemon's SHUTTING_DOWN."""
+    server = daemon(io="threads")
+    data = RecordFactory(TENANT, seed=37).records(1)
+    acked_range(publish_raw(server.socket_path, TENANT, data))
+    follower = subprocess.Popen(
+        [RINGTAIL, "tail", "--follow", "--format", "raw", "--tenant", str(TENANT),
+         "--socket", server.socket_path],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert follower.stdout.read(len(data)) == data  # it is subscribed and caught up
+        server.kill(signum)
+        stdout, stderr = follower.communicate(timeout=COMMAND_TIMEOUT_S)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    message = stderr.decode()
+    assert follower.returncode == 1, message
+    assert stdout == b""
+    expected = expected.format(socket=re.escape(server.socket_path))
+    assert re.fullmatch(rf"ringtail tail: {expected}\n", message), message  # no traceback

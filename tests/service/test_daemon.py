@@ -12,6 +12,7 @@ import signal
 import socket
 import stat
 
+import pytest
 import trio
 
 from ioring.errors import RingFormatError
@@ -309,14 +310,45 @@ async def test_orderly_stop_ends_follow_subscriptions_and_exits_0(daemon):
                     if seen[-1] == ack.last_sequence:
                         break
                 server.send_signal(signum)
-                try:
+                # Both connections are told before the daemon closes them (a
+                # connection that just ends would be a crash: CONNECTION_LOST).
+                with pytest.raises(RingtailError, match="^SHUTTING_DOWN: ") as caught:
                     async for event in events:
                         raise AssertionError(f"nothing was published, yet {event!r}")
-                except RingtailError as error:
-                    assert error.code == ErrorCode.SHUTTING_DOWN  # the daemon closed it
+                assert caught.value.code == ErrorCode.SHUTTING_DOWN
+                closing = await publisher.next_event()
+                assert isinstance(closing, Error) and closing.code == ErrorCode.SHUTTING_DOWN
         assert await server.await_exit() == 0, server.run_stderr
         assert "ringtail stopped" in server.run_stderr
         await server.astart()
+
+
+async def test_orderly_stop_finishes_a_blocked_subscriber_frame_then_says_shutting_down(daemon):
+    """A subscriber that has not read is not left with half a frame: it gets whole
+    Records frames, then SHUTTING_DOWN (never an EOF that looks like a crash)."""
+    server = daemon(capacity=65536, io="threads")
+    data = RecordFactory(16, seed=16).records(20_000)  # 1.28 MB: more than the socket buffers
+    with trio.fail_after(TIMEOUT_S):
+        async with await Client.connect(server.socket_path, 16) as publisher:
+            await publisher.publish_many(split_records_into_batches(data))
+        peer = await RawPeer.connect(server.socket_path)
+        assert isinstance(await peer.hello(16), Welcome)
+        await peer.send(encode_event(Subscribe(StartKind.OLDEST, follow=True)))
+        # The first bytes say it streams; the daemon fills the socket (about
+        # 300 KB) and blocks in the middle of a 262 KB frame, unread.
+        peer.buffer += await peer.stream.receive_some(8)
+        server.send_signal(signal.SIGTERM)
+        frames = await peer.frames_until_closed()  # fails on a partial frame
+        await peer.aclose()
+        assert await server.await_exit() == 0, server.run_stderr
+    *records, last = frames
+    assert isinstance(last, Error) and last.code == ErrorCode.SHUTTING_DOWN, last
+    received = b"".join(frame.records for frame in records)
+    assert received == data[:len(received)] and received  # whole, in order, from 0
+
+
+def split_records_into_batches(data: bytes, count: int = 4096) -> list[bytes]:
+    return [data[offset:offset + count * 64] for offset in range(0, len(data), count * 64)]
 
 
 async def test_subscribers_past_the_tenant_limit_are_refused(daemon):

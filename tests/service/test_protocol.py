@@ -189,8 +189,8 @@ def test_wire_numbers_never_change():
              " BAD_RECORD_SIZE BAD_RECORD_MAGIC WRONG_TENANT HELLO_REQUIRED UNEXPECTED_FRAME"
              " AUTH_FAILED FORBIDDEN QUOTA_EXCEEDED BATCH_TOO_LARGE UNKNOWN_TENANT STORAGE_FAILED"
              " SHUTTING_DOWN BAD_SUBSCRIBE HANDSHAKE_TIMEOUT TOO_MANY_CONNECTIONS"
-             " TOO_MANY_SUBSCRIBERS INTERNAL TENANT_UNAVAILABLE").split()
-    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 23)))
+             " TOO_MANY_SUBSCRIBERS INTERNAL TENANT_UNAVAILABLE CONNECTION_LOST").split()
+    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 24)))
     frame_types = "HELLO WELCOME PUBLISH ACK SUBSCRIBE RECORDS GAP END ERROR PING PONG".split()
     assert [(t.name, int(t)) for t in FrameType] == list(zip(frame_types, range(1, 12)))
     assert [int(kind) for kind in StartKind] == [0, 1, 2, 3]
@@ -606,6 +606,17 @@ def test_error_code_unknown_to_this_version_reads_as_fatal():
     assert event.code == 4242 and event.fatal and client.state is State.CLOSING
     with pytest.raises(LocalProtocolError, match="a fatal Error was exchanged; close the"):
         client.send(Ping(1))
+
+
+def test_connection_lost_received_on_the_wire_decodes_as_a_known_fatal_code():
+    # Reserved for clients (docs/PROTOCOL.md 6.1); a peer that sends it anyway is
+    # not refused: the code decodes as any known fatal one.
+    assert ErrorCode.CONNECTION_LOST == 23 and ErrorCode.CONNECTION_LOST.fatal
+    client, _ = pair(State.READY)
+    client.receive_data(encode_event(Error(23, "relayed")))
+    event = client.next_event()
+    assert event.code is ErrorCode.CONNECTION_LOST and event.fatal
+    assert client.state is State.CLOSING
 
 
 def test_send_records_writes_the_same_bytes_as_a_records_event():

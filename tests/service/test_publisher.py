@@ -8,6 +8,7 @@ ring's contents read back as the list of published indices.
 from __future__ import annotations
 
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import pytest
 
 from ioring.record import RECORD_DTYPE, SlotRecord
 from service import protocol
+from service.errors import RingtailError
 from service.protocol import Ack, Error, ErrorCode, Hello, Publish, Welcome
 from service.publisher import (BUFFER_RECORD_COUNT_MAX, Publisher, PublisherClosedError,
                                PublisherFullError)
@@ -183,6 +185,32 @@ def test_daemon_killed_and_restarted_mid_stream_loses_nothing_under_block(daemon
     assert (stats.published, stats.acked, stats.buffered) == (40_000, 40_000, 0)
     assert (stats.dropped_full, stats.rejected) == (0, 0)
     assert_at_least_once_in_order(indices(daemon.tail()), expected, stats.reconnects)
+
+
+def test_killed_daemon_is_reported_as_connection_lost_and_stopped_one_as_shutting_down(
+        daemon, publishers):
+    publisher = publishers(daemon.socket, TENANT)
+    publisher.publish(record(0))
+    assert publisher.flush(FLUSH_TIMEOUT_S) is True
+    assert publisher.statistics().last_disconnect_error is None
+    daemon.kill()
+    daemon.start()
+    publisher.publish(record(1))
+    assert publisher.flush(FLUSH_TIMEOUT_S) is True  # so it noticed and reconnected
+    lost = publisher.statistics().last_disconnect_error
+    assert isinstance(lost, RingtailError) and lost.code == ErrorCode.CONNECTION_LOST
+    assert re.fullmatch(
+        rf"CONNECTION_LOST: the daemon at {re.escape(daemon.socket)} closed the connection "
+        r"without a reply \(no Error frame\): it may have crashed or been killed; see its log "
+        r"\(journalctl -u ringtail, or the stderr of `ringtail serve`\)", str(lost)), lost
+    daemon.stop()  # SIGTERM: the daemon says so before it closes
+    daemon.start()
+    publisher.publish(record(2))
+    assert publisher.flush(FLUSH_TIMEOUT_S) is True
+    stats = publisher.statistics()
+    assert isinstance(stats.last_disconnect_error, RingtailError)
+    assert stats.last_disconnect_error.code == ErrorCode.SHUTTING_DOWN
+    assert (stats.acked, stats.reconnects) == (3, 2)
 
 
 def test_daemon_down_under_drop_counts_dropped_records_and_never_raises(daemon, publishers):
@@ -408,6 +436,8 @@ def test_unacked_batches_are_resent_byte_identical_after_the_connection_breaks(
     assert all(event.record_count <= 2 for event in second)
     stats = publisher.statistics()
     assert (stats.acked, stats.resent, stats.reconnects, stats.rejected) == (5, 5, 1, 0)
+    # The peer hung up without an Error frame: that is what the publisher reports.
+    assert stats.last_disconnect_error.code == ErrorCode.CONNECTION_LOST
 
 
 def test_transiently_refused_batch_is_resent_then_acked(short_dir, publishers):
