@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m service.demo
+	$(PY) -m ringtail.service.demo
 
 # tests/ioring/test_cpu_baseline.py runs the daemon's native code on emulated
 # CPUs without AVX-512 (qemu-user; x86_64 only), and tests/deploy verifies the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from ioring.files import write_file_atomically
+from ringtail.ioring.files import write_file_atomically
 
 DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "docs", "BENCHMARKS.md")

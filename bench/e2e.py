@@ -38,11 +38,11 @@ _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPOSITORY not in sys.path:
     sys.path.insert(0, _REPOSITORY)
 
-from bench.doc import DOC_PATH, update_section  # noqa: E402
+from ringtail.bench.doc import DOC_PATH, update_section  # noqa: E402
 
 import numpy  # noqa: E402
 
-from bench import worker as raw  # noqa: E402
+from ringtail.bench import worker as raw  # noqa: E402
 
 DOC_SECTION_TITLE = "## End to end (ringtail bench)"
 RECORD_SIZE = 64
@@ -92,7 +92,7 @@ def wait_until(instant_ns: int) -> None:
 
 def ringtail_command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "ringtail")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "service.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "ringtail.service.cli"]
 
 
 class Daemon:
@@ -169,7 +169,7 @@ class Workers:
     def __init__(self, count: int):
         environment = dict(os.environ, PYTHONPATH=_REPOSITORY)
         self.processes = [subprocess.Popen(
-            [sys.executable, "-m", "bench.worker"], cwd=_REPOSITORY, env=environment,
+            [sys.executable, "-m", "ringtail.bench.worker"], cwd=_REPOSITORY, env=environment,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(count)]
 
     def send(self, index: int, op: str, **arguments) -> None:

@@ -51,13 +51,13 @@ _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPOSITORY not in sys.path:  # `python bench/engine.py` puts bench/ first
     sys.path.insert(0, _REPOSITORY)
 
-from bench.doc import DOC_PATH, update_section  # noqa: E402
+from ringtail.bench.doc import DOC_PATH, update_section  # noqa: E402
 
 import numpy  # noqa: E402
 import trio  # noqa: E402
 
-from ioring import (RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES,  # noqa: E402
-                    BackendUnavailableError, Layout, open_ring)
+from ringtail.ioring import (RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES,  # noqa: E402
+                             BackendUnavailableError, Layout, open_ring)
 
 BATCH_RECORD_COUNTS = (1, 64, 1024, 4096)
 BACKENDS = ("uring", "threads")
@@ -326,9 +326,9 @@ def run_binding(directory: str, chain_count: int) -> list[BindingResult]:
     """The same chain, interleaved, through: the plain calls inline, our io_uring
     binding (submit, select on the eventfd, reap: no Trio) and the thread backend.
     """
-    from ioring.chain import FDATASYNC, Write
-    from ioring.threads import ThreadBackend
-    from ioring.uring import UringBackend
+    from ringtail.ioring.chain import FDATASYNC, Write
+    from ringtail.ioring.threads import ThreadBackend
+    from ringtail.ioring.uring import UringBackend
 
     path = os.path.join(directory, "binding.dat")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -22,7 +22,7 @@ _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPOSITORY not in sys.path:
     sys.path.insert(0, _REPOSITORY)
 
-from bench import e2e  # noqa: E402
+from ringtail.bench import e2e  # noqa: E402
 
 
 def aggregate(path: str, top: int = 25) -> str:

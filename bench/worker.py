@@ -29,10 +29,10 @@ if _REPOSITORY not in sys.path:
 
 import numpy  # noqa: E402
 
-from ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES  # noqa: E402
-from service import protocol  # noqa: E402
-from service.protocol import (NEED_DATA, FrameType, Hello, StartKind, Subscribe,  # noqa: E402
-                              Welcome)
+from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES  # noqa: E402
+from ringtail.service import protocol  # noqa: E402
+from ringtail.service.protocol import (NEED_DATA, FrameType, Hello, StartKind, Subscribe,  # noqa: E402
+                                       Welcome)
 
 _HEADER = struct.Struct("<IHH")
 _PUBLISH_HEAD = struct.Struct("<IHHQ")
@@ -292,8 +292,8 @@ def tail_publish(socket_path: str, tenant_id: int, rate: float, warm_ns: int, en
 
 
 def sync_publisher(socket_path: str, tenant_id: int, record_count: int) -> dict:
-    """service.publisher.Publisher.publish() of one record at a time, in this thread."""
-    from service.publisher import BLOCK_TIMEOUT_S_DEFAULT, Publisher
+    """ringtail.service.publisher.Publisher.publish() of one record at a time, in this thread."""
+    from ringtail.service.publisher import BLOCK_TIMEOUT_S_DEFAULT, Publisher
     data = make_records(tenant_id, 4096)
     records = [data[i * 64:(i + 1) * 64] for i in range(4096)]
     result = {"block_timeout_s": BLOCK_TIMEOUT_S_DEFAULT}

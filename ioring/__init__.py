@@ -4,18 +4,18 @@ recovery, VRRL import/export). Knows nothing of sockets, tenants or Trio.
 The public surface is re-exported here explicitly; tests pin it.
 """
 
-from ioring.batch import BatchTicket
-from ioring.chain import IO_CHOICES, ChainResult, FDATASYNC, Write, open_backend
-from ioring.errors import (BackendUnavailableError, RingBusyError, RingClosedError,
-                           RingCorruptError, RingError, RingFailedError, RingFormatError,
-                           RingLockedError, RingRangeError, VrrlFormatError)
-from ioring.format import (BATCH_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT_MAX,
-                           CAPACITY_RECORD_COUNT_MIN, CHUNK_RECORD_COUNT, FORMAT_VERSION,
-                           Layout)
-from ioring.record import (FAILURE_CLASS_NAMES, RECORD_DTYPE, RECORD_MAGIC,
-                           RECORD_SIZE_BYTES, SlotRecord, failure_class_name)
-from ioring.recovery import RecoveryReport
-from ioring.ring import SYNC_CHOICES, RingFile, RingStatistics, open_ring
+from ringtail.ioring.batch import BatchTicket
+from ringtail.ioring.chain import IO_CHOICES, ChainResult, FDATASYNC, Write, open_backend
+from ringtail.ioring.errors import (BackendUnavailableError, RingBusyError, RingClosedError,
+                                    RingCorruptError, RingError, RingFailedError, RingFormatError,
+                                    RingLockedError, RingRangeError, VrrlFormatError)
+from ringtail.ioring.format import (BATCH_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT_MAX,
+                                    CAPACITY_RECORD_COUNT_MIN, CHUNK_RECORD_COUNT, FORMAT_VERSION,
+                                    Layout)
+from ringtail.ioring.record import (FAILURE_CLASS_NAMES, RECORD_DTYPE, RECORD_MAGIC,
+                                    RECORD_SIZE_BYTES, SlotRecord, failure_class_name)
+from ringtail.ioring.recovery import RecoveryReport
+from ringtail.ioring.ring import SYNC_CHOICES, RingFile, RingStatistics, open_ring
 
 __all__ = [
     "BATCH_RECORD_COUNT_MAX", "CAPACITY_RECORD_COUNT_MAX", "CAPACITY_RECORD_COUNT_MIN",

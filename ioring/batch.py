@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ioring.chain import FDATASYNC, Operation, Write
-from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, ENTRY_HEAD,
-                           HEADER_COPY_COUNT, HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, Header,
-                           Layout, encode_batch_entries)
-from ioring.reader import NO_COPY, ChunkTable
-from ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.chain import FDATASYNC, Operation, Write
+from ringtail.ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, ENTRY_HEAD,
+                                    HEADER_COPY_COUNT, HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, Header,
+                                    Layout, encode_batch_entries)
+from ringtail.ioring.reader import NO_COPY, ChunkTable
+from ringtail.ioring.record import RECORD_SIZE_BYTES
 
 # Operations in one batch's chain: two data writes (around the wrap), two
 # chunk-table writes (around the table's end), the header, the fdatasync.

@@ -24,7 +24,7 @@ import os
 import tempfile
 from typing import Protocol
 
-from ioring.errors import BackendUnavailableError
+from ringtail.ioring.errors import BackendUnavailableError
 
 log = logging.getLogger("ioring")
 
@@ -97,7 +97,7 @@ def probe_once(directory: str | os.PathLike | None = None):
     """
     global _probe_result
     if _probe_result is None:
-        from ioring.probe import probe_uring
+        from ringtail.ioring.probe import probe_uring
         result = probe_uring(directory if directory is not None else tempfile.gettempdir())
         if not result.ok:
             log.warning("%s", result.fallback_line())
@@ -120,10 +120,10 @@ def open_backend(io: str, probe_directory: str | os.PathLike | None = None) -> B
     """
     if io not in IO_CHOICES:
         raise ValueError(f"io={io!r} is not one of {', '.join(IO_CHOICES)}")
-    from ioring.threads import ThreadBackend
+    from ringtail.ioring.threads import ThreadBackend
     if io == "threads" or (io == "auto" and not probe_once(probe_directory).ok):
         return ThreadBackend()
-    from ioring import uring
+    from ringtail.ioring import uring
     try:
         return uring.UringBackend()
     except BackendUnavailableError as error:

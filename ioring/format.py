@@ -50,7 +50,7 @@ import struct
 import blake3
 import numpy
 
-from ioring.record import RECORD_SIZE_BYTES, struct_for_dtype
+from ringtail.ioring.record import RECORD_SIZE_BYTES, struct_for_dtype
 
 FORMAT_MAGIC = b"RINGTAIL"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
 A native fault (SIGILL from code built for a newer CPU, SIGSEGV) cannot be
 caught by `try`, and a hang in a binding cannot be interrupted from Python:
 either would take the daemon with it. So the daemon's exact calls run first in
-a child (`python -m ioring.probe DIR`): set up a ring and its eventfd, one good
+a child (`python -m ringtail.ioring.probe DIR`): set up a ring and its eventfd, one good
 linked chain (write, write, fdatasync) on a temporary file in DIR, one failing
 chain (a write to a read-only descriptor, then fdatasync: the write fails with
 EBADF and the fdatasync is cancelled), a check of the file's bytes, teardown.
@@ -36,7 +36,7 @@ PROBE_TIMEOUT_S = 10.0
 # ioring.uring (tests/ioring/faulty_bindings.py raises a real SIGILL there).
 # Read only by the probe child, never by the daemon's own write path.
 BINDING_ENVIRONMENT_VARIABLE = "RINGTAIL_TEST_URING_BINDING"
-DEFAULT_BINDING = "ioring.uring"
+DEFAULT_BINDING = "ringtail.ioring.uring"
 
 _GOOD_DATA_BYTES = 4096 + 128  # one data block and one header-sized write
 _FALLBACK = ("using the thread backend (pwritev+fdatasync on a worker thread: same "
@@ -78,14 +78,15 @@ class ProbeResult:
 def probe_uring(directory: str | os.PathLike, timeout_s: float = PROBE_TIMEOUT_S) -> ProbeResult:
     """Run the probe child against a temporary file in `directory` and judge it."""
     directory = os.fspath(directory)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import ringtail  # the directory holding the `ringtail` package goes on the child's path
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(ringtail.__file__)))
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(
         [package_parent] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else []))
     environment["PYTHONFAULTHANDLER"] = "1"  # a native crash names its frame on stderr
     started = time.monotonic()
     try:
-        child = subprocess.run([sys.executable, "-m", "ioring.probe", directory],
+        child = subprocess.run([sys.executable, "-m", "ringtail.ioring.probe", directory],
                                capture_output=True, text=True, timeout=timeout_s,
                                env=environment, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -144,8 +145,8 @@ def _wait_results(backend, count: int) -> list:
 
 def run_probe(directory: str) -> dict:
     """The daemon's exact calls on a temporary file in `directory`. Returns the report."""
-    from ioring.chain import FDATASYNC, Write
-    from ioring.errors import BackendUnavailableError
+    from ringtail.ioring.chain import FDATASYNC, Write
+    from ringtail.ioring.errors import BackendUnavailableError
 
     binding = importlib.import_module(os.environ.get(BINDING_ENVIRONMENT_VARIABLE)
                                       or DEFAULT_BINDING)
@@ -187,7 +188,7 @@ def run_probe(directory: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m ioring.probe DIRECTORY", file=sys.stderr)
+        print("usage: python -m ringtail.ioring.probe DIRECTORY", file=sys.stderr)
         return 2
     print(json.dumps(run_probe(argv[0])), flush=True)
     return 0

@@ -14,11 +14,11 @@ import os
 
 import numpy
 
-from ioring.errors import RingCorruptError, RingRangeError
-from ioring.format import (CHUNK_ENTRY_DTYPE, CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
-                           CHUNK_SIZE_BYTES, ENTRY_HEAD, ChunkEntry, Layout, chunk_checksum,
-                           chunk_digest, decode_entry)
-from ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.errors import RingCorruptError, RingRangeError
+from ringtail.ioring.format import (CHUNK_ENTRY_DTYPE, CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
+                                    CHUNK_SIZE_BYTES, ENTRY_HEAD, ChunkEntry, Layout, chunk_checksum,
+                                    chunk_digest, decode_entry)
+from ringtail.ioring.record import RECORD_SIZE_BYTES
 
 NO_COPY = 0xFF
 

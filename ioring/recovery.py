@@ -31,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ioring.errors import RingCorruptError, RingFormatError
-from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
-                           HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, PAGE_SIZE_BYTES,
-                           Header, HeaderDecodeError, Layout, capacity_problem,
-                           chunk_checksum, decode_header)
-from ioring.reader import NO_COPY, ChunkTable
-from ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.errors import RingCorruptError, RingFormatError
+from ringtail.ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
+                                    HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, PAGE_SIZE_BYTES,
+                                    Header, HeaderDecodeError, Layout, capacity_problem,
+                                    chunk_checksum, decode_header)
+from ringtail.ioring.reader import NO_COPY, ChunkTable
+from ringtail.ioring.record import RECORD_SIZE_BYTES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

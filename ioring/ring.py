@@ -32,16 +32,16 @@ import select
 import time
 from typing import Callable
 
-from ioring.batch import BatchPlan, BatchTicket, check_header_successor, check_plan, plan_batch
-from ioring.chain import Backend, Operation, open_backend
-from ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
-                           RingFormatError, RingLockedError)
-from ioring.files import write_file_atomically
-from ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, Header, Layout,
-                           capacity_problem, chunk_hasher)
-from ioring.reader import ChunkTable, read_verified
-from ioring.record import RECORD_SIZE_BYTES
-from ioring.recovery import RecoveryReport, recover
+from ringtail.ioring.batch import BatchPlan, BatchTicket, check_header_successor, check_plan, plan_batch
+from ringtail.ioring.chain import Backend, Operation, open_backend
+from ringtail.ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
+                                    RingFormatError, RingLockedError)
+from ringtail.ioring.files import write_file_atomically
+from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, Header, Layout,
+                                    capacity_problem, chunk_hasher)
+from ringtail.ioring.reader import ChunkTable, read_verified
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.recovery import RecoveryReport, recover
 
 SYNC_CHOICES = ("batch", "none")
 

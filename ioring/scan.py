@@ -12,12 +12,12 @@ import dataclasses
 import os
 from typing import Callable
 
-from ioring.errors import RingCorruptError
-from ioring.format import CHUNK_RECORD_COUNT, CHUNK_SIZE_BYTES, Header, Layout
-from ioring.reader import ChunkTable, verify_run
-from ioring.record import RECORD_SIZE_BYTES
-from ioring.recovery import check_geometry, read_header
-from ioring.ring import is_locked_by_writer
+from ringtail.ioring.errors import RingCorruptError
+from ringtail.ioring.format import CHUNK_RECORD_COUNT, CHUNK_SIZE_BYTES, Header, Layout
+from ringtail.ioring.reader import ChunkTable, verify_run
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.recovery import check_geometry, read_header
+from ringtail.ioring.ring import is_locked_by_writer
 
 # Chunks `verify` reads and checks at once: 256 x 4 KiB = a 1 MiB buffer,
 # whatever the capacity (a full verify of the largest ring reads 1 GiB).

@@ -13,8 +13,8 @@ import os
 import queue
 import threading
 
-from ioring.chain import (FDATASYNC, ChainResult, Operation, errno_result,
-                          short_write_result)
+from ringtail.ioring.chain import (FDATASYNC, ChainResult, Operation, errno_result,
+                                   short_write_result)
 
 # Chains waiting for the worker. The engine keeps one chain in flight per
 # ring, so this bound is never reached in normal use; it only caps memory.

@@ -25,10 +25,10 @@ import errno
 import os
 import select
 
-from ioring import uring_abi
-from ioring.chain import (FDATASYNC, ChainResult, Operation, errno_result,
-                          short_write_result)
-from ioring.errors import BackendUnavailableError
+from ringtail.ioring import uring_abi
+from ringtail.ioring.chain import (FDATASYNC, ChainResult, Operation, errno_result,
+                                   short_write_result)
+from ringtail.ioring.errors import BackendUnavailableError
 
 # Submission queue entries. A batch chain has at most 6 operations (two data
 # writes around the wrap, two table writes, the header, fdatasync) and each

@@ -42,7 +42,7 @@ import os
 import platform
 import struct
 
-from ioring.errors import BackendUnavailableError
+from ringtail.ioring.errors import BackendUnavailableError
 
 # -- syscall numbers (asm-generic/unistd.h; x86_64 uses the same three) --------
 SYS_IO_URING_SETUP = 425

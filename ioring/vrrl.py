@@ -54,9 +54,9 @@ from collections.abc import Iterable
 
 import numpy
 
-from ioring.errors import VrrlFormatError
-from ioring.files import write_file_atomically
-from ioring.record import RECORD_MAGIC, RECORD_SIZE_BYTES
+from ringtail.ioring.errors import VrrlFormatError
+from ringtail.ioring.files import write_file_atomically
+from ringtail.ioring.record import RECORD_MAGIC, RECORD_SIZE_BYTES
 
 __all__ = [
     "VRRL_CAPACITY_MAX",

@@ -21,10 +21,10 @@ from typing import Callable
 
 import trio
 
-from ioring import RingError, RingFailedError, RingFile
-from ioring.record import RECORD_SIZE_BYTES
-from service.histogram import (BATCH_RECORD_COUNT_BOUNDS, LATENCY_NS_BOUNDS, Histogram,
-                               HistogramSnapshot)
+from ringtail.ioring import RingError, RingFailedError, RingFile
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.service.histogram import (BATCH_RECORD_COUNT_BOUNDS, LATENCY_NS_BOUNDS, Histogram,
+                                        HistogramSnapshot)
 
 log = logging.getLogger("ringtail.batcher")
 

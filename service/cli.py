@@ -1,4 +1,6 @@
-"""`ringtail` command line (the contract is in shared DESIGN.md and README.md).
+"""ringtail: a durable, multi-tenant ring log sidecar for GPU workers.
+
+The command line is a contract (README.md lists every command).
 
 Exit status: 0 success, 1 operational failure (rejected, damaged,
 unreachable), 2 usage error.
@@ -16,10 +18,12 @@ import sys
 
 import trio
 
-from ioring import RingError, SlotRecord
-from ioring.record import RECORD_SIZE_BYTES
-from service.config import DEFAULT_SOCKET, ConfigError, ServeConfig, load_config, resolve_paths
-from service.protocol import PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE, End, Gap, Records
+from ringtail.ioring import RingError, SlotRecord
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.service.config import (DEFAULT_CAPACITY_RECORD_COUNT, DEFAULT_DATA_DIR,
+                                     DEFAULT_SOCKET, ConfigError, ServeConfig, load_config,
+                                     resolve_paths)
+from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE, End, Gap, Records
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # Client commands find the daemon here unless --socket says otherwise (the
@@ -49,18 +53,34 @@ class CommandError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringtail", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"ringtail {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--data-dir")
-    serve.add_argument("--socket")
-    serve.add_argument("--config")
-    serve.add_argument("--sync", choices=("batch", "none"))
-    serve.add_argument("--io", choices=("auto", "uring", "threads"))
-    serve.add_argument("--capacity", type=int, help="records per tenant ring created on first use")
+    serve.add_argument("--data-dir", help=f"where the ring files live (default: "
+                                          f"./{DEFAULT_DATA_DIR}, created mode 0700)")
+    serve.add_argument("--socket", help=f"the Unix socket to listen on (default: "
+                                        f"./{DEFAULT_SOCKET}, mode 0600)")
+    serve.add_argument("--config", help="a TOML config file (default: none, the embedded "
+                                        "single-user default; see deploy/ringtail.example.toml)")
+    serve.add_argument("--sync", choices=("batch", "none"),
+                       help="batch: ack after fdatasync (default); none: ack once written, "
+                            "survives a killed daemon but not a power cut")
+    serve.add_argument("--io", choices=("auto", "uring", "threads"),
+                       help="auto: io_uring if its start-up probe passes, else the thread "
+                            "backend (default); uring: io_uring or exit 1; threads: never "
+                            "io_uring")
+    serve.add_argument("--capacity", type=int,
+                       help=f"records per tenant ring created on first use (default: "
+                            f"{DEFAULT_CAPACITY_RECORD_COUNT:,})")
     serve.add_argument("--metrics", metavar="HOST:PORT", dest="metrics_listen",
                        help="serve /metrics, /healthz and /readyz over HTTP there "
-                            "(config: metrics_listen; port 0 picks a free one)")
+                            "(config: metrics_listen; port 0 picks a free one; "
+                            "default: off)")
+    serve.add_argument("--limits", action="store_true",
+                       help="print the daemon's limits and its worst-case memory as a "
+                            "formula of them, then exit")
 
     publish = commands.add_parser("publish", help="publish records to a tenant")
     publish.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
@@ -105,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_vrrl.add_argument("--out", required=True)
     export_vrrl.add_argument("--capacity", type=int)
 
-    bench = commands.add_parser("bench", help="end-to-end benchmark (bench/e2e.py; run from "
-                                "the repository root)")
+    bench = commands.add_parser("bench", help="end-to-end benchmark beside Redis and the "
+                                "disk's ceiling (ringtail.bench.e2e)")
     bench.add_argument("--quick", action="store_true", help="a subset, under a minute")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--write-doc", action="store_true",
@@ -150,8 +170,22 @@ def serve_config(args) -> ServeConfig:
     return resolve_paths(dataclasses.replace(config, **overrides).validate())
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("ringtail")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def command_serve(args) -> int:
-    from service.server import Daemon
+    from ringtail.service.server import Daemon
+    if args.limits:
+        from ringtail.service.limits import describe_limits
+        config = serve_config(args)
+        print(describe_limits(max([config.capacity, *(tenant.capacity for tenant in
+                                                       config.tenants.values())])))
+        return EXIT_OK
     # A native crash (SIGSEGV, SIGILL, SIGBUS, SIGABRT) prints every thread's
     # Python stack to the log before the process dies: never a silent exit.
     faulthandler.enable(file=sys.stderr, all_threads=True)
@@ -163,7 +197,7 @@ def command_serve(args) -> int:
 
 
 def command_token(args) -> int:
-    from service.auth import ROLE_NAMES, hash_token, new_token
+    from ringtail.service.auth import ROLE_NAMES, hash_token, new_token
     roles = [role.strip() for role in args.role.split(",") if role.strip()]
     unknown = [role for role in roles if role not in ROLE_NAMES]
     if unknown or not roles:
@@ -199,7 +233,7 @@ def command_token(args) -> int:
 
 async def connect(socket_path: str, tenant_id: int):
     """A connected Client, or a CommandError that names the socket and the fix."""
-    from service.client import Client
+    from ringtail.service.client import Client
     try:
         return await Client.connect(socket_path, tenant_id)
     except OSError as error:  # no such file, connection refused, permission denied
@@ -213,8 +247,8 @@ async def open_client(args, tenant_id: int):
     """A Client for publish/tail: over TCP with --connect, else the Unix socket."""
     if not getattr(args, "connect", None):
         return await connect(args.socket, tenant_id)
-    from service.client import Client, client_ssl_context
-    from service.config import parse_host_port
+    from ringtail.service.client import Client, client_ssl_context
+    from ringtail.service.config import parse_host_port
     host, port = parse_host_port(args.connect, "--connect")
     if not args.token:
         raise CommandError(f"--connect needs a token: pass --token or set "
@@ -254,7 +288,7 @@ def synthetic_records(tenant_id: int, count: int) -> bytes:
 
 
 def command_publish(args) -> int:
-    from service.client import ErrorCode, RingtailError
+    from ringtail.service.client import ErrorCode, RingtailError
     data = read_stdin_records() if args.raw else synthetic_records(args.tenant, args.count)
     if not data:
         raise CommandError("nothing to publish")
@@ -309,7 +343,7 @@ def record_row(sequence: int, record: SlotRecord) -> tuple:
 
 
 def command_tail(args) -> int:
-    from service.client import RingtailError
+    from ringtail.service.client import RingtailError
     start, value = parse_start(args.start)
     out = sys.stdout.buffer
     widths = (10, 20, 6, 6, 23, 6, 6, 15, 7, 16)
@@ -375,7 +409,7 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 
 def command_inspect(args) -> int:
-    from ioring.scan import inspect_ring
+    from ringtail.ioring.scan import inspect_ring
     for index, path in enumerate(ring_paths(args.path)):
         if index:
             print()
@@ -384,7 +418,7 @@ def command_inspect(args) -> int:
 
 
 def command_verify(args) -> int:
-    from ioring.scan import verify_ring
+    from ringtail.ioring.scan import verify_ring
     damaged = 0
     for path in ring_paths(args.path):
         report = verify_ring(path, progress_bar(f"verify {os.path.basename(path)}"))
@@ -413,8 +447,8 @@ def progress_bar(label: str):
 
 
 def command_import_vrrl(args) -> int:
-    from ioring.vrrl import import_vrrl
-    from service.client import ErrorCode, RingtailError
+    from ringtail.ioring.vrrl import import_vrrl
+    from ringtail.service.client import ErrorCode, RingtailError
     records = import_vrrl(args.file)
     by_tenant: dict[int, list[bytes]] = {}
     for record in records:
@@ -452,8 +486,8 @@ def command_import_vrrl(args) -> int:
 
 
 def command_export_vrrl(args) -> int:
-    from ioring.vrrl import VRRL_CAPACITY_MAX, export_vrrl
-    from service.client import RingtailError
+    from ringtail.ioring.vrrl import VRRL_CAPACITY_MAX, export_vrrl
+    from ringtail.service.client import RingtailError
 
     draw = progress_bar("export")
 
@@ -482,13 +516,7 @@ def command_export_vrrl(args) -> int:
 
 
 def command_bench(args) -> int:
-    # bench/ ships in the repository, not the wheel: run from its root.
-    sys.path.insert(0, os.getcwd())
-    try:
-        from bench import e2e
-    except ImportError as error:
-        raise CommandError(f"cannot import bench.e2e ({error}); run `ringtail bench` from the "
-                           "repository root (make bench does)") from error
+    from ringtail.bench import e2e  # shipped in the package: works from anywhere
     args.profile = None
     program = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "ringtail"
     return e2e.command(args, [program, *sys.argv[1:]])

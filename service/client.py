@@ -20,11 +20,11 @@ from typing import AsyncIterator, Iterable
 
 import trio
 
-from service import protocol
-from service.errors import RingtailError, connection_lost_error
-from service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, ErrorCode, Gap, Hello,
-                              Publish, Records, RemoteProtocolError, StartKind, Subscribe,
-                              Welcome)
+from ringtail.service import protocol
+from ringtail.service.errors import RingtailError, connection_lost_error
+from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, ErrorCode, Gap, Hello,
+                                       Publish, Records, RemoteProtocolError, StartKind, Subscribe,
+                                       Welcome)
 
 RECEIVE_SIZE_BYTES = 256 * 1024
 # Publish batches sent but not yet acknowledged by one pipelined publisher.

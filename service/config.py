@@ -43,13 +43,13 @@ import os
 import socket
 import tomllib
 
-from ioring import IO_CHOICES, SYNC_CHOICES
-from ioring.format import capacity_problem
-from service.auth import (ROLE_NAMES, TOKEN_HASH_PATTERN, TOKEN_PREFIX, UNIX_AUTH_CHOICES,
-                          AccessPolicy, Grant)
-from service.quotas import (QUOTA_MODES, RECORDS_PER_SECOND_MAX, TENANT_CONNECTION_COUNT_MAX,
-                            TENANT_SUBSCRIBER_COUNT_MAX, QuotaSettings)
-from service.tenants import TENANT_ID_MAX, TenantSettings
+from ringtail.ioring import IO_CHOICES, SYNC_CHOICES
+from ringtail.ioring.format import capacity_problem
+from ringtail.service.auth import (ROLE_NAMES, TOKEN_HASH_PATTERN, TOKEN_PREFIX, UNIX_AUTH_CHOICES,
+                                   AccessPolicy, Grant)
+from ringtail.service.quotas import (QUOTA_MODES, RECORDS_PER_SECOND_MAX, TENANT_CONNECTION_COUNT_MAX,
+                                     TENANT_SUBSCRIBER_COUNT_MAX, QuotaSettings)
+from ringtail.service.tenants import TENANT_ID_MAX, TenantSettings
 
 DEFAULT_DATA_DIR = "ringtail-data"
 DEFAULT_SOCKET = "ringtail.sock"

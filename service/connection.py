@@ -28,19 +28,19 @@ import struct
 import numpy
 import trio
 
-from ioring import RingCorruptError, RingError
-from ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
-from service import protocol
-from service.auth import (AUTH_FAILURE_COUNT_MAX, AUTH_FAILURE_WINDOW_S, Access, AuthError,
-                          ForbiddenError, Peer, Role)
-from service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
-                              Publish, RemoteProtocolError, Subscribe, Welcome)
-from service.quotas import TENANT_SUBSCRIBER_COUNT_MAX, TenantQuota
-from service.subscribers import run_subscription
-from service.tenants import TenantLimitError, UnknownTenantError
+from ringtail.ioring import RingCorruptError, RingError
+from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
+from ringtail.service import protocol
+from ringtail.service.auth import (AUTH_FAILURE_COUNT_MAX, AUTH_FAILURE_WINDOW_S, Access, AuthError,
+                                   ForbiddenError, Peer, Role)
+from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
+                                       Publish, RemoteProtocolError, Subscribe, Welcome)
+from ringtail.service.quotas import TENANT_SUBSCRIBER_COUNT_MAX, TenantQuota
+from ringtail.service.subscribers import run_subscription
+from ringtail.service.tenants import TenantLimitError, UnknownTenantError
 
 if TYPE_CHECKING:
-    from service.server import Daemon
+    from ringtail.service.server import Daemon
 
 log = logging.getLogger("ringtail.server")
 

@@ -17,10 +17,10 @@ import threading
 
 import trio
 
-from ioring import SlotRecord
-from ioring.record import output_digest
-from service.client import Client
-from service.protocol import Records
+from ringtail.ioring import SlotRecord
+from ringtail.ioring.record import output_digest
+from ringtail.service.client import Client
+from ringtail.service.protocol import Records
 
 TENANT_ID = 1
 RECORD_COUNT = 20_000
@@ -29,13 +29,13 @@ READY_TIMEOUT_S = 30.0
 
 
 def ringtail(*args: str, cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "ringtail.service.cli", *args], cwd=cwd,
                           capture_output=True, text=True, check=False)
 
 
 def start_daemon(directory: str) -> tuple[subprocess.Popen, list[str]]:
     """Start `ringtail serve` (no flags) and wait for its ready line."""
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=directory,
+    process = subprocess.Popen([sys.executable, "-m", "ringtail.service.cli", "serve"], cwd=directory,
                                stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": os.getcwd()})
     lines: list[str] = []

@@ -3,8 +3,8 @@ Publisher and the Trio Client share them)."""
 
 from __future__ import annotations
 
-from service import protocol
-from service.protocol import Ack, Error, ErrorCode
+from ringtail.service import protocol
+from ringtail.service.protocol import Ack, Error, ErrorCode
 
 __all__ = ["RingtailError", "connection_lost_error"]
 

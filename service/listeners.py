@@ -16,8 +16,8 @@ import ssl
 
 import trio
 
-from service.auth import Peer, peer_credentials
-from service.config import ConfigError, ServeConfig, is_loopback, parse_host_port, socket_group_id
+from ringtail.service.auth import Peer, peer_credentials
+from ringtail.service.config import ConfigError, ServeConfig, is_loopback, parse_host_port, socket_group_id
 
 LISTEN_BACKLOG = 128
 

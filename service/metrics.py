@@ -38,10 +38,10 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ioring.record import RECORD_SIZE_BYTES
-from service.config import parse_host_port
-from service.histogram import HistogramSnapshot
-from service.protocol import ErrorCode
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.service.config import parse_host_port
+from ringtail.service.histogram import HistogramSnapshot
+from ringtail.service.protocol import ErrorCode
 
 log = logging.getLogger("ringtail.metrics")
 # hypercorn's own lines ("Running on ...", connection errors): warnings only;

@@ -33,7 +33,7 @@ import operator
 import struct
 from typing import ClassVar
 
-from ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.record import RECORD_SIZE_BYTES
 
 __all__ = [
     "CLIENT", "CLOSED", "ERROR_CODE_INFO", "ERROR_MESSAGE_SIZE_BYTES_MAX",

@@ -115,11 +115,11 @@ import time
 
 import numpy
 
-from ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
-from service import protocol
-from service.errors import RingtailError, connection_lost_error
-from service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
-                              ProtocolError, Publish, Welcome)
+from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
+from ringtail.service import protocol
+from ringtail.service.errors import RingtailError, connection_lost_error
+from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
+                                       ProtocolError, Publish, Welcome)
 
 __all__ = [
     "BLOCK_TIMEOUT_S_DEFAULT", "BUFFER_RECORD_COUNT_MAX", "CLOSE_TIMEOUT_S_DEFAULT",

@@ -20,22 +20,22 @@ import signal
 
 import trio
 
-from ioring.errors import BackendUnavailableError
-from ioring.probe import ProbeResult, probe_uring
-from service import metrics
-from service.auth import AuthError, AuthFailureLimiter, ForbiddenError, Role
-from service.config import ConfigError, ServeConfig
+from ringtail.ioring.errors import BackendUnavailableError
+from ringtail.ioring.probe import ProbeResult, probe_uring
+from ringtail.service import metrics
+from ringtail.service.auth import AuthError, AuthFailureLimiter, ForbiddenError, Role
+from ringtail.service.config import ConfigError, ServeConfig
 # Per-connection limits live with the handler; re-exported here, where
 # operators and tests have always found them.
-from service.connection import (CONNECTION_UNACKED_BATCH_COUNT_MAX,  # noqa: F401
-                                HANDSHAKE_TIMEOUT_S, RECEIVE_SIZE_BYTES, SUBSCRIBER_COUNT_MAX,
-                                ConnectionHandler)
-from service.listeners import (bind_tcp_listener, bind_unix_listener, server_ssl_context,
-                               tcp_address, tcp_peer, unix_peer)
-from service.notify import SystemdNotifier
-from service.protocol import ErrorCode
-from service.quotas import Clock, TenantQuota, TrioClock
-from service.tenants import TenantRegistry
+from ringtail.service.connection import (CONNECTION_UNACKED_BATCH_COUNT_MAX,  # noqa: F401
+                                         HANDSHAKE_TIMEOUT_S, RECEIVE_SIZE_BYTES, SUBSCRIBER_COUNT_MAX,
+                                         ConnectionHandler)
+from ringtail.service.listeners import (bind_tcp_listener, bind_unix_listener, server_ssl_context,
+                                        tcp_address, tcp_peer, unix_peer)
+from ringtail.service.notify import SystemdNotifier
+from ringtail.service.protocol import ErrorCode
+from ringtail.service.quotas import Clock, TenantQuota, TrioClock
+from ringtail.service.tenants import TenantRegistry
 
 log = logging.getLogger("ringtail.server")
 

@@ -23,10 +23,10 @@ from typing import Awaitable, Callable
 
 import numpy
 
-from ioring import RingRangeError
-from ioring.record import RECORD_DTYPE
-from service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
-from service.tenants import Tenant
+from ringtail.ioring import RingRangeError
+from ringtail.ioring.record import RECORD_DTYPE
+from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
+from ringtail.service.tenants import Tenant
 
 # Records read (and verified) per step: 4,096 x 64 B = 256 KiB per
 # subscriber in flight; large enough that replay costs no per-record Python.

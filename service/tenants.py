@@ -14,10 +14,10 @@ import re
 
 import trio
 
-from ioring import RingError, RingFile, open_ring
-from service.auth import Grant
-from service.batcher import TenantWriter
-from service.quotas import QuotaSettings
+from ringtail.ioring import RingError, RingFile, open_ring
+from ringtail.service.auth import Grant
+from ringtail.service.batcher import TenantWriter
+from ringtail.service.quotas import QuotaSettings
 
 log = logging.getLogger("ringtail.tenants")
 

@@ -26,7 +26,7 @@ def uring_probe():
     """This machine's io_uring ProbeResult (probed once per test session)."""
     global _probe
     if _probe is None:
-        from ioring.probe import probe_uring
+        from ringtail.ioring.probe import probe_uring
         with tempfile.TemporaryDirectory(prefix="ringtail-test-probe-") as directory:
             _probe = probe_uring(directory)
     return _probe

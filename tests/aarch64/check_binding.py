@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = report["checks"]
     try:
         package = import_ioring(arguments.root, arguments.import_mode, arguments.site)
-        uring_abi = importlib.import_module("ioring.uring_abi")  # asserts the ABI sizes
-        uring = importlib.import_module("ioring.uring")
-        errors = importlib.import_module("ioring.errors")
+        uring_abi = importlib.import_module("ringtail.ioring.uring_abi")  # asserts the ABI sizes
+        uring = importlib.import_module("ringtail.ioring.uring")
+        errors = importlib.import_module("ringtail.ioring.errors")
     except Exception as error:  # reported below; nothing else can run
         checks["import"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     else:

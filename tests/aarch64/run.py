@@ -209,7 +209,7 @@ def host_layout() -> dict:
     sys.path.insert(0, str(HERE))
     import check_binding
     check_binding.import_ioring(str(REPOSITORY_ROOT), "files", None)
-    from ioring import uring_abi
+    from ringtail.ioring import uring_abi
     return check_binding.binding_layout(uring_abi)
 
 

@@ -7,7 +7,7 @@ is caught by `make test`. Nothing in tests/ depends on the bench otherwise.
 
 from __future__ import annotations
 
-from bench import e2e
+from ringtail.bench import e2e
 
 
 def test_micro_profile_runs_and_renders(tmp_path):

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ServeConfig, load_config
-from service.server import CONNECTION_COUNT_MAX, SHUTDOWN_GRACE_S
-from service.tenants import TENANT_COUNT_MAX, TenantSettings
+from ringtail.service.config import ServeConfig, load_config
+from ringtail.service.server import CONNECTION_COUNT_MAX, SHUTDOWN_GRACE_S
+from ringtail.service.tenants import TENANT_COUNT_MAX, TenantSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"

@@ -1,11 +1,7 @@
 """Shared fixtures for the storage-engine tests.
 
-Import note: `tests/ioring/` is itself a package named `ioring` (it has an
-`__init__.py` and `tests/` has none), so inside pytest a bare `import ioring`
-finds *this test package*, not the engine. The engine's submodules still
-resolve (`from ioring.ring import open_ring` works), so the tests import names
-from the engine's modules, never from `ioring` itself; the public surface is
-checked in a subprocess (test_surface.py).
+The engine is imported as `ringtail.ioring` (its installed name; the
+repository keeps it at ioring/).
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import os
 
 import pytest
 
-from ioring.record import SlotRecord
+from ringtail.ioring.record import SlotRecord
 
 TENANT_ID = 7
 IO_BACKENDS = ("uring", "threads")

@@ -21,21 +21,21 @@ import textwrap
 
 import pytest
 
-import ioring.chain as chain_module
+import ringtail.ioring.chain as chain_module
 
-from ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, Write, errno_result,
-                          open_backend)
-from ioring.errors import BackendUnavailableError, RingFailedError, RingRangeError
-from ioring.format import Layout
-from ioring.probe import probe_uring
-from ioring.record import RECORD_SIZE_BYTES
-from ioring.ring import open_ring
+from ringtail.ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, Write, errno_result,
+                                   open_backend)
+from ringtail.ioring.errors import RingFailedError, RingRangeError
+from ringtail.ioring.format import Layout
+from ringtail.ioring.probe import probe_uring
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.ring import open_ring
 
 from .conftest import TENANT_ID, make_records
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ring_module = importlib.import_module("ioring.ring")
-uring_module = importlib.import_module("ioring.uring")
+ring_module = importlib.import_module("ringtail.ioring.ring")
+uring_module = importlib.import_module("ringtail.ioring.uring")
 
 
 # -- choosing a backend -------------------------------------------------------------
@@ -136,8 +136,8 @@ def test_io_uring_refused_by_seccomp_is_named_with_its_fix(io, tmp_path):
     """For real: a seccomp filter answers io_uring_setup with EPERM, as Docker's does."""
     script = textwrap.dedent(f"""
         import json, logging
-        from ioring.chain import open_backend
-        from ioring.errors import BackendUnavailableError
+        from ringtail.ioring.chain import open_backend
+        from ringtail.ioring.errors import BackendUnavailableError
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         try:
             backend = open_backend({io!r}, {os.fspath(tmp_path)!r})
@@ -193,9 +193,9 @@ def test_completion_fd_is_readable_exactly_when_a_chain_has_finished(ring_path, 
 
 CHILD = textwrap.dedent("""
     import json, resource, signal, sys
-    from ioring.errors import RingFailedError
-    from ioring.record import SlotRecord
-    from ioring.ring import open_ring
+    from ringtail.ioring.errors import RingFailedError
+    from ringtail.ioring.record import SlotRecord
+    from ringtail.ioring.ring import open_ring
 
     path, io, limit, first, count = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
     records = b"".join(SlotRecord(tenant_id=7, opcode=i, timestamp_ns=i, slot_idx=i).encode()

@@ -12,11 +12,11 @@ import dataclasses
 
 import pytest
 
-from ioring.batch import BatchTicket, check_header_successor, check_plan, plan_batch
-from ioring.chain import FDATASYNC, Write
-from ioring.format import CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS
-from ioring.reader import NO_COPY
-from ioring.ring import open_ring
+from ringtail.ioring.batch import BatchTicket, check_header_successor, check_plan, plan_batch
+from ringtail.ioring.chain import FDATASYNC, Write
+from ringtail.ioring.format import CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS
+from ringtail.ioring.reader import NO_COPY
+from ringtail.ioring.ring import open_ring
 
 from .conftest import TENANT_ID, make_records
 

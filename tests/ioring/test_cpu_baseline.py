@@ -97,15 +97,15 @@ CHILD_SOURCE = r'''
 import json, os, ssl, tempfile, time
 started = time.monotonic()
 import blake3, numpy, trio
-import service.cli, service.server  # everything `ringtail serve` imports
-from ioring.errors import BackendUnavailableError
-from ioring.format import (CHUNK_RECORD_COUNT, RECORD_SIZE_BYTES, Header, checksum,
-                           chunk_checksum, decode_header, encode_batch_entries)
-from ioring.record import RECORD_DTYPE, RECORD_MAGIC, SlotRecord, as_array
-from ioring.ring import open_ring
-from ioring.uring import UringBackend
-from service.connection import check_records
-from service.subscribers import RecordFilter
+import ringtail.service.cli, ringtail.service.server  # everything `ringtail serve` imports
+from ringtail.ioring.errors import BackendUnavailableError
+from ringtail.ioring.format import (CHUNK_RECORD_COUNT, RECORD_SIZE_BYTES, Header, checksum,
+                                    chunk_checksum, decode_header, encode_batch_entries)
+from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, SlotRecord, as_array
+from ringtail.ioring.ring import open_ring
+from ringtail.ioring.uring import UringBackend
+from ringtail.service.connection import check_records
+from ringtail.service.subscribers import RecordFilter
 imported = time.monotonic()
 
 TENANT_ID = 7

@@ -85,9 +85,9 @@ import time
 
 import pytest
 
-from ioring.chain import FDATASYNC, Write
-from ioring.record import RECORD_SIZE_BYTES, SlotRecord
-from ioring.ring import open_ring
+from ringtail.ioring.chain import FDATASYNC, Write
+from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
+from ringtail.ioring.ring import open_ring
 
 # The crash model's unit of tearing, and format facts (docs/FORMAT.md,
 # ioring/format.py docstring) restated here so the test does not borrow the

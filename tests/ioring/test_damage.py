@@ -24,12 +24,12 @@ import struct
 
 import pytest
 
-from ioring.errors import RingCorruptError, RingFormatError
-from ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS,
-                           HEADER_SIZE_BYTES, PAGE_SIZE_BYTES, Layout, checksum,
-                           decode_entry, decode_header, entry_matches)
-from ioring.record import RECORD_SIZE_BYTES
-from ioring.ring import open_ring
+from ringtail.ioring.errors import RingCorruptError, RingFormatError
+from ringtail.ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS,
+                                    HEADER_SIZE_BYTES, PAGE_SIZE_BYTES, Layout, checksum,
+                                    decode_entry, decode_header, entry_matches)
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.ring import open_ring
 
 from .conftest import TENANT_ID, flip_byte, make_records
 

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from ioring.files import write_file_atomically
+from ringtail.ioring.files import write_file_atomically
 
 
 def test_bytes_are_written_synced_and_renamed_into_place(tmp_path, monkeypatch):

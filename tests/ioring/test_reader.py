@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ioring.format import CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, ChunkEntry, Layout
-from ioring.reader import NO_COPY, ChunkTable
+from ringtail.ioring.format import CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, ChunkEntry, Layout
+from ringtail.ioring.reader import NO_COPY, ChunkTable
 
 CAPACITY = 8 * CHUNK_RECORD_COUNT
 LAYOUT = Layout(CAPACITY)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy
 import pytest
 
-from ioring.record import (RECORD_DTYPE, RECORD_SIZE_BYTES, TENANT_ID_OFFSET, SlotRecord,
-                           as_array, struct_for_dtype)
+from ringtail.ioring.record import (RECORD_DTYPE, RECORD_SIZE_BYTES, TENANT_ID_OFFSET, SlotRecord,
+                                    as_array, struct_for_dtype)
 
 SAMPLE = SlotRecord(timestamp_ns=0x1122334455667788, slot_idx=3, tenant_id=0xA1B2C3D4,
                     opcode=42, args=(1, 2, 3, 0xFFFFFFFF), epoch=9, slot_status=5,

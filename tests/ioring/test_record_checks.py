@@ -1,11 +1,11 @@
-"""ioring.record.check_records: the daemon's and the Publisher's shared record check."""
+"""ringtail.ioring.record.check_records: the daemon's and the Publisher's shared record check."""
 
 from __future__ import annotations
 
 import pytest
 
-from ioring.record import (RECORD_FAULT_MAGIC, RECORD_FAULT_TENANT, RECORD_MAGIC,
-                           SMALL_BATCH_RECORD_COUNT_MAX, SlotRecord, check_records)
+from ringtail.ioring.record import (RECORD_FAULT_MAGIC, RECORD_FAULT_TENANT, RECORD_MAGIC,
+                                    SMALL_BATCH_RECORD_COUNT_MAX, SlotRecord, check_records)
 
 
 def _batch(count: int, tenant_id: int = 3) -> bytearray:

@@ -20,15 +20,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
-from ioring.chain import FDATASYNC, Write
-from ioring.errors import (RingBusyError, RingClosedError, RingFormatError,
-                           RingRangeError)
-from ioring.format import (CAPACITY_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT_MIN,
-                           CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS,
-                           HEADER_SIZE_BYTES, Layout, decode_entry, decode_header,
-                           entry_matches)
-from ioring.record import RECORD_SIZE_BYTES
-from ioring.ring import create_ring_file, open_ring
+from ringtail.ioring.chain import FDATASYNC, Write
+from ringtail.ioring.errors import (RingBusyError, RingClosedError, RingFormatError,
+                                    RingRangeError)
+from ringtail.ioring.format import (CAPACITY_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT_MIN,
+                                    CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS,
+                                    HEADER_SIZE_BYTES, Layout, decode_entry, decode_header,
+                                    entry_matches)
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.ring import create_ring_file, open_ring
 
 from .conftest import TENANT_ID, make_records
 

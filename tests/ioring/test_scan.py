@@ -12,11 +12,11 @@ import os
 
 import pytest
 
-from ioring import scan
-from ioring.format import CHUNK_RECORD_COUNT, Layout
-from ioring.record import RECORD_SIZE_BYTES
-from ioring.ring import open_ring
-from ioring.scan import verify_ring
+from ringtail.ioring import scan
+from ringtail.ioring.format import CHUNK_RECORD_COUNT, Layout
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.ring import open_ring
+from ringtail.ioring.scan import verify_ring
 
 from .conftest import TENANT_ID, flip_byte, make_records
 

@@ -1,9 +1,8 @@
 """The engine's public surface and its import boundaries (STYLE §1, §3).
 
-`ioring` is checked in a fresh interpreter started at the repository root:
-inside pytest, `import ioring` finds the test package tests/ioring (see
-conftest.py), and a fresh process also shows what importing the engine pulls
-in, untouched by the test run.
+`ringtail.ioring` is checked in a fresh interpreter started at the
+repository root, which shows what importing the engine pulls in, untouched by
+the test run.
 """
 
 from __future__ import annotations
@@ -32,14 +31,14 @@ PUBLIC_NAMES = sorted([
 
 PROBE = """
 import importlib, json, pkgutil, sys
-import ioring
+import ringtail.ioring as ioring
 names = sorted(ioring.__all__)
 missing = [name for name in names if not hasattr(ioring, name)]
 errors = {name: [base.__name__ for base in getattr(ioring, name).__mro__[1:]]
           for name in names if isinstance(getattr(ioring, name), type)
           and issubclass(getattr(ioring, name), Exception)}
 for module in pkgutil.iter_modules(ioring.__path__):
-    importlib.import_module("ioring." + module.name)
+    importlib.import_module("ringtail.ioring." + module.name)
 print(json.dumps({"file": ioring.__file__, "all": names, "missing": missing,
                   "errors": errors, "modules": sorted(sys.modules)}))
 """
@@ -74,9 +73,10 @@ def test_error_tree_is_shallow_under_ring_error():
 
 def test_importing_every_engine_module_loads_neither_trio_nor_service():
     modules = _probe()["modules"]
-    assert "ioring.uring" in modules and "ioring.vrrl" in modules  # all were imported
+    assert "ringtail.ioring.uring" in modules and "ringtail.ioring.vrrl" in modules  # all imported
     pulled_in = [name for name in modules
-                 if name.split(".")[0] in ("trio", "service", "pytest_trio")]
+                 if name.split(".")[0] in ("trio", "service", "pytest_trio")
+                 or name.startswith("ringtail.service")]
     assert pulled_in == []
 
 
@@ -93,13 +93,15 @@ def _imported_top_level_names(path: pathlib.Path) -> set[str]:
 def test_engine_source_never_imports_trio_or_service():
     sources = sorted(ENGINE_DIRECTORY.glob("*.py"))
     assert len(sources) >= 10
-    offenders = {path.name: sorted(_imported_top_level_names(path) & {"trio", "service"})
+    offenders = {path.name: sorted(name for name in _imported_module_names(path)
+                                   if name.split(".")[0] in ("trio", "service")
+                                   or name.startswith("ringtail.service"))
                  for path in sources}
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
 def _imported_module_names(path: pathlib.Path) -> set[str]:
-    """Full dotted names a module imports (`from ioring import x` gives ioring.x)."""
+    """Full dotted names a module imports (`from a.b import x` gives a.b and a.b.x)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -112,10 +114,10 @@ def _imported_module_names(path: pathlib.Path) -> set[str]:
 
 def test_only_the_uring_module_imports_the_io_uring_binding():
     importers = sorted(path.name for path in ENGINE_DIRECTORY.glob("*.py")
-                       if "ioring.uring_abi" in _imported_module_names(path))
+                       if "ringtail.ioring.uring_abi" in _imported_module_names(path))
     assert importers == ["uring.py"]
     # nor reaches it by name at run time (importlib.import_module, __import__)
-    dynamic = re.compile(r"""(import_module|__import__)\(\s*["'](ioring\.)?uring_abi""")
+    dynamic = re.compile(r"""(import_module|__import__)\(\s*["'](ringtail\.)?(ioring\.)?uring_abi""")
     assert [path.name for path in ENGINE_DIRECTORY.glob("*.py")
             if dynamic.search(path.read_text())] == []
 

@@ -23,10 +23,10 @@ import textwrap
 
 import pytest
 
-from ioring import uring_abi
-from ioring.chain import FDATASYNC, Write
-from ioring.uring import (BACKLOG_CHAIN_COUNT_MAX, CHAIN_OPERATION_COUNT_MAX,
-                          URING_QUEUE_ENTRY_COUNT, UringBackend)
+from ringtail.ioring import uring_abi
+from ringtail.ioring.chain import FDATASYNC, Write
+from ringtail.ioring.uring import (BACKLOG_CHAIN_COUNT_MAX, CHAIN_OPERATION_COUNT_MAX,
+                                   URING_QUEUE_ENTRY_COUNT, UringBackend)
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -240,8 +240,8 @@ def test_a_short_write_stops_the_linked_header_after_it(tmp_path):
     child = textwrap.dedent(f"""
         import json, resource, select, signal
         import os
-        from ioring.chain import FDATASYNC, Write
-        from ioring.uring import UringBackend
+        from ringtail.ioring.chain import FDATASYNC, Write
+        from ringtail.ioring.uring import UringBackend
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         fd = os.open({path!r}, os.O_RDWR | os.O_CREAT, 0o600)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096 + 100, resource.RLIM_INFINITY))

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ioring.errors import RingFormatError, VrrlFormatError
-from ioring.vrrl import (
+from ringtail.ioring.errors import RingFormatError, VrrlFormatError
+from ringtail.ioring.vrrl import (
     VRRL_CAPACITY_MAX,
     VRRL_HEADER_SIZE_BYTES,
     VRRL_MAGIC,

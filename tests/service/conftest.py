@@ -33,12 +33,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from ioring.record import RECORD_SIZE_BYTES, SlotRecord
-from service.client import Client
+from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
+from ringtail.service.client import Client
 
 from ..conftest import require_uring
-from service.protocol import (FRAME_HEADER_SIZE_BYTES, End, Gap, Hello, Records, StartKind,
-                              decode_frame, encode_event)
+from ringtail.service.protocol import (FRAME_HEADER_SIZE_BYTES, End, Gap, Hello, Records, StartKind,
+                                       decode_frame, encode_event)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Seconds a daemon may take to log "ringtail ready", or to exit after a signal,

@@ -13,10 +13,10 @@ import os
 import pytest
 import trio
 
-from service.auth import AUTH_FAILURE_COUNT_MAX, hash_token, new_token
-from service.client import Client
-from service.errors import RingtailError
-from service.protocol import ErrorCode, Records
+from ringtail.service.auth import AUTH_FAILURE_COUNT_MAX, hash_token, new_token
+from ringtail.service.client import Client
+from ringtail.service.errors import RingtailError
+from ringtail.service.protocol import ErrorCode, Records
 from tests.service.conftest import (RecordFactory, connect_as_gid, read_all, split_records,
                                     tcp_port, write_config)
 

@@ -20,12 +20,12 @@ import struct
 import pytest
 import trio
 
-from service.client import Client, RingtailError
-from service.config import ServeConfig
-from service.protocol import (FRAME_SIZE_BYTES_MAX, PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE,
-                              Ack, Error, ErrorCode, FrameType, Hello, Ping, Pong, Subscribe,
-                              StartKind, Welcome, encode_event)
-from service.server import HANDSHAKE_TIMEOUT_S, Daemon
+from ringtail.service.client import Client, RingtailError
+from ringtail.service.config import ServeConfig
+from ringtail.service.protocol import (FRAME_SIZE_BYTES_MAX, PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE,
+                                       Ack, Error, ErrorCode, FrameType, Hello, Ping, Pong, Subscribe,
+                                       StartKind, Welcome, encode_event)
+from ringtail.service.server import HANDSHAKE_TIMEOUT_S, Daemon
 from tests.service.conftest import RawPeer, RecordFactory, read_all, short_socket_dir, split_records
 
 TENANT = 9

@@ -15,10 +15,10 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from ioring import RingError, open_ring
-from ioring.batch import BatchTicket
-from ioring.record import RECORD_SIZE_BYTES
-from service.batcher import PENDING_RECORD_COUNT_MAX, TenantWriter
+from ringtail.ioring import RingError, open_ring
+from ringtail.ioring.batch import BatchTicket
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.service.batcher import PENDING_RECORD_COUNT_MAX, TenantWriter
 
 TIMEOUT_S = 30  # a hang guard, never a synchronisation
 

@@ -14,9 +14,9 @@ import subprocess
 
 import pytest
 
-from ioring.format import Layout
-from ioring.record import FAILURE_CLASS_NAMES
-from service.protocol import PUBLISH_RECORD_COUNT_MAX
+from ringtail.ioring.format import Layout
+from ringtail.ioring.record import FAILURE_CLASS_NAMES
+from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX
 from tests.service.conftest import RINGTAIL, RecordFactory, split_records
 
 TENANT = 21

@@ -15,10 +15,10 @@ import signal
 import pytest
 import trio
 
-from service import protocol
-from service.client import Client, RingtailError
-from service.protocol import (NEED_DATA, Ack, Error, ErrorCode, Hello, Publish, Records,
-                              StartKind, Welcome)
+from ringtail.service import protocol
+from ringtail.service.client import Client, RingtailError
+from ringtail.service.protocol import (NEED_DATA, Ack, Error, ErrorCode, Hello, Publish, Records,
+                                       StartKind, Welcome)
 from tests.service.conftest import RecordFactory
 
 TENANT = 23

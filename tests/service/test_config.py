@@ -2,9 +2,9 @@
 
 import pytest
 
-from service.config import (DEFAULT_CAPACITY_RECORD_COUNT, ConfigError, ServeConfig,
-                            load_config)
-from service.tenants import TenantSettings
+from ringtail.service.config import (DEFAULT_CAPACITY_RECORD_COUNT, ConfigError, ServeConfig,
+                                     load_config)
+from ringtail.service.tenants import TenantSettings
 
 
 def write(tmp_path, text: str) -> str:

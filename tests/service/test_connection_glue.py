@@ -18,11 +18,11 @@ import pytest
 import trio
 from trio.testing import memory_stream_pair, wait_all_tasks_blocked
 
-from service.config import ServeConfig
-from service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler
-from service.protocol import (FRAME_HEADER_SIZE_BYTES, Ack, Error, ErrorCode, Hello, Ping, Pong,
-                              Publish, Welcome, decode_frame, encode_event)
-from service.server import Daemon
+from ringtail.service.config import ServeConfig
+from ringtail.service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler
+from ringtail.service.protocol import (FRAME_HEADER_SIZE_BYTES, Ack, Error, ErrorCode, Hello, Ping, Pong,
+                                       Publish, Welcome, decode_frame, encode_event)
+from ringtail.service.server import Daemon
 from tests.service.conftest import RecordFactory, short_socket_dir
 
 TENANT = 6

@@ -32,8 +32,8 @@ from typing import Callable
 import pytest
 import trio
 
-from service.client import Client, RingtailError
-from service.protocol import Ack, Error, ErrorCode, LocalProtocolError, Publish
+from ringtail.service.client import Client, RingtailError
+from ringtail.service.protocol import Ack, Error, ErrorCode, LocalProtocolError, Publish
 from tests.service.conftest import RecordFactory, read_all, split_records
 
 TENANT = 17

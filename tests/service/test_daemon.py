@@ -15,12 +15,12 @@ import stat
 import pytest
 import trio
 
-from ioring.errors import RingFormatError
-from ioring.format import Layout
-from ioring.record import SlotRecord
-from ioring.ring import open_ring
-from service.client import Client, RingtailError
-from service.protocol import Error, ErrorCode, Gap, StartKind, Subscribe, Welcome, encode_event
+from ringtail.ioring.errors import RingFormatError
+from ringtail.ioring.format import Layout
+from ringtail.ioring.record import SlotRecord
+from ringtail.ioring.ring import open_ring
+from ringtail.service.client import Client, RingtailError
+from ringtail.service.protocol import Error, ErrorCode, Gap, StartKind, Subscribe, Welcome, encode_event
 from tests.service.conftest import RawPeer, RecordFactory, read_all, split_records
 
 TIMEOUT_S = 60
@@ -352,7 +352,7 @@ def split_records_into_batches(data: bytes, count: int = 4096) -> list[bytes]:
 
 
 async def test_subscribers_past_the_tenant_limit_are_refused(daemon):
-    from service.server import SUBSCRIBER_COUNT_MAX
+    from ringtail.service.server import SUBSCRIBER_COUNT_MAX
     server = daemon()
     async with await Client.connect(server.socket_path, 15) as client:
         await client.publish(RecordFactory(15).records(1))

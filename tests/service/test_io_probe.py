@@ -13,7 +13,7 @@ import subprocess
 import sys
 import urllib.request
 
-from service.client import Client
+from ringtail.service.client import Client
 
 from ..conftest import require_uring
 from .conftest import RecordFactory
@@ -85,6 +85,6 @@ async def test_a_native_crash_of_the_daemon_is_written_to_its_log(daemon):
 def test_the_probe_is_runnable_by_hand(tmp_path):
     """What docs/OPERATIONS.md tells an operator to run: one JSON line, exit 0."""
     require_uring()
-    child = subprocess.run([sys.executable, "-m", "ioring.probe", str(tmp_path)],
+    child = subprocess.run([sys.executable, "-m", "ringtail.ioring.probe", str(tmp_path)],
                            capture_output=True, text=True, timeout=60)
     assert (child.returncode, child.stdout) == (0, '{"ok": true}\n'), child.stderr

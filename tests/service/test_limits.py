@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ioring.record import RECORD_SIZE_BYTES
-from service import limits
-from service.batcher import PENDING_RECORD_COUNT_MAX
-from service.connection import CONNECTION_UNACKED_BATCH_COUNT_MAX
-from service.protocol import PUBLISH_RECORD_COUNT_MAX, RECEIVE_BUFFER_BYTES_MAX
-from service.server import CONNECTION_COUNT_MAX
-from service.tenants import TENANT_COUNT_MAX
+from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.service import limits
+from ringtail.service.batcher import PENDING_RECORD_COUNT_MAX
+from ringtail.service.connection import CONNECTION_UNACKED_BATCH_COUNT_MAX
+from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX, RECEIVE_BUFFER_BYTES_MAX
+from ringtail.service.server import CONNECTION_COUNT_MAX
+from ringtail.service.tenants import TENANT_COUNT_MAX
 
 
 def test_the_worst_case_memory_is_the_sum_of_its_terms_at_their_limits():

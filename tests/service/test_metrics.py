@@ -20,12 +20,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from ioring import open_ring
-from service.client import Client
-from service.config import ConfigError, ServeConfig, load_config
-from service.metrics import AUTH_FAILURE_SERIES_COUNT_MAX, TrafficCounters
-from service.protocol import Error, ErrorCode, Publish, Records, encode_event
-from service.server import Daemon
+from ringtail.ioring import open_ring
+from ringtail.service.client import Client
+from ringtail.service.config import ConfigError, ServeConfig, load_config
+from ringtail.service.metrics import AUTH_FAILURE_SERIES_COUNT_MAX, TrafficCounters
+from ringtail.service.protocol import Error, ErrorCode, Publish, Records, encode_event
+from ringtail.service.server import Daemon
 from tests.conftest import uring_probe
 from tests.service.conftest import (DAEMON_READY_TIMEOUT_S, RINGTAIL, DaemonProcess, RawPeer,
                                     RecordFactory, short_socket_dir)

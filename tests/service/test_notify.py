@@ -15,7 +15,7 @@ import uuid
 import pytest
 import trio
 
-from service.notify import NOTIFY_SOCKET_VARIABLE, SystemdNotifier, notify_address
+from ringtail.service.notify import NOTIFY_SOCKET_VARIABLE, SystemdNotifier, notify_address
 from tests.service.conftest import DAEMON_READY_TIMEOUT_S, RecordFactory, read_all
 
 TENANT = 1
@@ -91,7 +91,7 @@ def test_daemon_sends_ready_when_serving_and_stopping_on_sigterm(daemon, systemd
     published = factory.records(20)
 
     async def publish():
-        from service.client import Client
+        from ringtail.service.client import Client
         async with await Client.connect(first.socket_path, TENANT) as client:
             await client.publish(published)
     trio.run(publish)

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ioring.record import SlotRecord
-from service import protocol
-from service.protocol import (
+from ringtail.ioring.record import SlotRecord
+from ringtail.service import protocol
+from ringtail.service.protocol import (
     CLIENT, CLOSED, ERROR_CODE_INFO, FRAME_HEADER_SIZE_BYTES, FRAME_SIZE_BYTES_MAX, NEED_DATA,
     PUBLISH_RECORD_COUNT_MAX, RECEIVE_BUFFER_BYTES_MAX, RECORD_INDEX_NONE,
     RECORDS_FRAME_RECORD_COUNT_MAX, SERVER, U64_MAX, Ack, Connection,

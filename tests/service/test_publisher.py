@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy
 import pytest
 
-from ioring.record import RECORD_DTYPE, SlotRecord
-from service import protocol
-from service.errors import RingtailError
-from service.protocol import Ack, Error, ErrorCode, Hello, Publish, Welcome
-from service.publisher import (BUFFER_RECORD_COUNT_MAX, Publisher, PublisherClosedError,
-                               PublisherFullError)
+from ringtail.ioring.record import RECORD_DTYPE, SlotRecord
+from ringtail.service import protocol
+from ringtail.service.errors import RingtailError
+from ringtail.service.protocol import Ack, Error, ErrorCode, Hello, Publish, Welcome
+from ringtail.service.publisher import (BUFFER_RECORD_COUNT_MAX, Publisher, PublisherClosedError,
+                                        PublisherFullError)
 
 RINGTAIL = str(Path(sys.executable).with_name("ringtail"))
 TENANT = 7

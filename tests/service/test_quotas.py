@@ -8,13 +8,13 @@ import os
 import pytest
 import trio
 
-from service.client import Client
-from service.config import ServeConfig
-from service.errors import RingtailError
-from service.protocol import ErrorCode
-from service.quotas import QuotaSettings, TokenBucket
-from service.server import Daemon
-from service.tenants import TenantSettings
+from ringtail.service.client import Client
+from ringtail.service.config import ServeConfig
+from ringtail.service.errors import RingtailError
+from ringtail.service.protocol import ErrorCode
+from ringtail.service.quotas import QuotaSettings, TokenBucket
+from ringtail.service.server import Daemon
+from ringtail.service.tenants import TenantSettings
 from tests.service.conftest import RecordFactory, read_all, short_socket_dir, write_config
 
 TIMEOUT_S = 30.0

@@ -8,10 +8,10 @@ import signal
 import pytest
 import trio
 
-from service.auth import hash_token, new_token
-from service.client import Client
-from service.errors import RingtailError
-from service.protocol import ErrorCode
+from ringtail.service.auth import hash_token, new_token
+from ringtail.service.client import Client
+from ringtail.service.errors import RingtailError
+from ringtail.service.protocol import ErrorCode
 from tests.service.conftest import RecordFactory, read_all, tcp_port, write_config
 
 TIMEOUT_S = 30.0

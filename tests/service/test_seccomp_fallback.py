@@ -18,7 +18,7 @@ import sys
 import pytest
 import trio
 
-from service.client import Client
+from ringtail.service.client import Client
 from tests.service.conftest import (DAEMON_READY_TIMEOUT_S, REPO_ROOT, RecordFactory,
                                     read_all)
 

@@ -11,9 +11,9 @@ import random
 
 import trio
 
-from ioring.record import SlotRecord
-from service.client import Client
-from service.protocol import End, Gap, Records, StartKind, Subscribe, Welcome, encode_event
+from ringtail.ioring.record import SlotRecord
+from ringtail.service.client import Client
+from ringtail.service.protocol import End, Gap, Records, StartKind, Subscribe, Welcome, encode_event
 from tests.service.conftest import (RawPeer, RecordFactory, frame_records, read_all,
                                     split_records, write_config)
 from tests.service.test_metrics import METRICS_URL, http_get, samples, value

@@ -15,12 +15,12 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from ioring import open_ring
-from ioring.record import RECORD_SIZE_BYTES, SlotRecord
-from service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
-from service.subscribers import (REPLAY_READ_RECORD_COUNT_MAX, RecordFilter, run_subscription,
-                                 start_position)
-from service.tenants import Tenant
+from ringtail.ioring import open_ring
+from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
+from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
+from ringtail.service.subscribers import (REPLAY_READ_RECORD_COUNT_MAX, RecordFilter, run_subscription,
+                                          start_position)
+from ringtail.service.tenants import Tenant
 from tests.service.conftest import RecordFactory, split_records
 
 TENANT = 4

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from service.client import Client, RingtailError
-from service.protocol import ErrorCode
+from ringtail.service.client import Client, RingtailError
+from ringtail.service.protocol import ErrorCode
 
 
 async def test_a_garbage_ring_file_makes_only_its_tenant_unavailable(daemon, tmp_path,

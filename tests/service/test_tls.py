@@ -8,10 +8,10 @@ import subprocess
 import pytest
 import trio
 
-from service.auth import hash_token, new_token
-from service.client import Client, client_ssl_context
-from service.errors import RingtailError
-from service.protocol import ErrorCode, Records
+from ringtail.service.auth import hash_token, new_token
+from ringtail.service.client import Client, client_ssl_context
+from ringtail.service.errors import RingtailError
+from ringtail.service.protocol import ErrorCode, Records
 from tests.service.certificates import make_pki
 from tests.service.conftest import (RINGTAIL, RecordFactory, read_all, split_records, tcp_port,
                                     write_config)
