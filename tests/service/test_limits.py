@@ -22,7 +22,7 @@ def test_the_worst_case_memory_is_the_sum_of_its_terms_at_their_limits():
     assert terms["chunk-table mirror per ring"].total_bytes == TENANT_COUNT_MAX * 65_536
     text = limits.describe_limits(65_536)
     total_mib = sum(term.total_bytes for term in terms.values()) / (1 << 20)
-    assert f"total" in text and f"{total_mib:,.1f} MiB" in text
+    assert "total" in text and f"{total_mib:,.1f} MiB" in text
     for term in terms.values():
         assert term.formula in text
 
