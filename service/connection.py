@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING
 import datetime
 import functools
 import logging
-import struct
 
-import numpy
 import trio
 
 from ringtail.ioring import RingCorruptError, RingError
-from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
+from ringtail.ioring.record import (RECORD_FAULT_MAGIC, RECORD_MAGIC, RECORD_SIZE_BYTES,
+                                    check_records)
 from ringtail.service import protocol
 from ringtail.service.auth import (AUTH_FAILURE_COUNT_MAX, AUTH_FAILURE_WINDOW_S, Access, AuthError,
                                    ForbiddenError, Peer, Role)
@@ -50,8 +49,6 @@ SUBSCRIBER_COUNT_MAX = TENANT_SUBSCRIBER_COUNT_MAX
 # Answers (acks, batch errors) sent in one write when several are decided at
 # once; bounds that write to 256 x 40 B = 10 KiB.
 REPLY_COALESCE_COUNT_MAX = 256
-# Publish batches this small are checked without numpy (its fixed cost).
-SMALL_BATCH_RECORD_COUNT_MAX = 8
 # Seconds a new connection has to send its Hello.
 HANDSHAKE_TIMEOUT_S = 10.0
 # Publish batches a connection may have queued but not yet acknowledged; past
@@ -378,7 +375,7 @@ class ConnectionHandler:
         await self.send(Error.from_protocol_error(error))
 
     async def publish(self, event: Publish, replies) -> None:
-        problem = check_records(event.records, self.tenant.tenant_id)
+        problem = publish_problem(event.records, self.tenant.tenant_id)
         if problem is not None:
             code, index, message = problem
             self.daemon.stats.rejected_batches += 1
@@ -460,31 +457,19 @@ class ConnectionHandler:
             self.quota.subscribers -= 1
 
 
-_RECORD_HEAD = struct.Struct("<I12xI")  # magic, tenant_id (record offsets 0 and 16)
+def publish_problem(records: bytes, tenant_id: int) -> tuple[ErrorCode, int, str] | None:
+    """The first bad record of a publish batch as (code, index, message), or None.
 
-
-def check_records(records: bytes, tenant_id: int) -> tuple[ErrorCode, int, str] | None:
-    """The first bad record of a publish batch (vectorised), or None."""
-    if len(records) <= SMALL_BATCH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES:
-        # numpy's fixed cost dominates for a few records: check them directly.
-        for offset in range(0, len(records), RECORD_SIZE_BYTES):
-            magic, record_tenant = _RECORD_HEAD.unpack_from(records, offset)
-            if magic != RECORD_MAGIC or record_tenant != tenant_id:
-                break
-        else:
-            return None
-    array = numpy.frombuffer(records, dtype=RECORD_DTYPE)
-    bad_magic = array["magic"] != RECORD_MAGIC
-    # record_index names the first bad record whatever its fault (docs/PROTOCOL.md
-    # 4.3); a record with both faults is reported for its magic.
-    bad = numpy.flatnonzero(bad_magic | (array["tenant_id"] != tenant_id))
-    if not len(bad):
+    The check itself is ioring.record.check_records (shared with the
+    Publisher's pre-check); this words it for the wire.
+    """
+    fault = check_records(records, tenant_id)
+    if fault is None:
         return None
-    index = int(bad[0])
-    if bad_magic[index]:
-        return (ErrorCode.BAD_RECORD_MAGIC, index,
-                f"record {index} has magic 0x{int(array['magic'][index]):08x}, expected "
+    if fault.fault == RECORD_FAULT_MAGIC:
+        return (ErrorCode.BAD_RECORD_MAGIC, fault.index,
+                f"record {fault.index} has magic 0x{fault.value:08x}, expected "
                 f"0x{RECORD_MAGIC:08x}; the batch was rejected whole, fix the encoder and resend")
-    return (ErrorCode.WRONG_TENANT, index,
-            f"record {index} has tenant_id {int(array['tenant_id'][index])} but this "
+    return (ErrorCode.WRONG_TENANT, fault.index,
+            f"record {fault.index} has tenant_id {fault.value} but this "
             f"connection is tenant {tenant_id}; the batch was rejected whole")

@@ -115,7 +115,8 @@ import time
 
 import numpy
 
-from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
+from ringtail.ioring.record import (RECORD_DTYPE, RECORD_FAULT_MAGIC, RECORD_MAGIC,
+                                    RECORD_SIZE_BYTES, check_records)
 from ringtail.service import protocol
 from ringtail.service.errors import RingtailError, connection_lost_error
 from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
@@ -754,30 +755,31 @@ class Publisher:
                 return batch
 
     def _checked(self, view: memoryview) -> tuple[bytes, int]:
-        """The records of `view` the daemon would take, and how many it would refuse."""
-        array = numpy.frombuffer(view, dtype=RECORD_DTYPE)
-        magic_ok = array["magic"] == RECORD_MAGIC
-        good = magic_ok & (array["tenant_id"] == self.tenant_id)
-        if good.all():
+        """The records of `view` the daemon would take, and how many it would refuse.
+
+        The check is the daemon's own (ioring.record.check_records).
+        """
+        fault = check_records(view, self.tenant_id)
+        if fault is None:
             return bytes(view), 0
-        bad = numpy.flatnonzero(~good)
-        first = int(bad[0])
-        if not magic_ok[first]:
+        if fault.fault == RECORD_FAULT_MAGIC:
             error = RingtailError(
                 ErrorCode.BAD_RECORD_MAGIC,
-                f"{len(bad)} records rejected before sending; the first has magic "
-                f"0x{int(array['magic'][first]):08x}, expected 0x{RECORD_MAGIC:08x}; "
+                f"{fault.bad_count} records rejected before sending; the first has magic "
+                f"0x{fault.value:08x}, expected 0x{RECORD_MAGIC:08x}; "
                 "fix the record encoder")
         else:
             error = RingtailError(
                 ErrorCode.WRONG_TENANT,
-                f"{len(bad)} records rejected before sending; the first has tenant_id "
-                f"{int(array['tenant_id'][first])} but this publisher is tenant "
+                f"{fault.bad_count} records rejected before sending; the first has tenant_id "
+                f"{fault.value} but this publisher is tenant "
                 f"{self.tenant_id}; publish each tenant's records with its own Publisher")
         self._log_rejection(str(error))
         with self._lock:
             self._last_error = error
-        return array[good].tobytes(), len(bad)
+        array = numpy.frombuffer(view, dtype=RECORD_DTYPE)
+        good = (array["magic"] == RECORD_MAGIC) & (array["tenant_id"] == self.tenant_id)
+        return array[good].tobytes(), fault.bad_count
 
     def _log_rejection(self, message: str) -> None:
         """Warn once (a bad encoder would flood the log); statistics() count them all."""

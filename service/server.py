@@ -5,8 +5,9 @@ Each accepted connection is handed to a ConnectionHandler
 subscription for that one peer.
 
 Shutdown on SIGTERM/SIGINT: stop accepting, stop reading new frames, let every
-queued batch be written and acknowledged (or reported failed), close the
-rings (the header of the last batch is already durable), exit 0.
+queued batch be written and acknowledged (or reported failed), send every open
+connection a fatal Error SHUTTING_DOWN (docs/PROTOCOL.md section 6.1), close
+the rings (the header of the last batch is already durable), exit 0.
 """
 
 from __future__ import annotations

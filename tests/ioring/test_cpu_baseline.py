@@ -104,7 +104,7 @@ from ringtail.ioring.format import (CHUNK_RECORD_COUNT, RECORD_SIZE_BYTES, Heade
 from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, SlotRecord, as_array
 from ringtail.ioring.ring import open_ring
 from ringtail.ioring.uring import UringBackend
-from ringtail.service.connection import check_records
+from ringtail.service.connection import publish_problem
 from ringtail.service.subscribers import RecordFilter
 imported = time.monotonic()
 
@@ -149,12 +149,13 @@ report["blake3"] = {"batch": blake3.blake3(batch).hexdigest(),
                     "batch_checksum": checksum(batch).hex(),
                     "chunk_entries": [entry.hex() for _, entry in whole]}
 
-# The vectorised checks of publish (check_records) and of filtered replay.
-assert check_records(batch, TENANT_ID) is None
+# The vectorised checks of publish (publish_problem over ioring's check_records)
+# and of filtered replay.
+assert publish_problem(batch, TENANT_ID) is None
 bad = bytearray(batch)
 bad[700 * RECORD_SIZE_BYTES:700 * RECORD_SIZE_BYTES + 4] = (0x0BADF00D).to_bytes(4, "little")
-bad_magic = check_records(bytes(bad), TENANT_ID)
-wrong_tenant = check_records(batch, TENANT_ID + 1)
+bad_magic = publish_problem(bytes(bad), TENANT_ID)
+wrong_tenant = publish_problem(batch, TENANT_ID + 1)
 selected = RecordFilter(opcodes=frozenset({3, 9}), epoch_min=1, epoch_max=3,
                         failure_only=True).select(batch)
 report["checks"] = {"bad_magic": [bad_magic[0].name, bad_magic[1]],
