@@ -40,7 +40,7 @@ _ACK = struct.Struct("<IHHQQQ")
 _RECORDS_HEAD = struct.Struct("<IHHQ")
 _SPARSE_HEAD = struct.Struct("<IHHQI")
 _ACK_SIZE = _ACK.size
-RECEIVE_SIZE_BYTES = 1 << 20
+RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES  # the one read size of every side
 _TIMESTAMP_OFFSET = RECORD_DTYPE.fields["timestamp_ns"][1]
 # Latency samples kept per worker and cell (int64, 8 MiB at most).
 LATENCY_SAMPLE_COUNT_MAX = 1 << 20

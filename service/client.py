@@ -26,7 +26,7 @@ from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, Error
                                        Publish, Records, RemoteProtocolError, StartKind, Subscribe,
                                        Welcome)
 
-RECEIVE_SIZE_BYTES = 256 * 1024
+RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
 # Publish batches sent but not yet acknowledged by one pipelined publisher.
 PIPELINE_BATCH_COUNT_MAX = 16
 # Seconds a client reads, after a send failed (EPIPE, ECONNRESET), for the

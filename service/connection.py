@@ -55,7 +55,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # it the receive loop stops reading (backpressure). 64 x 256 KiB max = 16 MiB
 # worst case per connection, bounded further by the writer's pending bound.
 CONNECTION_UNACKED_BATCH_COUNT_MAX = 64
-RECEIVE_SIZE_BYTES = 256 * 1024
+RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
 # Seconds a subscription ended by shutdown or a reload may still take to finish
 # the frame it is writing (a Records frame is at most 294,924 B), so its peer
 # gets whole frames and then the fatal Error; a peer that reads nothing for

@@ -38,7 +38,7 @@ from ringtail.ioring.record import RECORD_SIZE_BYTES
 __all__ = [
     "CLIENT", "CLOSED", "ERROR_CODE_INFO", "ERROR_MESSAGE_SIZE_BYTES_MAX",
     "FRAME_HEADER_SIZE_BYTES", "FRAME_SIZE_BYTES_MAX", "NAME_SIZE_BYTES_MAX", "NEED_DATA",
-    "PROTOCOL_VERSION", "PUBLISH_RECORD_COUNT_MAX", "RECEIVE_BUFFER_BYTES_MAX",
+    "PROTOCOL_VERSION", "PUBLISH_RECORD_COUNT_MAX", "RECEIVE_BUFFER_BYTES_MAX", "RECEIVE_SIZE_BYTES",
     "RECORDS_FLAG_SPARSE", "RECORDS_FRAME_RECORD_COUNT_MAX", "RECORD_INDEX_NONE",
     "RECORD_SIZE_BYTES", "SERVER", "SUBSCRIBE_FLAG_FAILURE_ONLY", "SUBSCRIBE_FLAG_FOLLOW",
     "SUBSCRIBE_OPCODE_COUNT_MAX", "TOKEN_SIZE_BYTES_MAX", "U64_MAX",
@@ -68,6 +68,10 @@ RECORDS_FRAME_RECORD_COUNT_MAX = 4096
 # plus up to ~1 MiB of one socket read. The glue drains next_event() to
 # NEED_DATA between reads. Memory cost: 2 MiB per connection at worst.
 RECEIVE_BUFFER_BYTES_MAX = 2 * FRAME_SIZE_BYTES_MAX
+# Bytes one socket read asks for, on every side (daemon, Client, Publisher):
+# a full publish batch in one read, and, with one partial frame, within
+# RECEIVE_BUFFER_BYTES_MAX (asserted below).
+RECEIVE_SIZE_BYTES = 256 * 1024
 # Hello.token (bytes): a bearer token; 256 B fits any sane token, hashed server-side.
 TOKEN_SIZE_BYTES_MAX = 256
 # Hello.client_name and Welcome.server_name (UTF-8 bytes): enough for a host
@@ -94,6 +98,7 @@ _ERROR_SIZE_MIN = 2 + 8 + 4 + 2
 _PUBLISH_SIZE_MAX = 8 + PUBLISH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES
 _RECORDS_SIZE_MAX = 12 + RECORDS_FRAME_RECORD_COUNT_MAX * (8 + RECORD_SIZE_BYTES)
 
+assert RECEIVE_SIZE_BYTES + 8 + FRAME_SIZE_BYTES_MAX <= RECEIVE_BUFFER_BYTES_MAX
 assert _PUBLISH_SIZE_MAX <= FRAME_SIZE_BYTES_MAX, "a full publish must fit a frame"
 assert _RECORDS_SIZE_MAX <= FRAME_SIZE_BYTES_MAX, "a full sparse records frame must fit"
 assert _HELLO_SIZE_MIN + TOKEN_SIZE_BYTES_MAX + NAME_SIZE_BYTES_MAX <= FRAME_SIZE_BYTES_MAX

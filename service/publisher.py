@@ -159,8 +159,8 @@ TRANSIENT_RETRY_COUNT_MAX = 8
 # at once: bounds how long it holds the lock (~40 ns per chunk), and gives a
 # batch of PUBLISH_RECORD_COUNT_MAX records from one-record publishes.
 TAKE_CHUNK_COUNT_MAX = protocol.PUBLISH_RECORD_COUNT_MAX
-# Bytes read from the socket at once; the daemon sends Acks (32 B) and Errors.
-RECEIVE_SIZE_BYTES = 64 * 1024
+# Bytes read from the socket at once (the protocol's one read size).
+RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
 BLOCK_TIMEOUT_S_DEFAULT = 1.0
 FLUSH_TIMEOUT_S_DEFAULT = 30.0
 CLOSE_TIMEOUT_S_DEFAULT = 30.0

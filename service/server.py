@@ -26,11 +26,7 @@ from ringtail.ioring.probe import ProbeResult, probe_uring
 from ringtail.service import metrics
 from ringtail.service.auth import AuthError, AuthFailureLimiter, ForbiddenError, Role
 from ringtail.service.config import ConfigError, ServeConfig
-# Per-connection limits live with the handler; re-exported here, where
-# operators and tests have always found them.
-from ringtail.service.connection import (CONNECTION_UNACKED_BATCH_COUNT_MAX,  # noqa: F401
-                                         HANDSHAKE_TIMEOUT_S, RECEIVE_SIZE_BYTES, SUBSCRIBER_COUNT_MAX,
-                                         ConnectionHandler)
+from ringtail.service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler
 from ringtail.service.listeners import (bind_tcp_listener, bind_unix_listener, server_ssl_context,
                                         tcp_address, tcp_peer, unix_peer)
 from ringtail.service.notify import SystemdNotifier

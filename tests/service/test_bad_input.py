@@ -25,7 +25,8 @@ from ringtail.service.config import ServeConfig
 from ringtail.service.protocol import (FRAME_SIZE_BYTES_MAX, PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE,
                                        Ack, Error, ErrorCode, FrameType, Hello, Ping, Pong, Subscribe,
                                        StartKind, Welcome, encode_event)
-from ringtail.service.server import HANDSHAKE_TIMEOUT_S, Daemon
+from ringtail.service.connection import HANDSHAKE_TIMEOUT_S
+from ringtail.service.server import Daemon
 from tests.service.conftest import RawPeer, RecordFactory, read_all, short_socket_dir, split_records
 
 TENANT = 9
