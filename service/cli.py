@@ -150,10 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ringtail: {error}", file=sys.stderr)
         return EXIT_USAGE
     except (CommandError, RingError, OSError) as error:
-        print(f"ringtail {args.command}: {error}", file=sys.stderr)
+        print(f"ringtail {args.command}: {_one_line(error)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _one_line(error: Exception) -> str:
+    """The message without Python's "[Errno N]" prefix where ours already says it all."""
+    if isinstance(error, OSError) and error.filename is None and error.strerror \
+            and error.args[1:] == (error.strerror,):
+        return error.strerror
+    return str(error)
 
 
 # -- serve ------------------------------------------------------------------------

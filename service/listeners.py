@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import socket as stdlib_socket
 import ssl
 
@@ -25,15 +26,28 @@ LISTEN_BACKLOG = 128
 async def bind_unix_listener(path: str, mode: int, group: str = "") -> trio.SocketListener:
     """Bind the Unix socket with `mode` from the start (no window with a wider mode).
 
-    A leftover socket file from a dead daemon is replaced; a live one is not.
-    With `group`, the file is given that group before it listens.
+    A leftover socket file from a dead daemon is replaced; a live one is not;
+    anything else at `path` (a regular file, a FIFO, a symbolic link, a
+    directory) is refused and left untouched. With `group`, the file is given
+    that group before it listens.
+
+    Raises:
+        OSError: EADDRINUSE (a live daemon), EEXIST (not a socket), or the
+            bind's own error; each message names the path.
     """
-    if os.path.exists(path):
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is {_file_kind(existing.st_mode)}, "
+                                        "not a socket; remove it or choose another --socket")
         probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: nobody is listening
+            os.unlink(path)  # a stale socket: nobody is listening
         else:
             raise OSError(errno.EADDRINUSE,
                           f"another daemon is serving on {path}; stop it or use --socket")
@@ -43,6 +57,10 @@ async def bind_unix_listener(path: str, mode: int, group: str = "") -> trio.Sock
     previous = os.umask(0o777 & ~mode)
     try:
         await sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"cannot listen on {path}: {error.strerror}; check that "
+                                   "its directory exists and is writable by the daemon") from error
     finally:
         os.umask(previous)
     if group:
@@ -50,6 +68,15 @@ async def bind_unix_listener(path: str, mode: int, group: str = "") -> trio.Sock
     os.chmod(path, mode)
     sock.listen(LISTEN_BACKLOG)
     return trio.SocketListener(sock)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "another kind of file"
 
 
 async def bind_tcp_listener(config: ServeConfig) -> trio.SocketListener:
