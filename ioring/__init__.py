@@ -5,7 +5,8 @@ The public surface is re-exported here explicitly; tests pin it.
 """
 
 from ringtail.ioring.batch import BatchTicket
-from ringtail.ioring.chain import IO_CHOICES, ChainResult, FDATASYNC, Write, open_backend
+from ringtail.ioring.backend import open_backend
+from ringtail.ioring.chain import IO_CHOICES, ChainResult, FDATASYNC, Write
 from ringtail.ioring.errors import (BackendUnavailableError, RingBusyError, RingClosedError,
                                     RingCorruptError, RingError, RingFailedError, RingFormatError,
                                     RingLockedError, RingRangeError, VrrlFormatError)

@@ -33,7 +33,8 @@ import time
 from typing import Callable
 
 from ringtail.ioring.batch import BatchPlan, BatchTicket, check_header_successor, check_plan, plan_batch
-from ringtail.ioring.chain import Backend, Operation, open_backend
+from ringtail.ioring.backend import open_backend
+from ringtail.ioring.chain import Backend, Operation
 from ringtail.ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
                                     RingFormatError, RingLockedError)
 from ringtail.ioring.files import write_file_atomically

@@ -21,10 +21,10 @@ import textwrap
 
 import pytest
 
-import ringtail.ioring.chain as chain_module
+import ringtail.ioring.backend as backend_module
 
-from ringtail.ioring.chain import (FDATASYNC, IO_CHOICES, ChainResult, Write, errno_result,
-                                   open_backend)
+from ringtail.ioring.backend import open_backend
+from ringtail.ioring.chain import FDATASYNC, IO_CHOICES, ChainResult, Write, errno_result
 from ringtail.ioring.errors import RingFailedError, RingRangeError
 from ringtail.ioring.format import Layout
 from ringtail.ioring.probe import probe_uring
@@ -71,7 +71,7 @@ PROBE_BINDING = "RINGTAIL_TEST_URING_BINDING"
 
 def _fresh_probe(monkeypatch):
     """Forget this process's probe verdict, so the next `auto` probes again."""
-    monkeypatch.setattr(chain_module, "_probe_result", None)
+    monkeypatch.setattr(backend_module, "_probe_result", None)
 
 
 def test_auto_probes_once_per_process_and_a_killed_probe_falls_back_with_one_line(
@@ -93,7 +93,7 @@ def test_auto_probes_once_per_process_and_a_killed_probe_falls_back_with_one_lin
                         r"SIGILL \(illegal instruction: .*\)\); using the thread backend "
                         r"\(pwritev\+fdatasync on a worker thread: same guarantees, "
                         r"slower per batch\)", warnings[0]), warnings[0]
-    assert chain_module._probe_result.cause == "signal"
+    assert backend_module._probe_result.cause == "signal"
     assert os.listdir(tmp_path) == []  # the probe's temporary file is gone
 
 
@@ -103,7 +103,7 @@ def test_io_uring_chosen_explicitly_does_not_consult_the_probe(monkeypatch, tmp_
     backend = open_backend("uring", tmp_path)
     try:
         assert backend.name == "uring"
-        assert chain_module._probe_result is None
+        assert backend_module._probe_result is None
     finally:
         backend.close()
 
@@ -136,7 +136,7 @@ def test_io_uring_refused_by_seccomp_is_named_with_its_fix(io, tmp_path):
     """For real: a seccomp filter answers io_uring_setup with EPERM, as Docker's does."""
     script = textwrap.dedent(f"""
         import json, logging
-        from ringtail.ioring.chain import open_backend
+        from ringtail.ioring.backend import open_backend
         from ringtail.ioring.errors import BackendUnavailableError
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         try:
