@@ -219,4 +219,6 @@ async def test_the_writer_on_a_real_ring_stores_every_request_at_its_acknowledge
             assert real_ring.read(request.first_sequence, request.record_count) == request.records
         statistics = writer.statistics()
         assert statistics.records == sum(range(1, 41)) == real_ring.next_sequence
-        assert 1 <= statistics.batches <= len(requests)
+        # The writer's count of chains is the ring's own count of commits (group
+        # commit may merge requests, so the number itself is not fixed).
+        assert statistics.batches == real_ring.statistics().batches_committed
