@@ -20,40 +20,14 @@ from trio.testing import memory_stream_pair, wait_all_tasks_blocked
 
 from ringtail.service.config import ServeConfig
 from ringtail.service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler
-from ringtail.service.protocol import (FRAME_HEADER_SIZE_BYTES, Ack, Error, ErrorCode, Hello, Ping, Pong,
-                                       Publish, Welcome, decode_frame, encode_event)
+from ringtail.service.protocol import (Ack, Error, ErrorCode, Hello, Ping, Pong,
+                                       Publish, Welcome, encode_event)
 from ringtail.service.server import Daemon
-from tests.service.conftest import RecordFactory, short_socket_dir
+from tests.service.conftest import RawPeer, RecordFactory, short_socket_dir
 
 TENANT = 6
 TIMEOUT_S = 30  # a hang guard, never a synchronisation
 
-
-class MemoryPeer:
-    """The test's end of the stream: frames out by hand, frames in decoded."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.buffer = bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def read_frame(self):
-        """The next frame's event, or None at EOF (on a frame boundary)."""
-        while True:
-            if len(self.buffer) >= FRAME_HEADER_SIZE_BYTES:
-                (size,) = struct.unpack_from("<I", self.buffer)
-                end = FRAME_HEADER_SIZE_BYTES + size
-                if len(self.buffer) >= end:
-                    frame = bytes(self.buffer[:end])
-                    del self.buffer[:end]
-                    return decode_frame(frame)
-            data = await self.stream.receive_some()
-            if not data:
-                assert not self.buffer, f"EOF inside a frame: {bytes(self.buffer)!r}"
-                return None
-            self.buffer += data
 
 
 @pytest.fixture
@@ -87,13 +61,13 @@ async def connect(in_process_daemon):
                     finished.set()
 
             nursery.start_soon(run)
-            return MemoryPeer(peer_stream), finished
+            return RawPeer(peer_stream), finished  # conftest's frame reader, on a memory stream
 
         yield start
         nursery.cancel_scope.cancel()
 
 
-async def welcomed(connect) -> tuple[MemoryPeer, trio.Event]:
+async def welcomed(connect) -> tuple[RawPeer, trio.Event]:
     peer, finished = await connect()
     await peer.send(encode_event(Hello(TENANT, b"", "glue-test")))
     welcome = await peer.read_frame()
