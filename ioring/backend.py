@@ -22,18 +22,44 @@ _probe_result = None
 
 
 def probe_once(directory: str | os.PathLike | None = None):
-    """The process's io_uring ProbeResult, probing (in a child) the first time.
-
-    Logs the fallback line once, on the first probe that fails.
-    """
+    """The process's io_uring ProbeResult, probing (in a child) the first time."""
     global _probe_result
     if _probe_result is None:
         from ringtail.ioring.probe import probe_uring
-        result = probe_uring(directory if directory is not None else tempfile.gettempdir())
-        if not result.ok:
-            log.warning("%s", result.fallback_line())
-        _probe_result = result
+        _probe_result = probe_uring(directory if directory is not None
+                                    else tempfile.gettempdir())
     return _probe_result
+
+
+def resolve_io(io: str, directory: str | os.PathLike | None = None):
+    """The backend `io` means here, as ("uring" | "threads", ProbeResult | None).
+
+    `threads` probes nothing. `auto` and `uring` use the process's probe (run
+    on a temporary file in `directory` the first time); a failed probe gives,
+    for `auto`, the thread backend and one log line with the cause and the
+    fix (once per process), for `uring`, BackendUnavailableError with the cause.
+
+    Raises:
+        BackendUnavailableError: `io="uring"` and the probe failed.
+        ValueError: `io` is not one of IO_CHOICES.
+    """
+    global _fallback_logged
+    if io not in IO_CHOICES:
+        raise ValueError(f"io={io!r} is not one of {', '.join(IO_CHOICES)}")
+    if io == "threads":
+        return "threads", None
+    probe = probe_once(directory)
+    if probe.ok:
+        return "uring", probe
+    if io == "uring":
+        raise BackendUnavailableError(f"--io uring: io_uring unavailable ({probe.message})")
+    if not _fallback_logged:
+        log.warning("%s", probe.fallback_line())
+        _fallback_logged = True
+    return "threads", probe
+
+
+_fallback_logged = False
 
 
 def open_backend(io: str, probe_directory: str | os.PathLike | None = None) -> Backend:
@@ -49,10 +75,12 @@ def open_backend(io: str, probe_directory: str | os.PathLike | None = None) -> B
         BackendUnavailableError: `io="uring"` and io_uring is refused here.
         ValueError: `io` is not one of IO_CHOICES.
     """
-    if io not in IO_CHOICES:
-        raise ValueError(f"io={io!r} is not one of {', '.join(IO_CHOICES)}")
     from ringtail.ioring.threads import ThreadBackend
-    if io == "threads" or (io == "auto" and not probe_once(probe_directory).ok):
+    if io == "auto":
+        io = resolve_io(io, probe_directory)[0]
+    elif io not in IO_CHOICES:
+        raise ValueError(f"io={io!r} is not one of {', '.join(IO_CHOICES)}")
+    if io == "threads":
         return ThreadBackend()
     from ringtail.ioring import uring
     try:

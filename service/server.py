@@ -21,8 +21,8 @@ import signal
 
 import trio
 
-from ringtail.ioring.errors import BackendUnavailableError
-from ringtail.ioring.probe import ProbeResult, probe_uring
+from ringtail.ioring.backend import resolve_io
+from ringtail.ioring.probe import ProbeResult
 from ringtail.service import metrics
 from ringtail.service.auth import AuthError, AuthFailureLimiter, ForbiddenError, Role
 from ringtail.service.config import ConfigError, ServeConfig
@@ -221,19 +221,8 @@ class Daemon:
         line naming the cause and the fix and the thread backend; for
         `uring`, BackendUnavailableError with the same cause (serve exits 1).
         """
-        if self.config.io == "threads":
-            self.io_backend = "threads"
-        else:
-            os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
-            self.io_probe = probe_uring(self.config.data_dir)
-            if self.io_probe.ok:
-                self.io_backend = "uring"
-            elif self.config.io == "uring":
-                raise BackendUnavailableError(
-                    f"--io uring: io_uring unavailable ({self.io_probe.message})")
-            else:
-                log.warning("%s", self.io_probe.fallback_line())
-                self.io_backend = "threads"
+        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
+        self.io_backend, self.io_probe = resolve_io(self.config.io, self.config.data_dir)
         self.registry.io = self.io_backend
 
     def _tcp_description(self) -> str:

@@ -72,6 +72,7 @@ PROBE_BINDING = "RINGTAIL_TEST_URING_BINDING"
 def _fresh_probe(monkeypatch):
     """Forget this process's probe verdict, so the next `auto` probes again."""
     monkeypatch.setattr(backend_module, "_probe_result", None)
+    monkeypatch.setattr(backend_module, "_fallback_logged", False)
 
 
 def test_auto_probes_once_per_process_and_a_killed_probe_falls_back_with_one_line(
