@@ -76,11 +76,10 @@ def open_backend(io: str, probe_directory: str | os.PathLike | None = None) -> B
         ValueError: `io` is not one of IO_CHOICES.
     """
     from ringtail.ioring.threads import ThreadBackend
-    if io == "auto":
-        io = resolve_io(io, probe_directory)[0]
-    elif io not in IO_CHOICES:
+    chosen = resolve_io(io, probe_directory)[0] if io == "auto" else io
+    if chosen not in IO_CHOICES:
         raise ValueError(f"io={io!r} is not one of {', '.join(IO_CHOICES)}")
-    if io == "threads":
+    if chosen == "threads":
         return ThreadBackend()
     from ringtail.ioring import uring
     try:
