@@ -23,6 +23,7 @@ from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.config import (DEFAULT_CAPACITY_RECORD_COUNT, DEFAULT_DATA_DIR,
                                      DEFAULT_SOCKET, ConfigError, ServeConfig, load_config,
                                      resolve_paths)
+from ringtail.service.fleet import STREAM_NAME_DEFAULT, STREAM_REPLICAS_DEFAULT
 from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE, End, Gap, Records
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -74,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--capacity", type=int,
                        help=f"records per tenant ring created on first use (default: "
                             f"{DEFAULT_CAPACITY_RECORD_COUNT:,})")
-    serve.add_argument("--metrics", metavar="HOST:PORT", dest="metrics_listen",
-                       help="serve /metrics, /healthz and /readyz over HTTP there "
-                            "(config: metrics_listen; port 0 picks a free one; "
-                            "default: off)")
+    serve.add_argument("--http", "--metrics", metavar="HOST:PORT", dest="http_listen",
+                       help="serve the web page, /metrics, /healthz and /readyz over HTTP "
+                            "there (HTTPS with tls_cert off loopback; config: http_listen, "
+                            "alias metrics_listen; --metrics is an alias; port 0 picks a "
+                            "free one; default: off)")
     serve.add_argument("--limits", action="store_true",
                        help="print the daemon's limits and its worst-case memory as a "
                             "formula of them, then exit")
@@ -97,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--follow", action="store_true")
     tail.add_argument("--format", choices=("table", "json", "raw"), default="table")
     add_remote_arguments(tail)
+    add_fleet_arguments(tail, required=False)
+
+    ship = commands.add_parser("ship", help="ship tenants' records to NATS JetStream, "
+                               "exactly once (docs/OPERATIONS.md, Fleet)")
+    ship.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
+    ship.add_argument("--tenant", type=int, action="append", required=True,
+                      help="a tenant to ship (repeat for several)")
+    ship.add_argument("--replicas", type=int, default=STREAM_REPLICAS_DEFAULT,
+                      help=f"replicas of the stream if ship creates it (default: "
+                           f"{STREAM_REPLICAS_DEFAULT}; use 3 on a cluster: a single-node "
+                           "stream is not power-safe)")
+    add_fleet_arguments(ship, required=True)
 
     token = commands.add_parser("token", help="make bearer tokens for the config")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -174,7 +188,9 @@ def serve_config(args) -> ServeConfig:
     overrides = {key: value for key, value in (
         ("data_dir", args.data_dir), ("socket", args.socket), ("sync", args.sync),
         ("io", args.io), ("capacity", args.capacity),
-        ("metrics_listen", args.metrics_listen)) if value is not None}
+        ("http_listen", args.http_listen)) if value is not None}
+    if args.http_listen is not None:
+        overrides["metrics_listen"] = ""  # the flag replaces the file's listener, alias or not
     return resolve_paths(dataclasses.replace(config, **overrides).validate())
 
 
@@ -352,6 +368,8 @@ def record_row(sequence: int, record: SlotRecord) -> tuple:
 
 def command_tail(args) -> int:
     from ringtail.service.client import RingtailError
+    if args.nats:
+        return command_fleet_tail(args)
     start, value = parse_start(args.start)
     out = sys.stdout.buffer
     widths = (10, 20, 6, 6, 23, 6, 6, 15, 7, 16)
@@ -530,8 +548,72 @@ def command_bench(args) -> int:
     return e2e.command(args, [program, *sys.argv[1:]])
 
 
+# -- fleet (NATS JetStream) ---------------------------------------------------------
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """--nats URL, --node NAME, --stream NAME (ship, and tail's fleet mode)."""
+    parser.add_argument("--nats", metavar="URL", required=required,
+                        help="NATS server URL, e.g. nats://127.0.0.1:4222" + (
+                            "" if required else ": read the tenant from JetStream (fleet "
+                            "tail) instead of a daemon"))
+    parser.add_argument("--node", help="the node's name in the subjects ringtail.<node>.<tenant>"
+                                       " (default: this host name's first label)")
+    parser.add_argument("--stream", default=STREAM_NAME_DEFAULT,
+                        help=f"the JetStream stream (default: {STREAM_NAME_DEFAULT})")
+
+
+def command_ship(args) -> int:
+    import asyncio
+
+    from ringtail.service.fleet import FleetError
+    from ringtail.service.ship import Shipper, default_node, ship_until_signalled
+    if args.replicas < 1:
+        print(f"ringtail ship: --replicas {args.replicas}: use 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        shipper = Shipper(args.nats, args.socket, args.node or default_node(), args.tenant,
+                          stream=args.stream, replicas=args.replicas)
+        asyncio.run(ship_until_signalled(shipper))
+    except FleetError as error:
+        raise CommandError(str(error)) from None
+    return EXIT_OK
+
+
+def command_fleet_tail(args) -> int:
+    import asyncio
+
+    from ringtail.service.fleet import KIND_GAP, FleetError, fleet_tail, print_gap
+    if not args.node:
+        print("ringtail tail: --nats needs --node NAME (the shipping node's name)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    start, value = parse_start(args.start)
+    out = sys.stdout.buffer
+    widths = (10, 20, 6, 6, 23, 6, 6, 15, 7, 16)
+    if args.format == "table":
+        print("  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths)), flush=True)
+
+    def emit(shipped) -> None:
+        if shipped.kind == KIND_GAP:
+            print_gap(shipped)
+        else:
+            write_records(Records(shipped.first_sequence, shipped.records), args.format, out,
+                          widths)
+
+    try:
+        asyncio.run(fleet_tail(args.nats, args.node, args.tenant, emit, stream=args.stream,
+                               start=start, start_value=value, follow=args.follow))
+    except FleetError as error:
+        raise CommandError(str(error)) from None
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_OK
+
+
 COMMANDS = {
     "serve": command_serve,
+    "ship": command_ship,
     "publish": command_publish,
     "tail": command_tail,
     "verify": command_verify,

@@ -9,7 +9,7 @@ Example (every key optional; see deploy/ringtail.example.toml)::
     io = "auto"             # auto | uring | threads
     capacity = 1048576      # records per tenant ring created on first use
     create_tenants = true   # false: only the tenants listed below are served
-    metrics_listen = "127.0.0.1:9464"  # HTTP /metrics, /healthz, /readyz; "": off
+    http_listen = "127.0.0.1:9464"  # HTTP: web page, /metrics, /healthz, /readyz; "": off
 
     unix_auth = "peercred"  # socket_mode | peercred
     admins = [{ uid = 0 }]
@@ -82,9 +82,16 @@ class ServeConfig:
     tls_key: str = ""  # PEM private key
     tls_client_ca: str = ""  # set: clients must present a certificate it signed (mTLS)
     tenants: dict[int, TenantSettings] = dataclasses.field(default_factory=dict)
-    # "HOST:PORT" of the HTTP metrics and health listener; "" (the embedded
-    # default): no listener, nothing listens on TCP unless asked.
+    # "HOST:PORT" of the HTTP listener (/metrics, /healthz, /readyz and the web
+    # page, service/http.py); "" (the embedded default): no listener, nothing
+    # listens on TCP unless asked. metrics_listen is its older name (an alias).
+    http_listen: str = ""
     metrics_listen: str = ""
+
+    @property
+    def http_address(self) -> str:
+        """The HTTP listener's "HOST:PORT" (http_listen, else metrics_listen), or ""."""
+        return self.http_listen or self.metrics_listen
 
     def validate(self, source: str = "command line") -> "ServeConfig":
         if self.sync not in SYNC_CHOICES:
@@ -98,6 +105,11 @@ class ServeConfig:
             raise ConfigError(f"{source}: socket_mode {self.socket_mode:o} is not a file mode")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, f"{source}: metrics_listen")
+        if self.http_listen:
+            parse_host_port(self.http_listen, f"{source}: http_listen")
+            if self.metrics_listen and self.metrics_listen != self.http_listen:
+                raise ConfigError(f"{source}: http_listen = {self.http_listen!r} and its alias "
+                                  f"metrics_listen = {self.metrics_listen!r} differ; set one")
         self._validate_access(source)
         self._validate_tcp(source)
         return self
@@ -162,7 +174,7 @@ class ServeConfig:
 
 _TOP_KEYS = {"data_dir": str, "socket": str, "socket_mode": str, "sync": str, "io": str,
              "capacity": int, "create_tenants": bool, "tenants": dict,
-             "metrics_listen": str,
+             "metrics_listen": str, "http_listen": str,
              "socket_group": str, "unix_auth": str, "admins": list, "tcp_listen": str,
              "tcp_plaintext": bool, "tls_cert": str, "tls_key": str, "tls_client_ca": str}
 _TENANT_KEYS = {"capacity": int, "sync": str, "name": str, "grants": list,

@@ -1,7 +1,8 @@
-"""Metrics and health over HTTP: Prometheus `/metrics`, `/healthz`, `/readyz`.
+"""Prometheus metrics: the collector behind `/metrics`.
 
-A small ASGI app served by hypercorn on Trio, on its own TCP listener
-(`metrics_listen = "HOST:PORT"`, flag `--metrics`). Every metric is read at
+Served by the daemon's HTTP listener (service/http.py, `http_listen =
+"HOST:PORT"`, flag `--http`; `metrics_listen` / `--metrics` are aliases),
+beside `/healthz`, `/readyz` and the web page. Every metric is read at
 scrape time from the daemon's state and `statistics()` snapshots by one custom
 collector (`DaemonCollector`) in a registry of this daemon's own, so several
 daemons in one process (tests) never share series. The write path keeps no
@@ -16,45 +17,27 @@ systemd's READY=1). It turns 503 again when shutdown begins.
 Every metric, its type, labels and meaning: docs/OPERATIONS.md, "Metrics and
 health".
 
-Resource handling: the daemon (service/server.py, `Daemon.serve`) binds the
-listener and runs `serve_metrics` in its own nursery; both end when its serve
-returns.
-Error handling: a listener that cannot bind raises OSError naming the address
-and the fix, before anything else starts (the CLI exits 1).
+The listener, its bounds and its errors: service/http.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 from types import MappingProxyType
 from typing import Mapping
 
-import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ringtail.ioring.record import RECORD_SIZE_BYTES
-from ringtail.service.config import parse_host_port
 from ringtail.service.histogram import HistogramSnapshot
 from ringtail.service.protocol import ErrorCode
 
 log = logging.getLogger("ringtail.metrics")
-# hypercorn's own lines ("Running on ...", connection errors): warnings only;
-# the daemon logs the address itself.
-HTTP_LOG = logging.getLogger("ringtail.metrics.http")
-HTTP_LOG.setLevel(logging.WARNING)
-
-# Pending TCP connections to the metrics listener (scrapers and probes are few).
-METRICS_LISTEN_BACKLOG = 16
-# Seconds an idle keep-alive scrape connection stays open, and a shutdown
-# waits for scrapes in progress.
-METRICS_KEEP_ALIVE_TIMEOUT_S = 5.0
-METRICS_GRACEFUL_TIMEOUT_S = 1.0
 # Distinct (tenant, reason) series of ringtail_auth_failures_total. A failed
 # peer names any tenant id it likes, so past this bound new pairs are folded
 # into tenant="other": a bad client cannot grow the daemon's memory or the
@@ -315,115 +298,3 @@ def build_registry(daemon) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(daemon))
     return registry
-
-
-# -- the ASGI app --------------------------------------------------------------------
-
-
-class HealthApp:
-    """ASGI: GET /metrics (Prometheus text), /healthz (alive), /readyz (ready or 503)."""
-
-    def __init__(self, daemon, registry: CollectorRegistry):
-        self.daemon = daemon
-        self.registry = registry
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        if scope["method"] not in ("GET", "HEAD"):
-            await _respond(send, 405, b"use GET\n", extra=[(b"allow", b"GET, HEAD")])
-            return
-        if scope["method"] == "HEAD":
-            send = _without_body(send)
-        path = scope["path"]
-        if path == "/metrics":
-            # Synchronous, on the Trio thread: the collector reads live state
-            # without locks. Cost grows with tenants (~20 series each).
-            await _respond(send, 200, generate_latest(self.registry),
-                           CONTENT_TYPE_LATEST.encode())
-        elif path == "/healthz":
-            await _respond(send, 200, b"ok\n")
-        elif path == "/readyz":
-            if self.daemon.ready:
-                await _respond(send, 200, b"ready\n")
-            else:
-                await _respond(send, 503, b"not ready: recovering rings, binding the "
-                               b"socket, or shutting down\n")
-        else:
-            await _respond(send, 404, b"not found; try /metrics, /healthz or /readyz\n")
-
-
-def _without_body(send):
-    """HEAD: the GET response's headers (content-length included), no body."""
-    async def send_head(message) -> None:
-        if message["type"] == "http.response.body":
-            message = {**message, "body": b""}
-        await send(message)
-    return send_head
-
-
-async def _respond(send, status: int, body: bytes,
-                   content_type: bytes = b"text/plain; charset=utf-8",
-                   extra: list[tuple[bytes, bytes]] = ()) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-# -- the listener and the server -----------------------------------------------------
-
-
-def bind_metrics_socket(listen: str) -> socket.socket:
-    """A bound, listening TCP socket for `listen` ("HOST:PORT").
-
-    Raises:
-        OSError: the address cannot be resolved or bound; the message names it
-            and the fix.
-    """
-    host, port = parse_host_port(listen, "metrics_listen")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as error:
-        raise OSError(error.errno, f"cannot listen for metrics on {listen}: {error.strerror}; "
-                      "fix metrics_listen or --metrics") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart past TIME_WAIT
-        sock.bind(address)
-        sock.listen(METRICS_LISTEN_BACKLOG)
-    except OSError as error:
-        sock.close()
-        raise OSError(error.errno, f"cannot listen for metrics on {listen}: {error.strerror}; "
-                      "stop what holds that port or change metrics_listen / --metrics") from None
-    return sock
-
-
-def listener_url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-async def serve_metrics(daemon, sock: socket.socket, *,
-                        task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the HealthApp on `sock` (taken over) until cancelled."""
-    from hypercorn.config import Config  # imported only when metrics are on
-    from hypercorn.trio import serve
-
-    config = Config()
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the fd from here
-    config.backlog = METRICS_LISTEN_BACKLOG
-    config.accesslog = None
-    config.errorlog = HTTP_LOG
-    config.keep_alive_timeout = METRICS_KEEP_ALIVE_TIMEOUT_S
-    config.graceful_timeout = METRICS_GRACEFUL_TIMEOUT_S
-    await serve(HealthApp(daemon, build_registry(daemon)), config, task_status=task_status)

@@ -23,7 +23,7 @@ import trio
 
 from ringtail.ioring.backend import resolve_io
 from ringtail.ioring.probe import ProbeResult
-from ringtail.service import metrics
+from ringtail.service import http, metrics
 from ringtail.service.auth import AuthError, AuthFailureLimiter, ForbiddenError, Role
 from ringtail.service.config import ConfigError, ServeConfig
 from ringtail.service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler
@@ -50,7 +50,7 @@ ACCEPT_RETRY_DELAY_S = 0.1
 
 # Settings a SIGHUP cannot change (a reload that does logs a warning line).
 RESTART_ONLY_SETTINGS = ("data_dir", "socket", "socket_mode", "socket_group", "io",
-                         "tcp_listen", "tcp_plaintext", "metrics_listen")
+                         "tcp_listen", "tcp_plaintext", "metrics_listen", "http_listen")
 
 assert HANDSHAKE_TIMEOUT_S > 0
 
@@ -140,16 +140,17 @@ class Daemon:
             OSError: a listener cannot bind (the message names it and the fix).
             BackendUnavailableError: `io = "uring"` and the io_uring probe failed.
         """
-        if not self.config.metrics_listen:
+        if not self.config.http_address:
             await self._serve(task_status=task_status)
             return
-        sock = metrics.bind_metrics_socket(self.config.metrics_listen)
-        url = metrics.listener_url(sock)
+        ssl_context = http.http_ssl_context(self.config, self.config.http_address)
+        sock = http.bind_http_socket(self.config.http_address)
+        url = http.listener_url(sock, tls=ssl_context is not None)
         failure = None
         async with trio.open_nursery() as nursery:
-            await nursery.start(metrics.serve_metrics, self, sock)
+            await nursery.start(http.serve_http, self, sock, ssl_context)
             self.metrics_url = url
-            log.info("metrics listening on %s (/metrics, /healthz, /readyz)", url)
+            log.info("metrics listening on %s (/metrics, /healthz, /readyz; web page /)", url)
             try:
                 await self._serve(task_status=task_status)
             except Exception as error:
