@@ -307,7 +307,7 @@ def _decode_header(path: str, data: bytes, file_size_bytes: int) -> SnapshotHead
         raise SnapshotFormatError(path, f"not a ringtail snapshot (magic {magic!r}, expected "
                                         f"{SNAPSHOT_MAGIC!r})")
     if _checksum(data[:_HEADER.size]) != data[_HEADER.size:SNAPSHOT_HEADER_SIZE_BYTES]:
-        raise SnapshotCorruptError(path, _HEADER.size, (
+        raise SnapshotCorruptError(path, 0, (
             "header checksum mismatch: the header bytes 0..127 were damaged; copy the "
             "snapshot again from its source"))
     if version != SNAPSHOT_FORMAT_VERSION or header_size != SNAPSHOT_HEADER_SIZE_BYTES:
@@ -415,7 +415,7 @@ def iter_snapshot_chunks(path: str | os.PathLike,
                 f"records, offset {trailer_offset}; expected {header.chunk_count}, "
                 f"{header.record_count}, {offset}); copy the snapshot again"))
         if hasher.digest(FILE_CHECKSUM_SIZE_BYTES) != trailer[_TRAILER_HEAD.size:]:
-            raise SnapshotCorruptError(path, offset + _TRAILER_HEAD.size, (
+            raise SnapshotCorruptError(path, offset, (
                 "whole-file checksum mismatch: the file was changed after it was written; "
                 "copy the snapshot again"))
         if file_size != offset + TRAILER_SIZE_BYTES:
