@@ -7,16 +7,23 @@
             publisher.publish(record)       # O(1): appends to a bounded buffer, returns at once
         publisher.flush(timeout=10.0)       # True once everything so far is acknowledged
 
-The caller's `publish()` of one record checks its length, appends the bytes
-object to a bounded in-process deque without taking a lock (deque.append is
-atomic; the bound is read racily, so concurrent publisher threads may overshoot
-it by one record each), and wakes the sender thread only when that thread is
-idle (one pipe write, not one per record). Several records at once, a full
-buffer, and everything else take the lock. A background thread ("sender") owns the
-Unix socket (a plain `socket` with timeouts, `selectors`, and the sans-IO codec
-of service/protocol.py; no Trio): it cuts the buffer into Publish batches of at
-most `Welcome.publish_record_count_max` records, pipelines up to
-UNACKED_BATCH_COUNT_MAX of them, and matches Acks by batch id.
+Three parts, data flowing one way:
+
+- `service/publish_buffer.py`, the buffer and its full-buffer policy: the
+  caller's `publish()` of one record checks its length and appends the bytes
+  object to a bounded deque without taking a lock (deque.append is atomic; the
+  bound is read racily, so concurrent publisher threads may overshoot it by
+  one record each), and wakes the sender thread only when that thread is idle
+  (one pipe write, not one per record). Several records at once, a full
+  buffer, and everything else take the lock.
+- `service/publish_sender.py`, the sans-IO sender: cuts the buffer into
+  Publish batches of at most `Welcome.publish_record_count_max` records,
+  pipelines up to UNACKED_BATCH_COUNT_MAX of them, matches Acks and Errors by
+  batch id, resends and splits; no socket, no thread, no clock.
+- this module: the public `Publisher`, whose background thread ("sender")
+  owns the Unix socket (a plain `socket` with timeouts and `selectors`; no
+  Trio), reconnects with backoff, and only moves bytes between the socket and
+  the sans-IO sender.
 
 Semantics
 ---------
@@ -60,8 +67,14 @@ Delivery is at-least-once, in publish order:
   never partial ones, and no acknowledged or buffered record goes missing.
 - A batch refused with a transient code (QUOTA_EXCEEDED, STORAGE_FAILED) is
   resent after a backoff, up to TRANSIENT_RETRY_COUNT_MAX times, then counted
-  as rejected. Batches sent after it may be stored before it: a transient
-  refusal is the one case where ring order differs from publish order.
+  as rejected. Batches sent after it may be stored before it.
+- A batch refused with BATCH_TOO_LARGE (the daemon now allows fewer records
+  per batch than its Welcome said) is split into halves, in place, and the
+  halves are resent (counted in `resent`); later batches on that connection
+  are cut at the lower size. A one-record batch refused so is rejected.
+  Batches sent after the refused one may be stored before it. A transient
+  refusal and BATCH_TOO_LARGE are the only cases where ring order differs
+  from publish order.
 - Records refused for good are counted in `rejected`, dropped and never
   resent; the last error is kept in `statistics().last_error`. With
   ``check_records=True`` (default) the sender checks each record's magic and
@@ -102,10 +115,7 @@ Error handling:
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import errno
-import itertools
 import logging
 import os
 import selectors
@@ -113,14 +123,18 @@ import socket
 import threading
 import time
 
-import numpy
-
-from ringtail.ioring.record import (RECORD_DTYPE, RECORD_FAULT_MAGIC, RECORD_MAGIC,
-                                    RECORD_SIZE_BYTES, check_records)
-from ringtail.service import protocol
 from ringtail.service.errors import RingtailError, connection_lost_error
-from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
-                                       ProtocolError, Publish, Welcome)
+# RECEIVE_SIZE_BYTES: bytes read from the socket at once (the protocol's one read size).
+from ringtail.service.protocol import (FRAME_HEADER_SIZE_BYTES, FRAME_SIZE_BYTES_MAX,
+                                       RECEIVE_BUFFER_BYTES_MAX, RECEIVE_SIZE_BYTES, ErrorCode,
+                                       Hello, ProtocolError)
+from ringtail.service.publish_buffer import (BLOCK_TIMEOUT_S_DEFAULT, BUFFER_RECORD_COUNT_MAX,
+                                             POLICIES, TAKE_CHUNK_COUNT_MAX, PublishBuffer,
+                                             PublisherClosedError, PublisherError,
+                                             PublisherFullError, PublisherStatistics)
+from ringtail.service.publish_sender import (RETRY_DELAY_S_MAX, RETRY_DELAY_S_MIN,
+                                             TRANSIENT_RETRY_COUNT_MAX, UNACKED_BATCH_COUNT_MAX,
+                                             ConnectionEndedError, PublishSender)
 
 __all__ = [
     "BLOCK_TIMEOUT_S_DEFAULT", "BUFFER_RECORD_COUNT_MAX", "CLOSE_TIMEOUT_S_DEFAULT",
@@ -132,126 +146,33 @@ __all__ = [
 
 log = logging.getLogger("ringtail.publisher")
 
-# Records buffered in the caller's process (queued + in flight), at most and by
-# default: 262,144 x 64 B = 16 MiB of record bytes, about 4 s of a busy
-# daemon's throughput, long enough to ride out a daemon restart.
-# A publisher may lower it, never raise it.
-BUFFER_RECORD_COUNT_MAX = 262_144
-# Publish batches sent and not yet answered, per connection: 16 x 256 KiB =
-# 4 MiB on the wire at most. Below the daemon's CONNECTION_UNACKED_BATCH_COUNT_MAX
-# (64), so the daemon never stops reading us; enough to cover the fsync of one
-# group commit while the next gathers.
-UNACKED_BATCH_COUNT_MAX = 16
 # Reconnect backoff after the connection broke or could not be made: doubles
 # from MIN to MAX and stays there (no attempt limit: a sidecar comes back).
-RECONNECT_DELAY_S_MIN = 0.02
-RECONNECT_DELAY_S_MAX = 2.0
+# The same backoff paces the resends of a transiently refused batch.
+RECONNECT_DELAY_S_MIN = RETRY_DELAY_S_MIN
+RECONNECT_DELAY_S_MAX = RETRY_DELAY_S_MAX
 # Seconds for connect() plus the Hello/Welcome handshake.
 CONNECT_TIMEOUT_S = 5.0
 # Seconds one blocking send may make no progress before the connection is
 # declared dead (a stopped daemon); its unacknowledged batches are then resent.
 SEND_TIMEOUT_S = 30.0
-# Resends of one batch refused with a transient code (QUOTA_EXCEEDED,
-# STORAGE_FAILED), with the reconnect backoff between them, before its records
-# are counted as rejected.
-TRANSIENT_RETRY_COUNT_MAX = 8
-# Chunks (publish() calls) the sender takes from the buffer under the lock
-# at once: bounds how long it holds the lock (~40 ns per chunk), and gives a
-# batch of PUBLISH_RECORD_COUNT_MAX records from one-record publishes.
-TAKE_CHUNK_COUNT_MAX = protocol.PUBLISH_RECORD_COUNT_MAX
-# Bytes read from the socket at once (the protocol's one read size).
-RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
-BLOCK_TIMEOUT_S_DEFAULT = 1.0
 FLUSH_TIMEOUT_S_DEFAULT = 30.0
 CLOSE_TIMEOUT_S_DEFAULT = 30.0
-POLICIES = ("block", "drop")
 
-_TRANSIENT_CODES = frozenset({ErrorCode.QUOTA_EXCEEDED, ErrorCode.STORAGE_FAILED})
 # A send or receive failing with these means the daemon's end is gone: read
 # what it sent before, then report its Error frame or CONNECTION_LOST.
 _PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED})
 
 assert 0 < RECONNECT_DELAY_S_MIN <= RECONNECT_DELAY_S_MAX
-assert BUFFER_RECORD_COUNT_MAX >= protocol.PUBLISH_RECORD_COUNT_MAX
-assert 1 <= UNACKED_BATCH_COUNT_MAX <= 64  # the daemon's CONNECTION_UNACKED_BATCH_COUNT_MAX
-# After next_event() returns NEED_DATA the codec holds less than one frame; one
-# more read must fit beside it.
-assert (RECEIVE_SIZE_BYTES + protocol.FRAME_HEADER_SIZE_BYTES + protocol.FRAME_SIZE_BYTES_MAX
-        <= protocol.RECEIVE_BUFFER_BYTES_MAX)
-
-
-class PublisherError(Exception):
-    """Base of the errors the Publisher raises into its caller."""
-
-
-class PublisherFullError(PublisherError):
-    """The buffer stayed full for block_timeout_s (policy "block", raise_on_full=True).
-
-    Attributes:
-        accepted_count: records of this call that were taken before it gave up
-            (they will be sent); the other records of the call were not.
-        record_count: records in the call.
-    """
-
-    def __init__(self, message: str, accepted_count: int, record_count: int):
-        super().__init__(message)
-        self.accepted_count = accepted_count
-        self.record_count = record_count
-
-
-class PublisherClosedError(PublisherError):
-    """publish() after close(): the publisher was closed by its owner."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PublisherStatistics:
-    """A consistent snapshot; counts are records unless named otherwise.
-
-    `published` is derived (the one-record fast path counts nothing):
-    published == acked + dropped_full + rejected + buffered.
-    """
-
-    published: int  # given to publish()/publish_many(): taken or dropped
-    acked: int  # acknowledged durable by the daemon (a resent batch counts once)
-    dropped_full: int  # dropped because the buffer was full
-    rejected: int  # refused for good (bad record, or a batch the daemon refused)
-    resent: int  # records sent again (connection lost or transient refusal)
-    reconnects: int  # connections made after an earlier one was lost
-    buffered: int  # taken and not yet acked or rejected (queued or in flight)
-    connected: bool  # the sender holds a connection now
-    last_error: Exception | None  # the most recent failure (connection or rejection)
-    # Why the most recent connection ended (None until one has): the daemon's
-    # fatal Error (SHUTTING_DOWN when it stopped in order), RingtailError
-    # CONNECTION_LOST when it ended without one, or another OSError/ProtocolError.
-    last_disconnect_error: Exception | None
-
-
-class _ConnectionLost(ConnectionError):
-    """The connection is unusable; reconnect and resend what was not acknowledged.
-
-    Its argument is a message, or a RingtailError (the daemon's fatal Error,
-    or CONNECTION_LOST when the connection ended without one); the latter is
-    what statistics().last_error and last_disconnect_error show.
-    """
-
-
-class _Batch:
-    """One Publish batch: its records are fixed when it is cut and resent as they are."""
-
-    __slots__ = ("batch_id", "records", "count", "ordinal", "sent", "resend", "retry_count")
-
-    def __init__(self, batch_id: int, records: bytes, ordinal: int):
-        self.batch_id = batch_id
-        self.records = records
-        self.count = len(records) // RECORD_SIZE_BYTES
-        self.ordinal = ordinal  # ordinal of the first taken record this batch answers for
-        self.sent = False  # sent on the current connection, answer pending
-        self.resend = False  # was sent before; the next send is a resend
-        self.retry_count = 0  # transient refusals so far
+# After the sender's receive_data() returns, the codec holds less than one
+# frame; one more read must fit beside it.
+assert (RECEIVE_SIZE_BYTES + FRAME_HEADER_SIZE_BYTES + FRAME_SIZE_BYTES_MAX
+        <= RECEIVE_BUFFER_BYTES_MAX)
+assert TAKE_CHUNK_COUNT_MAX >= 1  # re-exported: the sender's take size
 
 
 def _check_arguments(tenant_id: int, token: bytes, client_name: str, policy: str,
-                     block_timeout_s: float, buffer_record_count_max: int) -> None:
+                     block_timeout_s: float, buffer_record_count_max: int) -> Hello:
     """Raise ValueError for a bad argument here, not later in the sender thread."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: use one of {', '.join(POLICIES)}")
@@ -261,7 +182,7 @@ def _check_arguments(tenant_id: int, token: bytes, client_name: str, policy: str
     if not block_timeout_s >= 0:
         raise ValueError(f"block_timeout_s {block_timeout_s} must be >= 0")
     try:
-        Hello(tenant_id, token, client_name)  # the codec's own checks of these fields
+        return Hello(tenant_id, token, client_name)  # the codec's own checks of these fields
     except ProtocolError as error:
         raise ValueError(error.message) from None
 
@@ -289,7 +210,10 @@ class Publisher:
 
     Resource handling:
         Starts its sender thread at once (it connects in the background);
-        close() or the `with` block flushes and releases it.
+        owns that thread, a non-blocking pipe that wakes it, a selector, and
+        one socket while connected. close() or the `with` block flushes and
+        releases them. The records are held by its PublishBuffer and
+        PublishSender (see the module docstring for the bounds).
 
     Error handling:
         Nothing from the connection reaches publish(); see statistics().
@@ -300,59 +224,22 @@ class Publisher:
                  block_timeout_s: float = BLOCK_TIMEOUT_S_DEFAULT, raise_on_full: bool = False,
                  buffer_record_count_max: int = BUFFER_RECORD_COUNT_MAX,
                  check_records: bool = True):
-        _check_arguments(tenant_id, token, client_name, policy, block_timeout_s,
-                         buffer_record_count_max)
+        hello = _check_arguments(tenant_id, token, client_name, policy, block_timeout_s,
+                                 buffer_record_count_max)
         self.socket_path = socket_path
         self.tenant_id = tenant_id
-        self._token = token
-        self._client_name = client_name
-        self._block = policy == "block"
-        self._block_timeout_s = block_timeout_s
-        self._raise_on_full = raise_on_full
-        self._buffer_record_count_max = buffer_record_count_max
-        self._check_records = check_records
-
-        # Shared state. The one-record fast path of publish() appends to
-        # _pending without the lock (deque.append is atomic under the GIL) and
-        # reads two attributes; everything else changes under _lock.
-        self._lock = threading.Lock()
-        self._space = threading.Condition(self._lock)  # publishers waiting for room
-        self._resolved = threading.Condition(self._lock)  # flush() waiting for acks
-        self._pending: collections.deque[bytes] = collections.deque()  # taken, not yet seen
-        # Records buffered (taken, not yet acked or rejected) == len(_pending)
-        # + _buffered_extra: a chunk of n records adds n - 1; the sender adds 1
-        # per chunk it pops and subtracts each record it resolves.
-        self._buffered_extra = 0
-        self._admit_limit = buffer_record_count_max  # -1 once closed (sends publish() slow)
-        self._dropped_full = 0
-        self._sender_idle = False  # the sender waits for records: wake it on publish
-        self._space_waiters = 0
-        self._flush_waiters = 0
-        self._closed = False
+        self._buffer = PublishBuffer(self._wake, policy=policy, block_timeout_s=block_timeout_s,
+                                     raise_on_full=raise_on_full,
+                                     buffer_record_count_max=buffer_record_count_max)
+        # The caller's fast path is the buffer's own method, bound here: a
+        # delegating Publisher.publish() would add a call (~50 ns) to every
+        # record (issue 13's budget is 300 ns). Publisher.publish below
+        # documents it and serves a call through the class.
+        self.publish = self._buffer.publish
+        self._sender = PublishSender(self._buffer, hello, peer=socket_path,
+                                     check_records=check_records)
         self._close_flushed = False
-        self._stopping = False
-        self._rejection_logged = False  # log the first rejection; count the others
-        # ... and the sender's, published for statistics() and flush():
-        self._acked = 0
-        self._rejected = 0
-        self._resent = 0
-        self._reconnects = 0
-        self._connected = False
-        self._last_error: Exception | None = None
-        self._last_disconnect_error: Exception | None = None
-        # Ordinal (0-based count of taken records) of the oldest taken record
-        # not yet acked or rejected; flush() waits for it to pass its target.
-        self._unresolved_ordinal = 0
-
-        # The sender thread's own state (no lock).
-        self._batches: dict[int, _Batch] = {}  # unanswered batches, oldest first
-        self._in_flight = 0  # batches in _batches sent on the current connection
-        self._staged: memoryview | None = None  # taken from _pending, not yet cut
-        self._staged_offset = 0  # bytes of _staged already cut
-        self._cut_ordinal = 0  # ordinal of the first record of _staged not yet cut
-        self._batch_ids = itertools.count(1)
-        self._batch_record_count_max = protocol.PUBLISH_RECORD_COUNT_MAX
-        self._send_not_before = 0.0  # monotonic: pause after a transient refusal
+        self._stopping = False  # set once by close() (or the thread's end); read by the thread
 
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector = selectors.DefaultSelector()
@@ -380,31 +267,7 @@ class Publisher:
                 room came within block_timeout_s.
             PublisherClosedError: the publisher was closed.
         """
-        if len(records) != RECORD_SIZE_BYTES:
-            return self._publish_records(records)
-        if type(records) is not bytes:
-            records = bytes(records)  # never keep a buffer the caller may reuse
-        pending = self._pending
-        # Read without the lock: concurrent publishers may each pass this check
-        # at once, so the buffer can exceed its bound by one record per thread.
-        if len(pending) + self._buffered_extra >= self._admit_limit:
-            with self._lock:
-                return self._admit(records, 1)
-        pending.append(records)
-        if self._sender_idle:  # the sender sets it before it last looks at _pending
-            self._wake_sender()
-        return 1
-
-    def _publish_records(self, records: bytes) -> int:
-        """publish() of several records (or of a bad length), under the lock."""
-        size = len(records)
-        if size % RECORD_SIZE_BYTES or not size:
-            raise ValueError(f"publish() takes whole {RECORD_SIZE_BYTES}-byte records, got "
-                             f"{size} bytes; pass a multiple of {RECORD_SIZE_BYTES}")
-        if type(records) is not bytes:
-            records = bytes(records)
-        with self._lock:
-            return self._admit(records, size // RECORD_SIZE_BYTES)
+        return self._buffer.publish(records)  # instances call the buffer's directly
 
     def publish_many(self, buffer) -> int:
         """publish() for a prebuilt buffer of many records (bytes, bytearray, numpy array...).
@@ -420,50 +283,8 @@ class Publisher:
         view = memoryview(buffer)
         if not view.c_contiguous:
             raise ValueError("publish_many() needs a C-contiguous buffer of records")
-        return self.publish(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
-
-    def _admit(self, records: bytes, count: int) -> int:
-        """Take what fits; then wait, raise or drop as the policy says. Lock held."""
-        accepted = 0
-        deadline = None
-        while True:
-            if self._closed:
-                raise PublisherClosedError(
-                    f"publish() of {count - accepted} records after close(); "
-                    "create a new Publisher")
-            room = self._admit_limit - len(self._pending) - self._buffered_extra
-            if room > 0:
-                take = min(room, count - accepted)
-                start = accepted * RECORD_SIZE_BYTES
-                self._pending.append(records if take == count else
-                                     records[start:start + take * RECORD_SIZE_BYTES])
-                self._buffered_extra += take - 1
-                accepted += take
-                if self._sender_idle:
-                    self._wake_sender()
-                if accepted == count:
-                    return accepted
-                continue
-            if self._block:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self._block_timeout_s
-                if now < deadline:
-                    self._space_waiters += 1
-                    try:
-                        self._space.wait(deadline - now)
-                    finally:
-                        self._space_waiters -= 1
-                    continue
-                if self._raise_on_full:
-                    raise PublisherFullError(
-                        f"the buffer held {len(self._pending) + self._buffered_extra} records "
-                        f"(buffer_record_count_max {self._buffer_record_count_max}) for "
-                        f"block_timeout_s ({self._block_timeout_s} s); {accepted} of "
-                        f"{count} records were taken; the daemon is down or slow "
-                        f"(last error: {self._last_error})", accepted, count)
-            self._dropped_full += count - accepted
-            return accepted
+        return self._buffer.publish(view.cast("B") if view.format != "B" or view.ndim != 1
+                                    else view)
 
     def flush(self, timeout: float = FLUSH_TIMEOUT_S_DEFAULT) -> bool:
         """Wait until every record taken so far is acknowledged (or rejected/dropped).
@@ -472,30 +293,11 @@ class Publisher:
             True when none of them is buffered any more; False if `timeout`
             seconds passed first (records stay buffered and keep being sent).
         """
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            # Records taken so far: each has an ordinal below this.
-            target = len(self._pending) + self._buffered_extra + self._acked + self._rejected
-            while self._unresolved_ordinal < target:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._flush_waiters += 1
-                try:
-                    self._resolved.wait(remaining)
-                finally:
-                    self._flush_waiters -= 1
-            return True
+        return self._buffer.flush(timeout)
 
     def statistics(self) -> PublisherStatistics:
-        with self._lock:
-            buffered = len(self._pending) + self._buffered_extra
-            return PublisherStatistics(
-                published=buffered + self._acked + self._rejected + self._dropped_full,
-                acked=self._acked, dropped_full=self._dropped_full, rejected=self._rejected,
-                resent=self._resent, reconnects=self._reconnects, buffered=buffered,
-                connected=self._connected, last_error=self._last_error,
-                last_disconnect_error=self._last_disconnect_error)
+        """A consistent snapshot of the counts (see PublisherStatistics)."""
+        return self._buffer.statistics()
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S_DEFAULT) -> bool:
         """Stop taking records, flush up to `timeout` seconds, then stop the sender.
@@ -505,15 +307,10 @@ class Publisher:
             (still counted in statistics().buffered). Closing again returns
             the first answer and does nothing.
         """
-        with self._lock:
-            if self._closed:
-                return self._close_flushed
-            self._closed = True
-            self._admit_limit = -1
-            self._space.notify_all()  # blocked publishers raise PublisherClosedError
-        flushed = self._close_flushed = self.flush(timeout)
-        with self._lock:
-            self._stopping = True
+        if not self._buffer.close():  # blocked publishers raise PublisherClosedError
+            return self._close_flushed
+        flushed = self._close_flushed = self._buffer.flush(timeout)
+        self._stopping = True
         self._wake()
         # The sender stops at its next wakeup; a send or connect in progress
         # ends within its own timeout.
@@ -529,20 +326,17 @@ class Publisher:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _wake_sender(self) -> None:
-        self._sender_idle = False  # one wakeup is enough: later publishers skip it
-        self._wake()
-
     def _wake(self) -> None:
+        """Wake the sender thread (from any thread; never blocks)."""
         try:
             os.write(self._wake_write, b"\0")
         except BlockingIOError:
             pass  # the pipe is full of wakeups already: the sender will wake
         except OSError:
-            if not self._closed:  # a publish racing close(): the pipe may be gone
+            if not self._buffer.closed:  # a publish racing close(): the pipe may be gone
                 raise
 
-    # -- the sender thread ----------------------------------------------------------
+    # -- the sender thread: moves bytes between the socket and the sans-IO sender ----
 
     def _run(self) -> None:
         try:
@@ -550,12 +344,10 @@ class Publisher:
         except Exception as error:  # a bug: keep it visible, never kill the caller
             log.exception("ringtail publisher: sender thread failed; records are no "
                           "longer sent")
-            with self._lock:
-                self._last_error = error
-                self._connected = False
+            self._buffer.note_error(error)
+            self._buffer.note_connected(False)
         finally:
-            with self._lock:
-                self._stopping = True
+            self._stopping = True
             self._selector.close()  # the pipe is closed by close(), once this thread is gone
 
     def _sender_loop(self) -> None:
@@ -564,8 +356,9 @@ class Publisher:
         outage_logged = False
         while not self._stopping:
             try:
-                sock, connection = self._connect()
-            except (OSError, ProtocolError, _ConnectionLost) as error:
+                sock = self._connect()
+            except (OSError, ProtocolError) as error:
+                self._sender.connection_lost()
                 self._note_error(error)
                 if not outage_logged:
                     log.warning("ringtail publisher: cannot reach %s: %s; buffering and "
@@ -578,27 +371,70 @@ class Publisher:
             if outage_logged or ever_connected:
                 log.info("ringtail publisher: connected to %s", self.socket_path)
             outage_logged = False
-            with self._lock:
-                self._connected = True
-                self._reconnects += ever_connected
+            self._buffer.note_connected(True, reconnect=ever_connected)
             ever_connected = True
             self._selector.register(sock, selectors.EVENT_READ)
             try:
-                self._serve_connection(sock, connection)
-            except (OSError, ProtocolError, _ConnectionLost) as error:
+                self._serve_connection(sock)
+            except (OSError, ProtocolError) as error:
                 if isinstance(error, OSError) and error.errno in _PEER_GONE_ERRNOS:
-                    error = self._failure_after_peer_gone(sock, connection, error)
+                    error = self._failure_after_peer_gone(sock, error)
                 self._note_error(error, disconnect=True)
                 log.warning("ringtail publisher: connection to %s lost: %s; %d unacknowledged "
-                            "batches will be resent", self.socket_path, error, self._in_flight)
+                            "batches will be resent", self.socket_path, error,
+                            self._sender.in_flight_batch_count)
                 outage_logged = True
             finally:
                 self._selector.unregister(sock)
                 sock.close()
-                with self._lock:
-                    self._connected = False
-                    self._sender_idle = False
-                self._requeue()
+                self._buffer.note_connected(False)
+                self._buffer.set_sender_busy()
+                self._sender.connection_lost()
+
+    def _connect(self) -> socket.socket:
+        """Connect and handshake (the Welcome sets the batch size)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect(self.socket_path)
+            sender = self._sender
+            sock.sendall(sender.start_connection())
+            while not sender.ready:
+                replies = sender.receive_data(sock.recv(RECEIVE_SIZE_BYTES), time.monotonic())
+                if replies:
+                    sock.sendall(replies)
+            sock.settimeout(SEND_TIMEOUT_S)
+        except BaseException:  # closed, then re-raised: never swallowed
+            sock.close()
+            raise
+        return sock
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        sender = self._sender
+        buffer = self._buffer
+        while True:
+            now = time.monotonic()
+            data = sender.data_to_send(now)
+            if data:
+                sock.sendall(data)
+            if self._stopping:
+                return
+            # Only an idle sender is woken by publish(); a busy one comes back
+            # here after its next Ack anyway.
+            if sender.can_take(now):
+                if buffer.set_sender_idle():
+                    continue  # records arrived meanwhile: cut them before waiting
+            else:
+                buffer.set_sender_busy()
+            paused_s = sender.send_not_before - now
+            for key, _ in self._selector.select(paused_s if paused_s > 0 else None):
+                if key.fd == self._wake_read:
+                    self._drain_wakeups()
+                else:
+                    replies = sender.receive_data(sock.recv(RECEIVE_SIZE_BYTES),
+                                                  time.monotonic())
+                    if replies:
+                        sock.sendall(replies)
 
     def _wait_for_wakeup(self, timeout_s: float | None) -> None:
         for key, _ in self._selector.select(timeout_s):
@@ -613,281 +449,26 @@ class Publisher:
             pass
 
     def _note_error(self, error: Exception, *, disconnect: bool = False) -> None:
-        if isinstance(error, _ConnectionLost) and error.args and isinstance(
-                error.args[0], Exception):
-            error = error.args[0]
-        with self._lock:
-            self._last_error = error
-            if disconnect:
-                self._last_disconnect_error = error
+        if isinstance(error, ConnectionEndedError):
+            error = error.report
+        self._buffer.note_error(error, disconnect=disconnect)
 
-    def _failure_after_peer_gone(self, sock: socket.socket, connection: protocol.Connection,
-                                 error: OSError) -> Exception:
+    def _failure_after_peer_gone(self, sock: socket.socket, error: OSError) -> Exception:
         """A send or receive failed with EPIPE or ECONNRESET: handle what the
         daemon sent before it closed (its answers, then its fatal Error if it
         stopped in order), and return why the connection ended."""
         sock.settimeout(0)  # what it sent is already here: read it, never wait
         try:
-            while True:  # ends: EOF or a fatal Error raise _ConnectionLost
-                self._receive(sock, connection, answer_pings=False)
+            while True:  # ends: EOF or a fatal Error raise ConnectionEndedError
+                # Pongs are not sent back: the connection is over.
+                self._sender.receive_data(sock.recv(RECEIVE_SIZE_BYTES), time.monotonic())
         except BlockingIOError:
             pass  # nothing more to read, though the socket is not at EOF
-        except _ConnectionLost as lost:
-            reason = lost.args[0] if lost.args else None
+        except ConnectionEndedError as ended:
+            reason = ended.reason
             if not (isinstance(reason, RingtailError)
                     and reason.code == ErrorCode.CONNECTION_LOST):
-                return lost  # the daemon's Error frame, or a protocol violation
-        except ProtocolError as violation:
-            return violation
+                return ended  # the daemon's Error frame, or a protocol violation
         except OSError:
             pass  # the reset itself, read again
-        return _ConnectionLost(connection_lost_error(self.socket_path, error.strerror))
-
-    def _connect(self) -> tuple[socket.socket, protocol.Connection]:
-        """Connect and handshake; the Welcome sets the batch size."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(self.socket_path)
-            connection = protocol.Connection(protocol.CLIENT)
-            sock.sendall(connection.send(Hello(self.tenant_id, self._token, self._client_name)))
-            while True:
-                event = connection.next_event()
-                if event is NEED_DATA:
-                    connection.receive_data(sock.recv(RECEIVE_SIZE_BYTES))
-                    continue
-                if event is CLOSED:
-                    raise _ConnectionLost(connection_lost_error(
-                        self.socket_path, "during the handshake"))
-                if isinstance(event, Error):
-                    raise _ConnectionLost(RingtailError.from_event(event))
-                if isinstance(event, Welcome):
-                    break
-            sock.settimeout(SEND_TIMEOUT_S)
-        except BaseException:
-            sock.close()
-            raise
-        self._batch_record_count_max = min(event.publish_record_count_max,
-                                           protocol.PUBLISH_RECORD_COUNT_MAX)
-        self._split_oversize_batches()
-        return sock, connection
-
-    def _serve_connection(self, sock: socket.socket, connection: protocol.Connection) -> None:
-        while True:
-            now = time.monotonic()
-            paused = now < self._send_not_before
-            if not paused:
-                self._send_batches(sock, connection)
-            if self._stopping:
-                return
-            can_take = (not paused and self._in_flight < UNACKED_BATCH_COUNT_MAX
-                        and self._staged is None)
-            # Only an idle sender is woken by publish(); a busy one comes back
-            # here after its next Ack anyway. Set the flag, then look at
-            # _pending: a publisher that appended before the flag was set is
-            # seen here, one that appends after it sees the flag and wakes us.
-            self._sender_idle = can_take
-            if can_take and self._pending:
-                self._sender_idle = False
-                continue  # records arrived meanwhile: cut them before waiting
-            for key, _ in self._selector.select(self._send_not_before - now if paused else None):
-                if key.fd == self._wake_read:
-                    self._drain_wakeups()
-                else:
-                    self._receive(sock, connection)
-
-    def _send_batches(self, sock: socket.socket, connection: protocol.Connection) -> None:
-        """Send unsent batches (oldest first), then new ones, while the window has room."""
-        for batch in list(self._batches.values()):
-            if self._in_flight >= UNACKED_BATCH_COUNT_MAX:
-                return
-            if not batch.sent:
-                self._send(sock, connection, batch)
-        while self._in_flight < UNACKED_BATCH_COUNT_MAX:
-            batch = self._cut_batch()
-            if batch is None:
-                return
-            self._send(sock, connection, batch)
-
-    def _send(self, sock: socket.socket, connection: protocol.Connection, batch: _Batch) -> None:
-        if batch.resend:
-            batch.resend = False
-            with self._lock:
-                self._resent += batch.count
-        batch.sent = True
-        self._in_flight += 1
-        sock.sendall(connection.send(Publish(batch.batch_id, batch.records)))
-
-    def _cut_batch(self) -> _Batch | None:
-        """The next batch from the taken records (checked, if asked), or None."""
-        while True:
-            if self._staged is None:
-                with self._lock:
-                    pending = self._pending
-                    chunk_count = min(len(pending), TAKE_CHUNK_COUNT_MAX)
-                    if not chunk_count:
-                        return None
-                    chunks = [pending.popleft() for _ in range(chunk_count)]
-                    self._buffered_extra += chunk_count  # still buffered, now held here
-                self._staged = memoryview(b"".join(chunks))
-                self._staged_offset = 0
-            start = self._staged_offset
-            end = min(start + self._batch_record_count_max * RECORD_SIZE_BYTES,
-                      len(self._staged))
-            view = self._staged[start:end]
-            if end == len(self._staged):
-                self._staged = None
-            else:
-                self._staged_offset = end
-            ordinal = self._cut_ordinal
-            self._cut_ordinal += (end - start) // RECORD_SIZE_BYTES
-            if not self._check_records:
-                records, bad_count = bytes(view), 0
-            else:
-                records, bad_count = self._checked(view)
-            batch = None
-            if records:
-                batch = _Batch(next(self._batch_ids), records, ordinal)
-                self._batches[batch.batch_id] = batch
-            if bad_count:  # after the batch is listed: flush() must still wait for it
-                self._resolve(bad_count, acked=False)
-            if batch is not None:
-                return batch
-
-    def _checked(self, view: memoryview) -> tuple[bytes, int]:
-        """The records of `view` the daemon would take, and how many it would refuse.
-
-        The check is the daemon's own (ioring.record.check_records).
-        """
-        fault = check_records(view, self.tenant_id)
-        if fault is None:
-            return bytes(view), 0
-        if fault.fault == RECORD_FAULT_MAGIC:
-            error = RingtailError(
-                ErrorCode.BAD_RECORD_MAGIC,
-                f"{fault.bad_count} records rejected before sending; the first has magic "
-                f"0x{fault.value:08x}, expected 0x{RECORD_MAGIC:08x}; "
-                "fix the record encoder")
-        else:
-            error = RingtailError(
-                ErrorCode.WRONG_TENANT,
-                f"{fault.bad_count} records rejected before sending; the first has tenant_id "
-                f"{fault.value} but this publisher is tenant "
-                f"{self.tenant_id}; publish each tenant's records with its own Publisher")
-        self._log_rejection(str(error))
-        with self._lock:
-            self._last_error = error
-        array = numpy.frombuffer(view, dtype=RECORD_DTYPE)
-        good = (array["magic"] == RECORD_MAGIC) & (array["tenant_id"] == self.tenant_id)
-        return array[good].tobytes(), fault.bad_count
-
-    def _log_rejection(self, message: str) -> None:
-        """Warn once (a bad encoder would flood the log); statistics() count them all."""
-        if self._rejection_logged:
-            log.debug("ringtail publisher: %s", message)
-            return
-        self._rejection_logged = True
-        log.warning("ringtail publisher: %s (further rejections are only counted: see "
-                    "statistics().rejected)", message)
-
-    def _receive(self, sock: socket.socket, connection: protocol.Connection, *,
-                 answer_pings: bool = True) -> None:
-        data = sock.recv(RECEIVE_SIZE_BYTES)
-        connection.receive_data(data)  # b"": EOF
-        while True:
-            try:
-                event = connection.next_event()
-            except protocol.RemoteProtocolError:
-                if data:
-                    raise
-                # After EOF the codec only refuses the partial frame the daemon
-                # left: it died (or was cut off) in the middle of a write.
-                buffered = connection.statistics().buffered_bytes
-                raise _ConnectionLost(connection_lost_error(
-                    self.socket_path, f"it ended {buffered} bytes into a frame")) from None
-            if event is NEED_DATA:
-                return
-            if event is CLOSED:
-                raise _ConnectionLost(connection_lost_error(self.socket_path))
-            if isinstance(event, Ack):
-                self._on_ack(event)
-            elif isinstance(event, Error):
-                self._on_error(event)
-            elif isinstance(event, Ping) and answer_pings:
-                sock.sendall(connection.send(Pong(event.nonce)))
-
-    def _on_ack(self, ack: Ack) -> None:
-        batch = self._batches.get(ack.batch_id)
-        if batch is None or not batch.sent:
-            raise _ConnectionLost(f"the daemon acknowledged batch {ack.batch_id}, which is not "
-                                  "in flight on this connection")
-        if ack.last_sequence - ack.first_sequence + 1 != batch.count:
-            log.warning("ringtail publisher: batch %d of %d records acknowledged as "
-                        "sequences %d..%d", batch.batch_id, batch.count, ack.first_sequence,
-                        ack.last_sequence)
-        del self._batches[ack.batch_id]
-        self._in_flight -= 1
-        self._resolve(batch.count, acked=True)
-
-    def _on_error(self, event: Error) -> None:
-        error = RingtailError.from_event(event)
-        if event.fatal:
-            raise _ConnectionLost(error)
-        batch = self._batches.get(event.batch_id)
-        if batch is None or not batch.sent:
-            raise _ConnectionLost(f"the daemon refused batch {event.batch_id}, which is not "
-                                  f"in flight on this connection: {error}")
-        with self._lock:
-            self._last_error = error
-        self._in_flight -= 1
-        batch.sent = False
-        if event.code in _TRANSIENT_CODES and batch.retry_count < TRANSIENT_RETRY_COUNT_MAX:
-            batch.retry_count += 1
-            batch.resend = True
-            self._send_not_before = time.monotonic() + min(
-                RECONNECT_DELAY_S_MIN * 2 ** batch.retry_count, RECONNECT_DELAY_S_MAX)
-            return
-        self._log_rejection(f"{batch.count} records rejected: {error}")
-        del self._batches[batch.batch_id]
-        self._resolve(batch.count, acked=False)
-
-    def _resolve(self, count: int, *, acked: bool) -> None:
-        """Count `count` records as acked or rejected; wake flush() and blocked publishers."""
-        if self._batches:
-            ordinal = next(iter(self._batches.values())).ordinal
-        else:
-            ordinal = self._cut_ordinal
-        with self._lock:
-            self._buffered_extra -= count
-            if acked:
-                self._acked += count
-            else:
-                self._rejected += count
-            self._unresolved_ordinal = ordinal
-            if self._flush_waiters:
-                self._resolved.notify_all()
-            if self._space_waiters:
-                self._space.notify_all()
-
-    def _requeue(self) -> None:
-        """The connection is gone: every batch in flight is resent on the next one."""
-        for batch in self._batches.values():
-            if batch.sent:
-                batch.sent = False
-                batch.resend = True
-        self._in_flight = 0
-        self._send_not_before = 0.0
-
-    def _split_oversize_batches(self) -> None:
-        """A new Welcome allows fewer records per batch: split the kept batches, in order."""
-        limit_size = self._batch_record_count_max * RECORD_SIZE_BYTES
-        if all(len(batch.records) <= limit_size for batch in self._batches.values()):
-            return
-        batches: dict[int, _Batch] = {}
-        for batch in self._batches.values():
-            for start in range(0, len(batch.records), limit_size):
-                part = _Batch(next(self._batch_ids), batch.records[start:start + limit_size],
-                              batch.ordinal)  # the whole range stays unresolved until all acked
-                part.resend = batch.resend
-                batches[part.batch_id] = part
-        self._batches = batches
+        return ConnectionEndedError(connection_lost_error(self.socket_path, error.strerror))
