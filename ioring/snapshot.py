@@ -70,7 +70,7 @@ from ringtail.ioring.record import RECORD_SIZE_BYTES
 __all__ = [
     "SNAPSHOT_CHUNK_RECORD_COUNT_MAX", "SNAPSHOT_FORMAT_VERSION", "SNAPSHOT_MAGIC",
     "SnapshotCorruptError", "SnapshotFormatError", "SnapshotHeader", "SnapshotInfo",
-    "SnapshotWriter", "is_snapshot_file", "iter_snapshot_chunks", "read_snapshot_header",
+    "SnapshotWriter", "inspect_snapshot", "is_snapshot_file", "iter_snapshot_chunks", "read_snapshot_header",
     "verify_snapshot", "write_snapshot",
 ]
 
@@ -338,6 +338,13 @@ def read_snapshot_header(path: str | os.PathLike) -> SnapshotHeader:
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         return _decode_header(path, file.read(SNAPSHOT_HEADER_SIZE_BYTES), size)
+
+
+def inspect_snapshot(path: str | os.PathLike) -> SnapshotInfo:
+    """The header's facts (no chunk is read or checked: `verify_snapshot` does that)."""
+    header = read_snapshot_header(path)
+    return SnapshotInfo(os.fspath(path), header, os.path.getsize(path),
+                        header.record_count * RECORD_SIZE_BYTES)
 
 
 def _read_exact(file, path: str, offset: int, size: int, what: str) -> bytes:

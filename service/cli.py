@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--from", dest="start", default="oldest", help="oldest | latest | SEQ")
     tail.add_argument("--follow", action="store_true")
     tail.add_argument("--format", choices=("table", "json", "raw"), default="table")
+    tail.add_argument("--opcode", metavar="N[,N...]",
+                      help="only records with one of these opcodes (at most 64)")
+    tail.add_argument("--epochs", metavar="X..Y", help="only epochs X..Y (inclusive)")
+    tail.add_argument("--failure-only", action="store_true",
+                      help="only records with failure evidence (status, class, code or digest)")
+    tail.add_argument("--since", metavar="TIME",
+                      help="start at the first record whose timestamp_ns >= TIME: ISO 8601 "
+                           "(no zone: UTC) or ns since the Unix epoch; replaces --from")
     add_remote_arguments(tail)
     add_fleet_arguments(tail, required=False)
 
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_vrrl.add_argument("--tenant", type=int, required=True)
     export_vrrl.add_argument("--out", required=True)
     export_vrrl.add_argument("--capacity", type=int)
+    add_replay_parsers(commands)
 
     bench = commands.add_parser("bench", help="end-to-end benchmark beside Redis and the "
                                 "disk's ceiling (ringtail.bench.e2e)")
@@ -370,7 +379,12 @@ def command_tail(args) -> int:
     from ringtail.service.client import RingtailError
     if args.nats:
         return command_fleet_tail(args)
-    start, value = parse_start(args.start)
+    from ringtail.service.tail_filters import TailUsageError, parse_tail_filters
+    try:
+        start, value, filters = parse_tail_filters(args)
+    except TailUsageError as error:
+        print(f"ringtail tail: {error}", file=sys.stderr)
+        return EXIT_USAGE
     out = sys.stdout.buffer
     widths = (10, 20, 6, 6, 23, 6, 6, 15, 7, 16)
     if args.format == "table":
@@ -378,7 +392,7 @@ def command_tail(args) -> int:
 
     async def run():
         async with await open_client(args, args.tenant) as client:
-            async for event in client.subscribe(start, value, follow=args.follow):
+            async for event in client.subscribe(start, value, follow=args.follow, **filters):
                 if isinstance(event, Gap):
                     print(f"ringtail tail: gap: sequences {event.first_lost_sequence}.."
                           f"{event.last_lost_sequence} were evicted before they were read",
@@ -436,6 +450,10 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 def command_inspect(args) -> int:
     from ringtail.ioring.scan import inspect_ring
+    from ringtail.ioring.snapshot import is_snapshot_file
+    if is_snapshot_file(args.path):
+        from ringtail.service.snapshots import command_inspect_snapshot
+        return command_inspect_snapshot(args)
     for index, path in enumerate(ring_paths(args.path)):
         if index:
             print()
@@ -611,8 +629,67 @@ def command_fleet_tail(args) -> int:
     return EXIT_OK
 
 
+# -- diff, snapshot, restore (docs/REPLAY.md) ------------------------------------
+
+
+def add_replay_parsers(commands) -> None:
+    from ringtail.service.diff import DIFF_EPOCH_RECORD_COUNT_MAX
+    diff = commands.add_parser("diff", help="the first epoch where two runs' records diverge")
+    diff.add_argument("a", help="tenant:T, or a ring, VRRL0001 or snapshot file")
+    diff.add_argument("b", help="tenant:T, or a ring, VRRL0001 or snapshot file")
+    diff.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET),
+                      help="the daemon, for tenant:T sources")
+    diff.add_argument("--epochs", metavar="X..Y", help="only epochs X..Y (inclusive)")
+    diff.add_argument("--ignore", default="", metavar="FIELD,...",
+                      help="fields not compared (timestamp_ns and tenant_id never are, "
+                           "unless --include names them)")
+    diff.add_argument("--include", default="", metavar="FIELD,...",
+                      help="compare timestamp_ns and/or tenant_id too")
+    diff.add_argument("--strict-order", action="store_true",
+                      help="records of an epoch must also arrive in the same order")
+    diff.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    diff.add_argument("--all", action="store_true", help="every divergent epoch, not the first")
+    diff.add_argument("--epoch-record-max", type=int, default=DIFF_EPOCH_RECORD_COUNT_MAX,
+                      help=f"records one epoch may hold per side (default: "
+                           f"{DIFF_EPOCH_RECORD_COUNT_MAX:,}; 64 bytes each)")
+
+    snapshot = commands.add_parser("snapshot", help="a tenant's records at one cut, as one "
+                                                    "checked, compressed file")
+    snapshot.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET))
+    snapshot.add_argument("--tenant", type=int, required=True)
+    snapshot.add_argument("--out", required=True)
+
+    restore = commands.add_parser("restore", help="load a snapshot into an empty tenant, "
+                                                  "keeping its sequences (daemon stopped)")
+    restore.add_argument("file")
+    restore.add_argument("--tenant", type=int, required=True)
+    restore.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                         help=f"the daemon's data directory (default: ./{DEFAULT_DATA_DIR})")
+    restore.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY_RECORD_COUNT,
+                         help=f"records the new ring holds at least (default: "
+                              f"{DEFAULT_CAPACITY_RECORD_COUNT:,}, or the snapshot's count)")
+
+
+def command_diff(args) -> int:
+    from ringtail.service.diff import command_diff as run
+    return run(args)
+
+
+def command_snapshot(args) -> int:
+    from ringtail.service.snapshots import command_snapshot as run
+    return run(args)
+
+
+def command_restore(args) -> int:
+    from ringtail.service.snapshots import command_restore as run
+    return run(args)
+
+
 COMMANDS = {
     "serve": command_serve,
+    "diff": command_diff,
+    "snapshot": command_snapshot,
+    "restore": command_restore,
     "ship": command_ship,
     "publish": command_publish,
     "tail": command_tail,

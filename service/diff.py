@@ -1,0 +1,644 @@
+"""`ringtail diff A B`: the first epoch where two runs' observable streams diverge.
+
+docs/REPLAY.md is the user's contract; DESIGN.md "Differential replay" the
+design's. Each side is a stream of records in arrival order (sequence order)
+from one of four sources: `tenant:T` (through the daemon), a ring file (read
+directly, O_RDONLY), a VRRL0001 file or a snapshot file.
+
+How it compares, vectorised with numpy on the record dtype (no Python per
+record):
+
+- each side's stream is cut into epochs by `EpochGrouper`; an epoch is
+  complete once the stream has reached epoch e + 1 + EPOCH_OVERLAP_COUNT, so
+  at most EPOCH_OVERLAP_COUNT + 1 epochs per side are held at once;
+- the two sides' epochs are merged in ascending order; inside an epoch a
+  record's key is (slot_idx, n) where n counts earlier records of the same
+  slot in arrival order; records with equal keys are matched;
+- matched records are compared as sixteen u32 words, masked to the compared
+  fields (all but timestamp_ns and tenant_id unless asked for);
+- `strict_order` also compares the keys' arrival order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+
+import numpy
+import trio
+
+from ringtail.ioring.record import (RECORD_DTYPE, RECORD_SIZE_BYTES, SlotRecord,
+                                    failure_class_name)
+
+# Records of one epoch a side may hold: 2,097,152 x 64 B = 128 MiB per side;
+# with EPOCH_OVERLAP_COUNT = 1 two epochs are open per side, so the diff's
+# memory is at most 4 x 128 MiB = 512 MiB plus one source read. An epoch past
+# it is an error naming the epoch (raise the limit with --epoch-record-max).
+DIFF_EPOCH_RECORD_COUNT_MAX = 1 << 21
+# Epochs older than the newest one seen that may still receive records: with
+# several publishers, records of epoch e can arrive after the first of epoch
+# e + 1. A record of an epoch older than that is an error (the stream is not
+# epoch-ordered enough to diff in bounded memory).
+EPOCH_OVERLAP_COUNT = 1
+# Differing or one-sided slots listed per divergent epoch (the counts are
+# always complete); keeps the report readable and its memory small.
+DIFF_REPORT_SLOT_COUNT_MAX = 100
+# The most --epoch-record-max can be raised to: 2**26 records = 4 GiB per epoch.
+DIFF_EPOCH_RECORD_COUNT_LIMIT = 1 << 26
+assert 1 <= DIFF_EPOCH_RECORD_COUNT_MAX <= DIFF_EPOCH_RECORD_COUNT_LIMIT
+assert EPOCH_OVERLAP_COUNT >= 0
+
+RECORD_WORD_COUNT = RECORD_SIZE_BYTES // 4
+# Fields by name -> the u32 words they occupy (derived from the dtype, the spec).
+FIELD_WORDS: dict[str, range] = {
+    name: range(offset // 4, (offset + RECORD_DTYPE.fields[name][0].itemsize) // 4)
+    for name, (_, offset) in ((n, RECORD_DTYPE.fields[n][:2]) for n in RECORD_DTYPE.names)
+}
+assert sum(len(words) for words in FIELD_WORDS.values()) == RECORD_WORD_COUNT
+# slot_idx and epoch are the match keys, so they always agree on matched records.
+KEY_FIELDS = ("epoch", "slot_idx")
+IGNORED_BY_DEFAULT = ("timestamp_ns", "tenant_id")
+COMPARABLE_FIELDS = tuple(name for name in RECORD_DTYPE.names if name not in KEY_FIELDS)
+
+
+class DiffUsageError(ValueError):
+    """A bad argument (source, field name, epoch range): exit status 2."""
+
+
+class DiffSourceError(Exception):
+    """A source cannot be diffed as it is (an epoch too large, epochs out of order, lost records)."""
+
+
+# -- options --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DiffOptions:
+    compared_fields: tuple[str, ...] = tuple(f for f in COMPARABLE_FIELDS
+                                             if f not in IGNORED_BY_DEFAULT)
+    strict_order: bool = False
+    epoch_min: int = 0
+    epoch_max: int = 0xFFFF_FFFF
+    epoch_record_count_max: int = DIFF_EPOCH_RECORD_COUNT_MAX
+    detail_slot_count_max: int = DIFF_REPORT_SLOT_COUNT_MAX
+
+    @property
+    def word_columns(self) -> numpy.ndarray:
+        return numpy.array(sorted(w for f in self.compared_fields for w in FIELD_WORDS[f]),
+                           dtype=numpy.intp)
+
+
+def parse_field_list(text: str, option: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in COMPARABLE_FIELDS]
+    if unknown:
+        raise DiffUsageError(f"{option} {text!r}: unknown or key field {', '.join(unknown)}; "
+                             f"use a comma-separated list of {', '.join(COMPARABLE_FIELDS)}")
+    return names
+
+
+def parse_epoch_range(text: str, option: str = "--epochs") -> tuple[int, int]:
+    """'X..Y' (inclusive), 'X..' or '..Y' or 'X' -> (min, max)."""
+    low, separator, high = text.partition("..")
+    try:
+        epoch_min = int(low) if low.strip() else 0
+        epoch_max = (int(high) if high.strip() else 0xFFFF_FFFF) if separator else epoch_min
+    except ValueError:
+        raise DiffUsageError(f"{option} {text!r}: use X..Y (inclusive epochs), X.. or ..Y") from None
+    if not 0 <= epoch_min <= epoch_max <= 0xFFFF_FFFF:
+        raise DiffUsageError(f"{option} {text!r}: epochs are u32 and X must not exceed Y")
+    return epoch_min, epoch_max
+
+
+def make_options(ignore: str = "", include: str = "", strict_order: bool = False,
+                 epochs: str | None = None,
+                 epoch_record_count_max: int = DIFF_EPOCH_RECORD_COUNT_MAX) -> DiffOptions:
+    ignored = set(IGNORED_BY_DEFAULT) - set(parse_field_list(include, "--include"))
+    ignored |= set(parse_field_list(ignore, "--ignore"))
+    fields = tuple(f for f in COMPARABLE_FIELDS if f not in ignored)
+    epoch_min, epoch_max = parse_epoch_range(epochs) if epochs else (0, 0xFFFF_FFFF)
+    if not 1 <= epoch_record_count_max <= DIFF_EPOCH_RECORD_COUNT_LIMIT:
+        raise DiffUsageError(f"--epoch-record-max {epoch_record_count_max} is outside "
+                             f"1..{DIFF_EPOCH_RECORD_COUNT_LIMIT}")
+    return DiffOptions(fields, strict_order, epoch_min, epoch_max, epoch_record_count_max)
+
+
+# -- results ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SlotDiff:
+    slot_idx: int
+    occurrence: int  # 0 for the slot's first record in the epoch, 1 for its repeat...
+    kind: str  # "fields", "only_a" or "only_b"
+    fields: tuple[tuple[str, object, object], ...] = ()  # (name, A's value, B's value)
+
+    def to_json_dict(self) -> dict:
+        result: dict = {"slot_idx": self.slot_idx, "occurrence": self.occurrence,
+                        "kind": self.kind}
+        if self.fields:
+            result["fields"] = [{"field": name, "a": a, "b": b} for name, a, b in self.fields]
+        return result
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EpochDiff:
+    epoch: int
+    a_record_count: int
+    b_record_count: int
+    differing_count: int
+    only_a_count: int
+    only_b_count: int
+    slots: tuple[SlotDiff, ...]  # at most detail_slot_count_max, slot order
+    order_mismatch: tuple[int, int, int] | None = None  # (position, A's slot, B's slot)
+
+    @property
+    def divergent(self) -> bool:
+        return bool(self.differing_count or self.only_a_count or self.only_b_count
+                    or self.order_mismatch)
+
+    def to_json_dict(self) -> dict:
+        result = {"epoch": self.epoch, "a_records": self.a_record_count,
+                  "b_records": self.b_record_count, "differing_slots": self.differing_count,
+                  "only_in_a": self.only_a_count, "only_in_b": self.only_b_count,
+                  "slots": [slot.to_json_dict() for slot in self.slots]}
+        if self.order_mismatch:
+            position, a_slot, b_slot = self.order_mismatch
+            result["order_mismatch"] = {"position": position, "a_slot_idx": a_slot,
+                                        "b_slot_idx": b_slot}
+        return result
+
+
+@dataclasses.dataclass(slots=True)
+class DiffSummary:
+    epochs_compared: int = 0
+    epochs_identical: int = 0
+    epochs_divergent: int = 0
+    records_a: int = 0
+    records_b: int = 0
+    only_in_a: int = 0
+    only_in_b: int = 0
+    first_divergent_epoch: int | None = None
+
+    @property
+    def identical(self) -> bool:
+        return self.epochs_divergent == 0
+
+    def line(self) -> str:
+        return (f"{self.epochs_compared} epochs compared: {self.epochs_identical} identical, "
+                f"{self.epochs_divergent} divergent; {self.records_a} records in A, "
+                f"{self.records_b} in B; {self.only_in_a} only in A, {self.only_in_b} only in B")
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"identical": self.identical}
+
+
+# -- grouping a stream into epochs --------------------------------------------------
+
+
+class EpochGrouper:
+    """Cuts one side's record stream into complete epochs, in ascending order.
+
+    Holds the records of at most EPOCH_OVERLAP_COUNT + 1 epochs (each at most
+    `epoch_record_count_max`), as arrays in arrival order.
+    """
+
+    def __init__(self, side: str, epoch_record_count_max: int):
+        self.side = side
+        self.epoch_record_count_max = epoch_record_count_max
+        self._open: dict[int, list[numpy.ndarray]] = {}
+        self._counts: dict[int, int] = {}
+        self._closed_below = 0  # every epoch below this was handed out
+        self._newest = -1
+        self.record_count = 0
+
+    def feed(self, array: numpy.ndarray) -> list[tuple[int, numpy.ndarray]]:
+        """Add records (arrival order); return the epochs this completed."""
+        if not len(array):
+            return []
+        epochs = array["epoch"]
+        first = int(epochs[0])
+        if first == int(epochs[-1]) and bool((epochs == first).all()):
+            parts = [(first, array)]
+        else:
+            order = numpy.argsort(epochs, kind="stable")
+            ordered = epochs[order]
+            cuts = numpy.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+            parts = [(int(ordered[start]), array[order[start:end]])
+                     for start, end in zip([0, *cuts.tolist()], [*cuts.tolist(), len(array)])]
+        for epoch, part in parts:
+            if epoch < self._closed_below:
+                raise DiffSourceError(
+                    f"{self.side}: a record of epoch {epoch} arrived after epoch {self._newest} "
+                    f"(near record {self.record_count}); diff holds an epoch open only until "
+                    f"epoch + {EPOCH_OVERLAP_COUNT + 1} arrives (EPOCH_OVERLAP_COUNT), so the "
+                    "source's epochs must be (nearly) in order")
+            count = self._counts.get(epoch, 0) + len(part)
+            if count > self.epoch_record_count_max:
+                raise DiffSourceError(
+                    f"{self.side}: epoch {epoch} holds more than {self.epoch_record_count_max} "
+                    f"records (the per-epoch limit, DIFF_EPOCH_RECORD_COUNT_MAX); raise it "
+                    f"with --epoch-record-max N (memory: 64 bytes x N per side, twice "
+                    f"with the overlapping epoch), or narrow the diff with --epochs")
+            self._counts[epoch] = count
+            self._open.setdefault(epoch, []).append(part)
+        self.record_count += len(array)
+        self._newest = max(self._newest, parts[-1][0])
+        return self._close_below(self._newest - EPOCH_OVERLAP_COUNT)
+
+    def _close_below(self, bound: int) -> list[tuple[int, numpy.ndarray]]:
+        if bound <= self._closed_below:
+            return []
+        self._closed_below = bound
+        done = sorted(epoch for epoch in self._open if epoch < bound)
+        result = []
+        for epoch in done:
+            pieces = self._open.pop(epoch)
+            del self._counts[epoch]
+            result.append((epoch, pieces[0] if len(pieces) == 1 else numpy.concatenate(pieces)))
+        return result
+
+    def finish(self) -> list[tuple[int, numpy.ndarray]]:
+        """Every epoch still open (the stream ended)."""
+        return self._close_below(1 << 33)
+
+
+# -- comparing one epoch ------------------------------------------------------------
+
+
+def _keys(array: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """(order, keys): `order` sorts the records by (slot_idx, arrival); keys[i] is
+    slot_idx << 32 | occurrence of the record array[order[i]], ascending."""
+    slots = array["slot_idx"]
+    order = numpy.argsort(slots, kind="stable")
+    ordered = slots[order].astype(numpy.uint64)
+    count = len(ordered)
+    index = numpy.arange(count, dtype=numpy.uint64)
+    starts = numpy.ones(count, dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    run_start = numpy.maximum.accumulate(numpy.where(starts, index, 0))
+    return order, (ordered << numpy.uint64(32)) | (index - run_start)
+
+
+def _words(array: numpy.ndarray) -> numpy.ndarray:
+    return numpy.ascontiguousarray(array).view(numpy.uint32).reshape(-1, RECORD_WORD_COUNT)
+
+
+def _field_value(record: SlotRecord, name: str):
+    value = getattr(record, name)
+    if name == "failure_class":
+        return failure_class_name(value)
+    if name == "output_digest":
+        return f"{value:016x}"
+    if name == "magic":
+        return f"0x{value:08x}"
+    if name == "args":
+        return list(value)
+    return value
+
+
+def compare_epoch(epoch: int, a: numpy.ndarray, b: numpy.ndarray,
+                  options: DiffOptions) -> EpochDiff:
+    """Compare one epoch's records of A and B (each in arrival order)."""
+    order_a, keys_a = _keys(a)
+    order_b, keys_b = _keys(b)
+    if len(keys_a) == len(keys_b) and numpy.array_equal(keys_a, keys_b):
+        matched_a, matched_b = order_a, order_b
+        only_a = only_b = numpy.empty(0, dtype=numpy.intp)
+        common_keys = keys_a
+    else:
+        common_keys, in_a, in_b = numpy.intersect1d(keys_a, keys_b, assume_unique=True,
+                                                    return_indices=True)
+        matched_a, matched_b = order_a[in_a], order_b[in_b]
+        keep_a = numpy.ones(len(keys_a), dtype=bool)
+        keep_a[in_a] = False
+        keep_b = numpy.ones(len(keys_b), dtype=bool)
+        keep_b[in_b] = False
+        only_a, only_b = numpy.flatnonzero(keep_a), numpy.flatnonzero(keep_b)
+    columns = options.word_columns
+    words_a, words_b = _words(a), _words(b)
+    differing = numpy.flatnonzero(
+        (words_a[matched_a][:, columns] != words_b[matched_b][:, columns]).any(axis=1))
+    order_mismatch = None
+    if options.strict_order:
+        order_mismatch = _order_mismatch(order_a, keys_a, order_b, keys_b, common_keys)
+    # The details: the first slots (in slot order) that differ or are one-sided.
+    limit = options.detail_slot_count_max
+    details: list[tuple[int, SlotDiff]] = []
+    for index in differing[:limit].tolist():
+        key = int(common_keys[index])
+        record_a = SlotRecord.decode(a[matched_a[index]].tobytes())
+        record_b = SlotRecord.decode(b[matched_b[index]].tobytes())
+        fields = tuple((name, _field_value(record_a, name), _field_value(record_b, name))
+                       for name in options.compared_fields
+                       if getattr(record_a, name) != getattr(record_b, name))
+        details.append((key, SlotDiff(key >> 32, key & 0xFFFF_FFFF, "fields", fields)))
+    for kind, keys, indices in (("only_a", keys_a, only_a), ("only_b", keys_b, only_b)):
+        for index in indices[:limit].tolist():
+            key = int(keys[index])
+            details.append((key, SlotDiff(key >> 32, key & 0xFFFF_FFFF, kind)))
+    details.sort(key=lambda item: item[0])
+    return EpochDiff(epoch, len(a), len(b), len(differing), len(only_a), len(only_b),
+                     tuple(slot for _, slot in details[:limit]), order_mismatch)
+
+
+def _order_mismatch(order_a, keys_a, order_b, keys_b, common_keys):
+    """The first arrival position where the matched records' order differs, or None."""
+    arrival_a = numpy.empty_like(keys_a)
+    arrival_a[order_a] = keys_a
+    arrival_b = numpy.empty_like(keys_b)
+    arrival_b[order_b] = keys_b
+    if len(common_keys) != len(keys_a) or len(common_keys) != len(keys_b):
+        arrival_a = arrival_a[numpy.isin(arrival_a, common_keys, assume_unique=True)]
+        arrival_b = arrival_b[numpy.isin(arrival_b, common_keys, assume_unique=True)]
+    unequal = numpy.flatnonzero(arrival_a != arrival_b)
+    if not len(unequal):
+        return None
+    position = int(unequal[0])
+    return position, int(arrival_a[position]) >> 32, int(arrival_b[position]) >> 32
+
+
+def one_sided_epoch(epoch: int, records: numpy.ndarray, side: str,
+                    options: DiffOptions) -> EpochDiff:
+    empty = records[:0]
+    if side == "a":
+        return compare_epoch(epoch, records, empty, options)
+    return compare_epoch(epoch, empty, records, options)
+
+
+# -- driving two streams --------------------------------------------------------------
+
+
+RecordStream = AsyncIterator[numpy.ndarray]
+
+
+async def diff_streams(stream_a: RecordStream, stream_b: RecordStream, options: DiffOptions,
+                       on_epoch: Callable[[EpochDiff], None] | None = None) -> DiffSummary:
+    """Merge the two sides epoch by epoch; call `on_epoch` with every divergent epoch."""
+    summary = DiffSummary()
+    sides = [_Side("A", stream_a, options), _Side("B", stream_b, options)]
+    while True:
+        for side in sides:
+            await side.fill()
+        side_a, side_b = sides
+        if not side_a.ready and not side_b.ready:
+            break
+        epoch_a = side_a.ready[0][0] if side_a.ready else None
+        epoch_b = side_b.ready[0][0] if side_b.ready else None
+        if epoch_b is None or (epoch_a is not None and epoch_a < epoch_b):
+            epoch, records = side_a.ready.pop(0)
+            result = one_sided_epoch(epoch, records, "a", options)
+        elif epoch_a is None or epoch_b < epoch_a:
+            epoch, records = side_b.ready.pop(0)
+            result = one_sided_epoch(epoch, records, "b", options)
+        else:
+            epoch, records_a = side_a.ready.pop(0)
+            _, records_b = side_b.ready.pop(0)
+            result = compare_epoch(epoch, records_a, records_b, options)
+        summary.epochs_compared += 1
+        summary.only_in_a += result.only_a_count
+        summary.only_in_b += result.only_b_count
+        if result.divergent:
+            summary.epochs_divergent += 1
+            if summary.first_divergent_epoch is None:
+                summary.first_divergent_epoch = epoch
+            if on_epoch is not None:
+                on_epoch(result)
+        else:
+            summary.epochs_identical += 1
+        await trio.lowlevel.checkpoint()
+    summary.records_a, summary.records_b = (side.grouper.record_count for side in sides)
+    return summary
+
+
+class _Side:
+    def __init__(self, name: str, stream: RecordStream, options: DiffOptions):
+        self.stream = stream
+        self.options = options
+        self.grouper = EpochGrouper(name, options.epoch_record_count_max)
+        self.ready: list[tuple[int, numpy.ndarray]] = []
+        self.done = False
+
+    async def fill(self) -> None:
+        """Read until an epoch is complete or the stream ends."""
+        options = self.options
+        narrowed = options.epoch_min > 0 or options.epoch_max < 0xFFFF_FFFF
+        while not self.ready and not self.done:
+            try:
+                array = await self.stream.__anext__()
+            except StopAsyncIteration:
+                self.done = True
+                self.ready.extend(self.grouper.finish())
+                return
+            if narrowed:
+                epochs = array["epoch"]
+                array = array[(epochs >= options.epoch_min) & (epochs <= options.epoch_max)]
+            self.ready.extend(self.grouper.feed(array))
+
+
+# -- sources ------------------------------------------------------------------------
+
+
+TENANT_PREFIX = "tenant:"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Source:
+    """One side of a diff: what it is, and how many records it holds if known."""
+
+    text: str
+    kind: str  # "tenant", "ring", "vrrl" or "snapshot"
+    tenant_id: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.text}"
+
+
+def parse_source(text: str) -> Source:
+    """`tenant:T` or a path to a ring, VRRL0001 or snapshot file (sniffed by its magic).
+
+    Raises:
+        DiffUsageError: neither a tenant nor a readable file of a known kind.
+    """
+    from ringtail.ioring.format import FORMAT_MAGIC
+    from ringtail.ioring.snapshot import SNAPSHOT_MAGIC
+    from ringtail.ioring.vrrl import VRRL_MAGIC
+    if text.startswith(TENANT_PREFIX):
+        try:
+            tenant_id = int(text[len(TENANT_PREFIX):])
+        except ValueError:
+            raise DiffUsageError(f"{text!r}: use tenant:T with T a tenant id (u32)") from None
+        if not 0 <= tenant_id <= 0xFFFF_FFFF:
+            raise DiffUsageError(f"{text!r}: tenant ids are u32")
+        return Source(text, "tenant", tenant_id)
+    try:
+        with open(text, "rb") as file:
+            magic = file.read(8)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        raise DiffUsageError(f"{text!r}: {error.strerror}; a source is tenant:T or a ring, "
+                             "VRRL0001 or snapshot file") from None
+    kinds = {FORMAT_MAGIC: "ring", VRRL_MAGIC: "vrrl", SNAPSHOT_MAGIC: "snapshot"}
+    if magic not in kinds:
+        raise DiffUsageError(f"{text!r} is not a ring, VRRL0001 or snapshot file "
+                             f"(it starts with {magic!r})")
+    return Source(text, kinds[magic])
+
+
+def _file_pieces(source: Source) -> Iterator[tuple[int, bytes]]:
+    from ringtail.ioring.snapshot import iter_snapshot_chunks
+    from ringtail.ioring.streams import iter_ring_records, iter_vrrl_records
+    if source.kind == "ring":
+        return iter_ring_records(source.text)
+    if source.kind == "vrrl":
+        return iter_vrrl_records(source.text)
+    return iter_snapshot_chunks(source.text)
+
+
+def source_record_count(source: Source) -> int | None:
+    """Records the file holds (for progress), or None for a tenant."""
+    from ringtail.ioring.snapshot import read_snapshot_header
+    from ringtail.ioring.streams import ring_retained_range
+    from ringtail.ioring.vrrl import read_vrrl_header
+    if source.kind == "ring":
+        oldest, next_sequence = ring_retained_range(source.text)
+        return next_sequence - oldest
+    if source.kind == "snapshot":
+        return read_snapshot_header(source.text).record_count
+    if source.kind == "vrrl":
+        return read_vrrl_header(source.text).capacity  # an upper bound: empty slots skipped
+    return None
+
+
+async def file_stream(source: Source) -> RecordStream:
+    for _, records in _file_pieces(source):
+        yield numpy.frombuffer(records, dtype=RECORD_DTYPE)
+        await trio.lowlevel.checkpoint()
+
+
+async def tenant_stream(client, options: DiffOptions) -> RecordStream:
+    """A tenant's retained records through the daemon (a non-follow replay)."""
+    from ringtail.service.protocol import Gap, Records
+    async for event in client.subscribe("oldest", follow=False, epoch_min=options.epoch_min,
+                                        epoch_max=options.epoch_max):
+        if isinstance(event, Gap):
+            raise DiffSourceError(
+                f"tenant {client.tenant_id}: sequences {event.first_lost_sequence}.."
+                f"{event.last_lost_sequence} were evicted while the diff read them; "
+                "snapshot the tenant first (ringtail snapshot) and diff the snapshot")
+        if isinstance(event, Records):
+            yield numpy.frombuffer(event.records, dtype=RECORD_DTYPE)
+
+
+def count_records(stream: RecordStream, progress: Callable[[int], None]) -> RecordStream:
+    async def counted():
+        done = 0
+        async for array in stream:
+            done += len(array)
+            progress(done)
+            yield array
+    return counted()
+
+
+def arrays_from_bytes(pieces: Iterable[bytes]) -> RecordStream:
+    """An in-memory stream (tests and bench)."""
+    async def stream():
+        for piece in pieces:
+            yield numpy.frombuffer(piece, dtype=RECORD_DTYPE)
+    return stream()
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+def format_epoch(result: EpochDiff) -> list[str]:
+    """A divergent epoch as text lines (the table a terminal shows)."""
+    lines = [f"epoch {result.epoch}: divergent: {result.differing_count} slots differ, "
+             f"{result.only_a_count} records only in A, {result.only_b_count} only in B "
+             f"(A {result.a_record_count} records, B {result.b_record_count})"]
+    for slot in result.slots:
+        name = f"slot {slot.slot_idx}" + (f" #{slot.occurrence}" if slot.occurrence else "")
+        if slot.kind == "only_a":
+            lines.append(f"  {name}: only in A")
+        elif slot.kind == "only_b":
+            lines.append(f"  {name}: only in B")
+        else:
+            for field, value_a, value_b in slot.fields:
+                lines.append(f"  {name}: {field}: A {value_a}, B {value_b}")
+    listed = len(result.slots)
+    total = result.differing_count + result.only_a_count + result.only_b_count
+    if total > listed:
+        lines.append(f"  ... and {total - listed} more slots (DIFF_REPORT_SLOT_COUNT_MAX "
+                     f"= {DIFF_REPORT_SLOT_COUNT_MAX} listed per epoch)")
+    if result.order_mismatch:
+        position, slot_a, slot_b = result.order_mismatch
+        lines.append(f"  order differs at position {position} of the epoch's matched "
+                     f"records: A has slot {slot_a}, B has slot {slot_b}")
+    return lines
+
+
+def command_diff(args) -> int:
+    """`ringtail diff A B ...` (service/cli.py registers the options)."""
+    import contextlib
+    import json
+    import sys
+
+    from ringtail.service.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, connect, \
+        progress_bar
+    from ringtail.service.client import RingtailError
+    try:
+        options = make_options(args.ignore, args.include, args.strict_order, args.epochs,
+                               args.epoch_record_max)
+        sources = [parse_source(args.a), parse_source(args.b)]
+    except DiffUsageError as error:
+        print(f"ringtail diff: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    divergent: list[EpochDiff] = []
+
+    def on_epoch(result: EpochDiff) -> None:
+        if args.all or not divergent:
+            divergent.append(result)
+            if not args.json:
+                print("\n".join(format_epoch(result)), flush=True)
+
+    async def run() -> DiffSummary:
+        async with contextlib.AsyncExitStack() as stack:
+            streams, totals = [], []
+            for source in sources:
+                if source.kind == "tenant":
+                    client = await stack.enter_async_context(
+                        await connect(args.socket, source.tenant_id))
+                    welcome = client.welcome
+                    totals.append(welcome.next_sequence - welcome.oldest_sequence)
+                    streams.append(tenant_stream(client, options))
+                else:
+                    totals.append(source_record_count(source))
+                    streams.append(file_stream(source))
+            draw = progress_bar("diff")
+            if draw is not None:
+                done = [0, 0]
+                total = sum(totals)
+
+                def progress(side: int):
+                    def report(count: int) -> None:
+                        done[side] = count
+                        draw(min(sum(done), total), total)
+                    return report
+                streams = [count_records(stream, progress(side))
+                           for side, stream in enumerate(streams)]
+            return await diff_streams(streams[0], streams[1], options, on_epoch)
+
+    try:
+        summary = trio.run(run)
+    except DiffSourceError as error:
+        raise CommandError(str(error)) from error
+    except RingtailError as error:
+        raise CommandError(str(error)) from error
+    if args.json:
+        print(json.dumps({"a": sources[0].text, "b": sources[1].text,
+                          "compared_fields": list(options.compared_fields),
+                          "strict_order": options.strict_order,
+                          "divergent_epochs": [result.to_json_dict() for result in divergent],
+                          "summary": summary.to_json_dict()}))
+    else:
+        print(("identical: " if summary.identical else "divergent: ") + summary.line())
+    return EXIT_OK if summary.identical else EXIT_FAILURE
