@@ -34,7 +34,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX

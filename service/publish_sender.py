@@ -36,8 +36,9 @@ What it does:
 - Refusals (non-fatal Error frames, one batch each): QUOTA_EXCEEDED and
   STORAGE_FAILED are transient: the batch is resent after a backoff
   (`send_not_before`), up to TRANSIENT_RETRY_COUNT_MAX times, then rejected.
-  BATCH_TOO_LARGE lowers the batch size to half the refused batch and splits
-  it (and every unsent kept batch over the new size), in order; a one-record
+  BATCH_TOO_LARGE lowers the batch size to half the refused batch (rounded
+  down) and splits it (and every unsent kept batch over the new size), in
+  order, for the rest of the connection; a one-record
   batch refused so is rejected. Any other code rejects the batch's records,
   never resent; the error is the source's last_error.
 - Fatal Error frames, EOF and protocol violations end the connection:
@@ -307,7 +308,7 @@ class PublishSender:
             self._source.note_error(error)
             batch.resend = True
             self._batch_record_count_max = min(self._batch_record_count_max,
-                                               (batch.count + 1) // 2)
+                                               batch.count // 2)  # >= 1: count > 1 here
             self._split_kept_batches()
             return
         self._log_rejection(f"{batch.count} records rejected: {error}")

@@ -69,12 +69,12 @@ Delivery is at-least-once, in publish order:
   resent after a backoff, up to TRANSIENT_RETRY_COUNT_MAX times, then counted
   as rejected. Batches sent after it may be stored before it.
 - A batch refused with BATCH_TOO_LARGE (the daemon now allows fewer records
-  per batch than its Welcome said) is split into halves, in place, and the
-  halves are resent (counted in `resent`); later batches on that connection
-  are cut at the lower size. A one-record batch refused so is rejected.
-  Batches sent after the refused one may be stored before it. A transient
-  refusal and BATCH_TOO_LARGE are the only cases where ring order differs
-  from publish order.
+  per batch than its Welcome said) is split into parts of at most half its
+  size, in place, and the parts are resent (counted in `resent`); later
+  batches on that connection are cut at that size. A one-record batch
+  refused so is rejected. Batches sent after the refused one may be stored
+  before it. A transient refusal and BATCH_TOO_LARGE are the only cases
+  where ring order differs from publish order.
 - Records refused for good are counted in `rejected`, dropped and never
   resent; the last error is kept in `statistics().last_error`. With
   ``check_records=True`` (default) the sender checks each record's magic and

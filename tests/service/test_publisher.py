@@ -458,3 +458,25 @@ def test_transiently_refused_batch_is_resent_then_acked(short_dir, publishers):
     stats = publisher.statistics()
     assert (stats.acked, stats.rejected, stats.resent, stats.reconnects) == (3, 0, 3, 0)
     assert stats.last_error.code == ErrorCode.STORAGE_FAILED
+
+
+def test_batch_refused_as_too_large_is_split_and_resent_in_order(short_dir, publishers):
+    # The peer's Welcome allows 4096 records but it refuses any batch over 2
+    # records with the non-fatal BATCH_TOO_LARGE (a limit lowered after the
+    # handshake): the publisher halves the batch until it fits.
+    def script(index, event):
+        return ErrorCode.BATCH_TOO_LARGE if event.record_count > 2 else "ack"
+
+    peer = ScriptedPeer(short_dir, script, count_max=[4096])
+    publisher = publishers(peer.path, TENANT)
+    records = [record(index) for index in range(5)]
+    publisher.publish(b"".join(records))
+    assert publisher.flush(FLUSH_TIMEOUT_S) is True
+    (received,) = peer.received
+    assert [event.record_count for event in received] == [5, 2, 2, 1]
+    acked = [event.records for event in received if event.record_count <= 2]
+    assert b"".join(acked) == b"".join(records)  # in publish order, byte-identical
+    stats = publisher.statistics()
+    assert (stats.acked, stats.rejected, stats.reconnects) == (5, 0, 0)
+    assert stats.resent == 5  # the refused batch's parts
+    assert stats.last_error.code == ErrorCode.BATCH_TOO_LARGE and stats.connected
