@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 
 from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from ringtail.service.errors import RingtailError
-from ringtail.service.protocol import (CLOSED, NEED_DATA, SERVER, Ack, Connection, Error,
+from ringtail.service.protocol import (NEED_DATA, SERVER, Ack, Connection, Error,
                                        ErrorCode, Hello, Ping, Pong, Publish,
                                        RemoteProtocolError, Welcome)
 from ringtail.service.publish_buffer import PublishBuffer
-from ringtail.service.publish_sender import (RETRY_DELAY_S_MIN, TRANSIENT_RETRY_COUNT_MAX,
-                                             UNACKED_BATCH_COUNT_MAX, ConnectionEndedError,
-                                             PublishSender)
+from ringtail.service.publish_sender import (RETRY_DELAY_S_MAX, RETRY_DELAY_S_MIN,
+                                             TRANSIENT_RETRY_COUNT_MAX, UNACKED_BATCH_COUNT_MAX,
+                                             ConnectionEndedError, PublishSender)
 
 TENANT = 7
 PEER = "/run/ringtail/test.sock"
@@ -231,7 +231,8 @@ def test_a_transient_refusal_is_resent_after_its_backoff_then_rejected_at_the_re
     for retry in range(1, TRANSIENT_RETRY_COUNT_MAX + 1):
         daemon.refuse(batch, ErrorCode.STORAGE_FAILED, now)
         resume = sender.statistics().send_not_before
-        assert resume == pytest.approx(now + min(RETRY_DELAY_S_MIN * 2 ** retry, 2.0))
+        delay_s = min(RETRY_DELAY_S_MIN * 2 ** retry, RETRY_DELAY_S_MAX)
+        assert resume == pytest.approx(now + delay_s)
         assert daemon.publishes(now) == []  # paused
         assert not sender.can_take(now)
         now = resume
