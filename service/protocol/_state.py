@@ -156,6 +156,7 @@ _RULES: dict[EventKind, _Rule] = {
 # process_records() has no event to hand a rule: a rule for Records must come
 # with a change there (and in Connection.send_records) that checks the same.
 assert _K.RECORDS not in _RULES
+_RECORDS = _K.RECORDS
 
 
 class ConnectionState:
@@ -196,8 +197,15 @@ class ConnectionState:
         self.state = target
 
     def process_records(self, sender: Role, error_type: type[ProtocolError]) -> None:
-        """process_event(sender, Records(...)) without the event (the replay hot path)."""
-        self.state = self._next_state(sender, _K.RECORDS, error_type)
+        """process_event(sender, Records(...)) without the event (the replay hot path).
+
+        _next_state() written out, and no rule to run (asserted at _RULES): one
+        dict walk and no allocation per frame.
+        """
+        target = _NEXT[self.state][sender].get(_RECORDS)
+        if target is None:
+            raise self.refusal(_RECORDS.value, sender, error_type)
+        self.state = target
 
     def _next_state(self, sender: Role, kind: EventKind,
                     error_type: type[ProtocolError]) -> State:
