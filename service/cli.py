@@ -463,6 +463,10 @@ def command_inspect(args) -> int:
 
 def command_verify(args) -> int:
     from ringtail.ioring.scan import verify_ring
+    from ringtail.ioring.snapshot import is_snapshot_file
+    if is_snapshot_file(args.path):
+        from ringtail.service.snapshots import command_verify_snapshot
+        return command_verify_snapshot(args)
     damaged = 0
     for path in ring_paths(args.path):
         report = verify_ring(path, progress_bar(f"verify {os.path.basename(path)}"))
