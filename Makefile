@@ -18,8 +18,10 @@ demo: $(STAMP)
 	$(PY) -m ringtail.service.demo
 
 # tests/ioring/test_cpu_baseline.py runs the daemon's native code on emulated
-# CPUs without AVX-512 (qemu-user; x86_64 only), and tests/deploy verifies the
-# systemd unit with systemd-analyze (Debian's systemd): install them here, out loud.
+# CPUs without AVX-512 (qemu-user; x86_64 only), tests/deploy verifies the
+# systemd unit with systemd-analyze (Debian's systemd), and
+# tests/service/test_web_browser.py drives Debian's chromium through
+# chromedriver: install them here, out loud.
 test-tools:
 	@if [ "$$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then \
 		echo "make: installing qemu-user (apt-get) for the CPU-baseline test"; \
@@ -32,6 +34,12 @@ test-tools:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		apt-cache policy systemd | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends systemd; \
+	fi
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "make: installing chromium and chromium-driver (apt-get) for the web page's browser tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		apt-cache policy chromium-driver | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; \
 	fi
 
 test: $(STAMP) test-tools
