@@ -5,7 +5,7 @@ each line on stdin is one command (a JSON object), answered by one JSON line
 on stdout. Not a test and not a client to copy: the publishers speak the wire
 protocol with a blocking socket and pre-built frames (`socket.sendmsg` of an
 8+8-byte header and the batch's records, Acks parsed by struct), so that the
-figures measure the daemon, not a client. The codec (service/protocol.py)
+figures measure the daemon, not a client. The codec (service/protocol/)
 does the handshake and the Subscribe.
 
 All timestamps are `time.perf_counter_ns()`, CLOCK_MONOTONIC on Linux, the
