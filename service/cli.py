@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--write-doc", action="store_true",
                        help="rewrite the 'End to end' section of docs/BENCHMARKS.md")
     bench.add_argument("--dir", help="where to put the temporary files (not tmpfs)")
+    bench.add_argument("--diff", action="store_true",
+                       help="instead: diff throughput and snapshot compression "
+                            "(ringtail.bench.replay)")
     return parser
 
 
@@ -567,6 +570,9 @@ def command_bench(args) -> int:
     from ringtail.bench import e2e  # shipped in the package: works from anywhere
     args.profile = None
     program = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "ringtail"
+    if args.diff:
+        from ringtail.bench import replay
+        return replay.command(args, [program, *sys.argv[1:]])
     return e2e.command(args, [program, *sys.argv[1:]])
 
 

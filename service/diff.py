@@ -22,6 +22,7 @@ record):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import numpy
@@ -83,9 +84,18 @@ class DiffOptions:
     detail_slot_count_max: int = DIFF_REPORT_SLOT_COUNT_MAX
 
     @property
-    def word_columns(self) -> numpy.ndarray:
-        return numpy.array(sorted(w for f in self.compared_fields for w in FIELD_WORDS[f]),
-                           dtype=numpy.intp)
+    def byte_mask(self) -> numpy.ndarray:
+        """Eight u64 whose bytes are 0xFF where a compared field lies in the record."""
+        return _byte_mask(self.compared_fields)
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_mask(fields: tuple[str, ...]) -> numpy.ndarray:
+    mask = bytearray(RECORD_SIZE_BYTES)
+    for name in fields:
+        for word in FIELD_WORDS[name]:
+            mask[word * 4:word * 4 + 4] = b"\xff" * 4
+    return numpy.frombuffer(bytes(mask), dtype=numpy.uint64)
 
 
 def parse_field_list(text: str, option: str) -> list[str]:
@@ -221,11 +231,14 @@ class EpochGrouper:
         if first == int(epochs[-1]) and bool((epochs == first).all()):
             parts = [(first, array)]
         else:
-            order = numpy.argsort(epochs, kind="stable")
-            ordered = epochs[order]
-            cuts = numpy.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-            parts = [(int(ordered[start]), array[order[start:end]])
-                     for start, end in zip([0, *cuts.tolist()], [*cuts.tolist(), len(array)])]
+            if bool((epochs[1:] >= epochs[:-1]).all()):  # in order: slices, no copy
+                ordered, rows = epochs, array
+            else:
+                order = stable_order(epochs)
+                ordered, rows = epochs[order], gather(array, order)
+            cuts = (numpy.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist()
+            parts = [(int(ordered[start]), rows[start:end])
+                     for start, end in zip([0, *cuts], [*cuts, len(array)])]
         for epoch, part in parts:
             if epoch < self._closed_below:
                 raise DiffSourceError(
@@ -266,11 +279,33 @@ class EpochGrouper:
 # -- comparing one epoch ------------------------------------------------------------
 
 
+RECORD_VOID_DTYPE = numpy.dtype((numpy.void, RECORD_SIZE_BYTES))
+# Values below this are sorted as u16 (numpy's stable sort of 16-bit integers
+# is a radix sort, about 10x faster than its merge sort of u32).
+RADIX_SORT_VALUE_LIMIT = 1 << 16
+
+
+def gather(array: numpy.ndarray, indices: numpy.ndarray) -> numpy.ndarray:
+    """array[indices], copied as opaque 64-byte rows (several times faster than
+    fancy indexing of the structured dtype, which copies field by field)."""
+    return numpy.take(array.view(RECORD_VOID_DTYPE), indices).view(RECORD_DTYPE)
+
+
+def stable_order(values: numpy.ndarray) -> numpy.ndarray:
+    """numpy.argsort(values, kind="stable"), by radix sort when the values' span allows."""
+    if not len(values):
+        return numpy.empty(0, dtype=numpy.intp)
+    low = values.min()
+    if int(values.max()) - int(low) < RADIX_SORT_VALUE_LIMIT:
+        return numpy.argsort((values - low).astype(numpy.uint16), kind="stable")
+    return numpy.argsort(values, kind="stable")
+
+
 def _keys(array: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
     """(order, keys): `order` sorts the records by (slot_idx, arrival); keys[i] is
     slot_idx << 32 | occurrence of the record array[order[i]], ascending."""
     slots = array["slot_idx"]
-    order = numpy.argsort(slots, kind="stable")
+    order = stable_order(slots)
     ordered = slots[order].astype(numpy.uint64)
     count = len(ordered)
     index = numpy.arange(count, dtype=numpy.uint64)
@@ -280,8 +315,10 @@ def _keys(array: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
     return order, (ordered << numpy.uint64(32)) | (index - run_start)
 
 
-def _words(array: numpy.ndarray) -> numpy.ndarray:
-    return numpy.ascontiguousarray(array).view(numpy.uint32).reshape(-1, RECORD_WORD_COUNT)
+def _qwords(array: numpy.ndarray) -> numpy.ndarray:
+    """Records as rows of eight u64 (the compare mask is per byte, so alignment of
+    fields inside the u64s does not matter)."""
+    return array.view(numpy.uint64).reshape(-1, RECORD_SIZE_BYTES // 8)
 
 
 def _field_value(record: SlotRecord, name: str):
@@ -315,10 +352,13 @@ def compare_epoch(epoch: int, a: numpy.ndarray, b: numpy.ndarray,
         keep_b = numpy.ones(len(keys_b), dtype=bool)
         keep_b[in_b] = False
         only_a, only_b = numpy.flatnonzero(keep_a), numpy.flatnonzero(keep_b)
-    columns = options.word_columns
-    words_a, words_b = _words(a), _words(b)
-    differing = numpy.flatnonzero(
-        (words_a[matched_a][:, columns] != words_b[matched_b][:, columns]).any(axis=1))
+    rows_a, rows_b = _qwords(gather(a, matched_a)), _qwords(gather(b, matched_b))
+    unequal = numpy.bitwise_xor(rows_a, rows_b, out=rows_a)
+    unequal &= options.byte_mask
+    # One whole-array test first: a row-wise reduction costs ten times more, and
+    # most epochs of a diff are identical.
+    differing = (numpy.flatnonzero(numpy.bitwise_or.reduce(unequal, axis=1))
+                 if unequal.any() else numpy.empty(0, dtype=numpy.intp))
     order_mismatch = None
     if options.strict_order:
         order_mismatch = _order_mismatch(order_a, keys_a, order_b, keys_b, common_keys)
