@@ -27,6 +27,8 @@ from ringtail.ioring.record import RECORD_SIZE_BYTES
 # Operations in one batch's chain: two data writes (around the wrap), two
 # chunk-table writes (around the table's end), the header, the fdatasync.
 BATCH_CHAIN_OPERATION_COUNT_MAX = 6
+# The header copy of a generation is `generation & 1` on the write path.
+assert HEADER_COPY_COUNT == 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,31 +96,57 @@ def plan_batch(ticket: BatchTicket, records: bytes, layout: Layout, header: Head
 def check_plan(plan: BatchPlan, layout: Layout, header: Header, table: ChunkTable,
                sync: str) -> None:
     """Assert what must hold of `plan` given the ring's committed `header` and
-    `table` (before the plan's entries are installed)."""
+    `table` (before the plan's entries are installed).
+
+    It runs twice per batch on the write path, so it checks the facts that
+    pin a plan down without re-deriving it: every header field, the entry
+    count, the boundary entries (first and last: their chunk, table position
+    and record count) and where each write goes and how long it is (the
+    chain's operations). A planning bug that moves, drops, adds or misnames a
+    write, an entry or a cursor is caught; the bytes of the middle entries are
+    the encoder's business (tests/ioring/test_record_checks.py, test_crash.py).
+    Cost: ~1-2 us per check whatever the batch size (it was 7-50 us when it
+    re-derived every entry).
+    """
     ticket, committed = plan.ticket, plan.header
-    first, end = ticket.first_sequence, ticket.next_sequence
+    first = ticket.first_sequence
+    end = first + ticket.record_count
     assert 0 < ticket.record_count <= layout.batch_record_count_max, ticket
-    # The cursor advances by exactly the batch, from where the last commit left it.
-    assert first == header.next_sequence, (first, header)
-    check_header_successor(header, committed)
-    assert (committed.batch_first_sequence, committed.next_sequence) == (first, end), committed
-    # Eviction: a chunk at a time, never backwards, never past the capacity.
-    assert committed.oldest_sequence == layout.oldest_after_append(header.oldest_sequence, end)
-    assert header.oldest_sequence <= committed.oldest_sequence <= end
-    assert end - committed.oldest_sequence <= layout.capacity, committed
-    # One entry per chunk the batch touches, in order, each naming its chunk
-    # and the chunk's records below the new cursor.
+    # The cursor advances by exactly the batch, from where the last commit left
+    # it; eviction goes a chunk at a time (oldest_after_append, inlined).
+    evicted_to = ((end - 1) // CHUNK_RECORD_COUNT + 1) * CHUNK_RECORD_COUNT - layout.capacity
+    oldest = header.oldest_sequence
+    assert first == header.next_sequence and (
+        committed.generation, committed.batch_first_sequence, committed.next_sequence,
+        committed.oldest_sequence, committed.capacity, committed.file_id,
+        committed.tenant_id, committed.created_ns, committed.format_version,
+        committed.chunk_record_count) == (
+        header.generation + 1, first, end, oldest if oldest > evicted_to else evicted_to,
+        header.capacity, header.file_id, header.tenant_id, header.created_ns,
+        header.format_version, header.chunk_record_count), (header, committed)
+    # One entry per chunk the batch touches, in order: the first and the last
+    # name their chunk, their table position and the chunk's records below the
+    # new cursor; the writes below place every entry.
+    entries = plan.entries
     first_chunk = first // CHUNK_RECORD_COUNT
-    assert len(plan.entries) == (end - 1) // CHUNK_RECORD_COUNT - first_chunk + 1, plan.entries
-    for chunk, (position, encoded) in enumerate(plan.entries, first_chunk):
-        assert position == chunk % layout.chunk_count and len(encoded) == CHUNK_ENTRY_SIZE_BYTES
-        entry_first, entry_count = ENTRY_HEAD.unpack_from(encoded)
-        assert entry_first == chunk * CHUNK_RECORD_COUNT, (chunk, entry_first)
-        assert entry_count == min(CHUNK_RECORD_COUNT, end - entry_first), (chunk, entry_count)
+    last_chunk = (end - 1) // CHUNK_RECORD_COUNT
+    chunk_count = layout.chunk_count
+    assert len(entries) == last_chunk - first_chunk + 1, entries
+    position, encoded = entries[0]
+    assert (position, *ENTRY_HEAD.unpack_from(encoded)) == (
+        first_chunk % chunk_count, first_chunk * CHUNK_RECORD_COUNT,
+        CHUNK_RECORD_COUNT if last_chunk != first_chunk else end % CHUNK_RECORD_COUNT
+        or CHUNK_RECORD_COUNT), (first_chunk, entries[0])
+    if last_chunk != first_chunk:
+        position, encoded = entries[-1]
+        assert (position, *ENTRY_HEAD.unpack_from(encoded)) == (
+            last_chunk % chunk_count, last_chunk * CHUNK_RECORD_COUNT,
+            end - last_chunk * CHUNK_RECORD_COUNT), (last_chunk, entries[-1])
     assert (plan.tail_hasher is None) == (end % CHUNK_RECORD_COUNT == 0)
     # The entries go to the table copy that does not hold the first chunk's
     # current (acknowledged) entry.
-    assert plan.table_index == _table_index(layout, table, first), plan.table_index
+    current = table.current[first_chunk % chunk_count]
+    assert plan.table_index == (0 if current == NO_COPY else 1 - current), plan.table_index
     _check_operations(plan, layout, sync)
 
 
@@ -127,44 +155,53 @@ def check_header_successor(previous: Header, header: Header) -> None:
     in the other copy), the same file, and a cursor that `decode_header` accepts."""
     assert header.generation == previous.generation + 1, (previous, header)
     assert header.copy_index != previous.copy_index
-    assert (header.capacity, header.tenant_id, header.created_ns, header.file_id,
-            header.format_version, header.chunk_record_count) == (
-        previous.capacity, previous.tenant_id, previous.created_ns, previous.file_id,
-        previous.format_version, previous.chunk_record_count), (previous, header)
-    assert header.oldest_sequence <= header.batch_first_sequence <= header.next_sequence
-    assert header.next_sequence - header.oldest_sequence <= header.capacity, header
+    assert (header.file_id == previous.file_id and header.capacity == previous.capacity
+            and header.tenant_id == previous.tenant_id
+            and header.created_ns == previous.created_ns
+            and header.format_version == previous.format_version
+            and header.chunk_record_count == previous.chunk_record_count), (previous, header)
+    oldest, next_sequence = header.oldest_sequence, header.next_sequence
+    assert oldest <= header.batch_first_sequence <= next_sequence, header
+    assert next_sequence - oldest <= header.capacity, header
+    assert previous.oldest_sequence <= oldest, (previous, header)
 
 
 def _check_operations(plan: BatchPlan, layout: Layout, sync: str) -> None:
     """The chain writes the records to their slots, the entries to their table
-    copy, then the header to the copy its generation's parity names."""
+    copy (each write at the position of the entry it starts with, all entries
+    covered once), then the header to the copy its generation's parity names."""
     operations, ticket = plan.operations, plan.ticket
-    assert len(operations) <= BATCH_CHAIN_OPERATION_COUNT_MAX, operations
     synced = sync == "batch"
-    assert (operations[-1] is FDATASYNC) == synced, operations
-    writes = operations[:-1] if synced else operations
-    header_write = writes[-1]
-    assert header_write.offset == HEADER_COPY_OFFSETS[plan.header.generation % HEADER_COPY_COUNT]
-    assert len(header_write.data) == HEADER_SIZE_BYTES
+    assert len(operations) <= BATCH_CHAIN_OPERATION_COUNT_MAX and (
+        operations[-1] is FDATASYNC) == synced, operations
+    header_write = operations[-2] if synced else operations[-1]
+    assert header_write.offset == HEADER_COPY_OFFSETS[plan.header.generation & 1] and \
+        len(header_write.data) == HEADER_SIZE_BYTES, header_write
     # The records, in one write or two around the end of the data region.
     capacity, count = layout.capacity, ticket.record_count
-    head_count = min(count, capacity - ticket.first_sequence % capacity)
-    assert (writes[0].offset, len(writes[0].data)) == (
-        layout.record_offset(ticket.first_sequence), head_count * RECORD_SIZE_BYTES)
-    data_writes = 1 if head_count == count else 2
-    assert data_writes == 1 or (writes[1].offset, len(writes[1].data)) == (
-        layout.data_offset, (count - head_count) * RECORD_SIZE_BYTES)
-    # Then every entry, once, at its position in the chosen table copy.
+    slot = ticket.first_sequence % capacity
+    head_count = count if count <= capacity - slot else capacity - slot
+    data = operations[0]
+    assert data.offset == layout.data_offset + slot * RECORD_SIZE_BYTES and \
+        len(data.data) == head_count * RECORD_SIZE_BYTES, data
+    data_writes = 1
+    if head_count != count:
+        data = operations[1]
+        assert data.offset == layout.data_offset and \
+            len(data.data) == (count - head_count) * RECORD_SIZE_BYTES, data
+        data_writes = 2
+    # Then the entries, in one run of table positions or two around the table's
+    # end: each write starts with its entry, and together they hold them all.
     table_offset = layout.table_offset(plan.table_index)
     entries = plan.entries
     index = 0
-    for write in writes[data_writes:-1]:
-        assert isinstance(write, Write)
-        assert write.offset == table_offset + entries[index][0] * CHUNK_ENTRY_SIZE_BYTES
-        for start in range(0, len(write.data), CHUNK_ENTRY_SIZE_BYTES):
-            assert write.data[start:start + CHUNK_ENTRY_SIZE_BYTES] == entries[index][1]
-            index += 1
-    assert index == len(entries), (index, entries)
+    for write in operations[data_writes:-2 if synced else -1]:
+        position, encoded = entries[index]
+        assert write.offset == table_offset + position * CHUNK_ENTRY_SIZE_BYTES and \
+            write.data[:CHUNK_ENTRY_SIZE_BYTES] == encoded, write
+        index += len(write.data) // CHUNK_ENTRY_SIZE_BYTES
+    assert index == len(entries) and write.data[-CHUNK_ENTRY_SIZE_BYTES:] == entries[-1][1], \
+        (index, entries)
 
 
 def _table_index(layout: Layout, table: ChunkTable, first_sequence: int) -> int:

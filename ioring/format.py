@@ -135,11 +135,13 @@ class HeaderDecodeError(ValueError):
         super().__init__(f"{reason}{': ' + detail if detail else ''}")
 
 
-def decode_header(data: bytes) -> Header:
+def decode_header(data: bytes, copy_index: int | None = None) -> Header:
     """Decode one header copy; raise HeaderDecodeError if unusable.
 
-    Checks, in order: size, magic, checksum, version, field sanity. A wrong
-    magic or version with a good checksum is a format problem, not damage.
+    Checks, in order: size, magic, checksum, version, geometry, the cursor
+    (`cursor_problem`) and, given the copy's index, that its generation's
+    parity names that copy. A wrong magic or version with a good checksum is
+    a format problem, not damage.
     """
     if len(data) < HEADER_SIZE_BYTES:
         raise HeaderDecodeError("truncated", f"{len(data)} of {HEADER_SIZE_BYTES} bytes")
@@ -156,12 +158,47 @@ def decode_header(data: bytes) -> Header:
     if header_size != HEADER_SIZE_BYTES or chunk_count != CHUNK_RECORD_COUNT:
         raise HeaderDecodeError("unsupported geometry",
                                 f"header_size={header_size} chunk={chunk_count}")
-    if not oldest <= batch_first <= next_sequence or next_sequence - oldest > capacity:
+    problem = cursor_problem(capacity, oldest, batch_first, next_sequence)
+    if problem:
         raise HeaderDecodeError(
             "inconsistent cursor",
-            f"oldest={oldest} batch_first={batch_first} next={next_sequence}")
+            f"oldest={oldest} batch_first={batch_first} next={next_sequence} "
+            f"capacity={capacity}: {problem}")
+    if copy_index is not None and generation % HEADER_COPY_COUNT != copy_index:
+        # Generation g is only ever written to copy g mod 2. Using a copy found in
+        # the other slot would let the next header write overwrite the copy in use.
+        raise HeaderDecodeError(
+            "generation parity mismatch",
+            f"generation {generation} belongs in copy {generation % HEADER_COPY_COUNT}, "
+            f"found in copy {copy_index}")
     return Header(generation, capacity, oldest, next_sequence, batch_first,
                   tenant_id, created_ns, file_id, version, chunk_count)
+
+
+def cursor_problem(capacity: int, oldest: int, batch_first: int, next_sequence: int) -> str | None:
+    """Why a header's cursor fields cannot have been written by a ringtail writer,
+    or None. Values decoded from disk are checked here, never asserted.
+
+    The writer keeps `oldest <= batch_first <= next`, at most `capacity`
+    records retained, a last batch of at most R records (R =
+    `batch_record_count_max`), and eviction by whole chunks: `oldest` is never
+    below `oldest_after_append(0, next)`. A copy that breaks one of these is
+    unusable ("inconsistent cursor"); recovery relies on every one of them
+    (the last batch's tail never shares a chunk with the head window).
+    """
+    if not oldest <= batch_first <= next_sequence:
+        return "oldest <= batch_first <= next does not hold"
+    if next_sequence - oldest > capacity:
+        return "more records retained than the capacity"
+    if capacity_problem(capacity) is None:
+        layout = Layout(capacity)
+        if next_sequence - batch_first > layout.batch_record_count_max:
+            return (f"the last batch holds {next_sequence - batch_first} records, more than "
+                    f"a batch can ({layout.batch_record_count_max})")
+        if oldest < layout.oldest_after_append(0, next_sequence):
+            return (f"oldest is below {layout.oldest_after_append(0, next_sequence)}, "
+                    "where writing next_sequence evicted everything older")
+    return None
 
 
 def checksum(data: bytes | memoryview) -> bytes:
@@ -173,33 +210,34 @@ def checksum(data: bytes | memoryview) -> bytes:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Layout:
-    """Where everything lies for a given capacity."""
+    """Where everything lies for a given capacity.
+
+    The derived sizes are computed once, at construction: the write path reads
+    them several times per batch (plan and its paired checks).
+    """
 
     capacity: int
+    chunk_count: int = dataclasses.field(init=False, repr=False, compare=False)
+    table_size_bytes: int = dataclasses.field(init=False, repr=False, compare=False)
+    data_offset: int = dataclasses.field(init=False, repr=False, compare=False)
+    file_size_bytes: int = dataclasses.field(init=False, repr=False, compare=False)
+    batch_record_count_max: int = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def chunk_count(self) -> int:
-        return self.capacity // CHUNK_RECORD_COUNT
-
-    @property
-    def table_size_bytes(self) -> int:
-        raw = self.chunk_count * CHUNK_ENTRY_SIZE_BYTES
-        return -(-raw // PAGE_SIZE_BYTES) * PAGE_SIZE_BYTES
+    def __post_init__(self) -> None:
+        chunk_count = self.capacity // CHUNK_RECORD_COUNT
+        raw = chunk_count * CHUNK_ENTRY_SIZE_BYTES
+        table_size = -(-raw // PAGE_SIZE_BYTES) * PAGE_SIZE_BYTES
+        data_offset = TABLE_OFFSET + 2 * table_size
+        for name, value in (
+                ("chunk_count", chunk_count), ("table_size_bytes", table_size),
+                ("data_offset", data_offset),
+                ("file_size_bytes", data_offset + self.capacity * RECORD_SIZE_BYTES),
+                ("batch_record_count_max",
+                 min(BATCH_RECORD_COUNT_MAX, (self.capacity - CHUNK_RECORD_COUNT) // 2))):
+            object.__setattr__(self, name, value)
 
     def table_offset(self, table_index: int) -> int:
         return TABLE_OFFSET + table_index * self.table_size_bytes
-
-    @property
-    def data_offset(self) -> int:
-        return TABLE_OFFSET + 2 * self.table_size_bytes
-
-    @property
-    def file_size_bytes(self) -> int:
-        return self.data_offset + self.capacity * RECORD_SIZE_BYTES
-
-    @property
-    def batch_record_count_max(self) -> int:
-        return min(BATCH_RECORD_COUNT_MAX, (self.capacity - CHUNK_RECORD_COUNT) // 2)
 
     def record_offset(self, sequence: int) -> int:
         """File offset of a sequence's record: O(1) arithmetic."""

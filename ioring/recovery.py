@@ -9,7 +9,10 @@ header, R the most records one batch can hold (`batch_record_count_max`):
 3. Head: a batch after H (in flight at the crash) wrote at most R records and
    so overwrote nothing at or past H.next + R - capacity. Verify every chunk
    below that line; each one that fails was being evicted: the oldest moves
-   past it (and past every older chunk, to stay contiguous).
+   past it (and past every older chunk, to stay contiguous). Unless H is a
+   seal (written on a clean close: no batch can follow it before a writer
+   unseals the file): then a chunk that fails is damage, kept and reported,
+   and reads of it raise RingCorruptError naming the file and offset.
 4. Tail: H's own batch, [H.batch_first_sequence, H.next), may be torn (its
    fdatasync may not have completed). Verify those chunks; cut the cursor at
    the first record that does not verify.
@@ -55,6 +58,8 @@ class RecoveryReport:
     dropped_tail: tuple[int, int] | None = None
     dropped_head: tuple[int, int] | None = None
     rolled_forward: tuple[int, int] | None = None
+    sealed: bool = False  # H was written by a clean close (docs/FORMAT.md, "Recovery")
+    damaged_chunk_offsets: tuple[int, ...] = ()  # head-window chunks of a sealed file that fail
 
     def summary(self) -> str:
         if self.created:
@@ -72,8 +77,15 @@ class RecoveryReport:
             parts.append("recovered %d..%d past the header's cursor (verified; the newest "
                          "header copy was torn or damaged)" % self.rolled_forward)
         if self.dropped_head:
-            parts.append("lost oldest %d..%d (evicted by a batch in flight at the crash)"
+            parts.append("lost oldest %d..%d (evicted by a batch in flight at the crash, or "
+                         "damaged: after a crash the two cannot be told apart)"
                          % self.dropped_head)
+        if self.damaged_chunk_offsets:
+            parts.append(
+                "DAMAGED: chunk(s) at byte offset %s failed their checksum in a cleanly "
+                "closed file (damage, not an eviction): kept, reads of them fail; run "
+                "`ringtail verify` and restore the file from a copy"
+                % ", ".join(map(str, self.damaged_chunk_offsets)))
         return "; ".join(parts)
 
 
@@ -85,9 +97,9 @@ def read_header(fd: int, path: str) -> tuple[Header, int, str | None]:
             path, f"truncated: {size} bytes is smaller than the two header pages "
                   f"({2 * PAGE_SIZE_BYTES} bytes); this is not a complete ring file")
     decoded: list[Header | HeaderDecodeError] = []
-    for offset in HEADER_COPY_OFFSETS:
+    for index, offset in enumerate(HEADER_COPY_OFFSETS):
         try:
-            decoded.append(decode_header(os.pread(fd, HEADER_SIZE_BYTES, offset)))
+            decoded.append(decode_header(os.pread(fd, HEADER_SIZE_BYTES, offset), index))
         except HeaderDecodeError as error:
             decoded.append(error)
     valid = [(h, i) for i, h in enumerate(decoded) if isinstance(h, Header)]
@@ -104,6 +116,8 @@ def read_header(fd: int, path: str) -> tuple[Header, int, str | None]:
         raise RingCorruptError(
             path, 0, "both header copies are unusable (copy 0: %s; copy 1: %s); the cursor "
                      "is lost: restore the file from a copy or move it away" % tuple(decoded))
+    # The highest generation. Two usable copies never tie: decode_header checks
+    # that a copy's generation parity names its slot.
     header, index = max(valid, key=lambda item: item[0].generation)
     other = decoded[1 - index]
     if isinstance(other, Header):
@@ -144,6 +158,32 @@ class Recovery:
         return bool(self.scrub_writes or report.dropped_tail or report.dropped_head
                     or report.rolled_forward)
 
+    @property
+    def must_unseal(self) -> bool:
+        """The writer must write an unsealed header before its first batch:
+        the decision changed, or the header on disk is a seal (a batch whose
+        header copy did not land must never be read as damage to a sealed file)."""
+        return self.changed or is_sealed(self.header)
+
+
+def is_sealed(header: Header) -> bool:
+    """True if `header` is a seal: written on a clean close, so no batch of its
+    writer can have been in flight after it (docs/FORMAT.md, "Recovery").
+
+    A seal has no tail (`batch_first_sequence == next_sequence`) and retains
+    records; every header a writer writes while open retains its last record in
+    its tail (`unsealed_batch_first`), so the two never look alike. An empty
+    ring has nothing a batch could evict, so it needs no distinction.
+    """
+    return header.batch_first_sequence == header.next_sequence > header.oldest_sequence
+
+
+def unsealed_batch_first(oldest_sequence: int, next_sequence: int) -> int:
+    """The batch_first_sequence of a header written by an open writer that has
+    no batch of its own to name (after recovery, or to unseal): the last
+    record, so the header is never taken for a seal."""
+    return next_sequence - 1 if next_sequence > oldest_sequence else next_sequence
+
 
 def recover(fd: int, path: str) -> Recovery:
     """Run the recovery algorithm (module docstring); decide, do not write.
@@ -162,8 +202,19 @@ def recover(fd: int, path: str) -> Recovery:
     # Sequences below window_end may have been overwritten by that batch.
     window_end = min(header_next, header_next + reach - header.capacity)
     tail_start = header.batch_first_sequence
-    # batch_record_count_max keeps evictions and the tail in different chunks.
-    assert window_end <= tail_start - tail_start % CHUNK_RECORD_COUNT or window_end <= header_oldest
+    # batch_record_count_max keeps evictions and the tail in different chunks;
+    # decode_header refused a copy whose last batch is longer (values from disk
+    # are checked with typed errors, never asserted).
+    if not (window_end <= tail_start - tail_start % CHUNK_RECORD_COUNT
+            or window_end <= header_oldest):
+        raise RingCorruptError(
+            path, HEADER_COPY_OFFSETS[copy],
+            f"header copy {copy} (generation {header.generation}) names a last batch "
+            f"{tail_start}..{header_next - 1} that overlaps the chunks a batch after it "
+            f"could evict (below {window_end}); the header is damaged: restore the "
+            "file from a copy")
+    sealed = is_sealed(header)
+    damaged: list[int] = []
     oldest, next_sequence = header_oldest, header_next
     verified = 0
     # The chunks of one pass in order: the head window, then the middle (durable
@@ -181,6 +232,9 @@ def recover(fd: int, path: str) -> Recovery:
         good = _verified_count(fd, layout, table, file_id, chunk, _count_max(chunk, header_next))
         if good == _count_max(chunk, header_next):
             verified += good
+        elif sealed:  # no batch followed a seal: this is damage, never an eviction
+            damaged.append(layout.record_offset(chunk * CHUNK_RECORD_COUNT))
+            table.choose_first_candidates(chunk, chunk + 1, header_next)  # reads report it
         else:  # evicted by the batch in flight: this chunk and all older go
             oldest = min(header_next, chunk * CHUNK_RECORD_COUNT + CHUNK_RECORD_COUNT)
             verified = 0
@@ -206,7 +260,8 @@ def recover(fd: int, path: str) -> Recovery:
         next_sequence=next_sequence, verified_record_count=verified,
         dropped_tail=(next_sequence, header_next - 1) if next_sequence < header_next else None,
         dropped_head=(header_oldest, oldest - 1) if oldest > header_oldest else None,
-        rolled_forward=(header_next, next_sequence - 1) if next_sequence > header_next else None)
+        rolled_forward=(header_next, next_sequence - 1) if next_sequence > header_next else None,
+        sealed=sealed, damaged_chunk_offsets=tuple(damaged))
     recovered = dataclasses.replace(
         header, oldest_sequence=oldest, next_sequence=next_sequence,
         batch_first_sequence=max(oldest, min(header.batch_first_sequence, next_sequence)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import secrets
@@ -42,7 +43,7 @@ from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, Hea
                                     capacity_problem, chunk_hasher)
 from ringtail.ioring.reader import ChunkTable, read_verified
 from ringtail.ioring.record import RECORD_SIZE_BYTES
-from ringtail.ioring.recovery import RecoveryReport, recover
+from ringtail.ioring.recovery import RecoveryReport, recover, unsealed_batch_first
 
 SYNC_CHOICES = ("batch", "none")
 
@@ -192,10 +193,8 @@ class RingFile:
             if not result.ok:
                 self._failure = RingFailedError(
                     self.path, result.errno,
-                    f"batch {pending.ticket.first_sequence}..{pending.ticket.last_sequence} "
-                    f"is not durable: {result.message}; it may be partly or wholly on disk "
-                    "(recovery decides on reopen); the ring refuses writes until "
-                    "reopened (check free space and the disk)")
+                    chain_failure_message(self.path, result.errno, result.message,
+                                          pending.ticket))
                 raise self._failure
             self._commit(pending)
             committed.append(pending.ticket)
@@ -317,6 +316,71 @@ class RingFile:
         self.close()
 
 
+# What to do about a failed chain, by errno; any other errno gets the last line.
+_CHAIN_FAILURE_ADVICE = {
+    errno.ENOSPC: "the file system holding {directory} is full: free space there (or move "
+                  "the data dir to a larger one)",
+    errno.EDQUOT: "the disk quota of the user running the daemon is exhausted on "
+                  "{directory}: raise it or free space",
+    errno.EIO: "the device reported an I/O error: check the disk (dmesg, SMART) and "
+               "`ringtail verify {path}`",
+}
+_CHAIN_FAILURE_ADVICE_OTHER = "check the disk, the file system holding {directory} and " \
+    "the daemon's limits (ulimit -f)"
+# A short write (the kernel wrote part of it, no errno) on a file system with
+# less free space than this is reported as ENOSPC: a batch's writes are at most
+# 256 KiB of records plus its entries, and free-space counts lag allocation.
+SHORT_WRITE_FULL_DISK_FREE_BYTES_MAX = 1 << 20
+
+
+def chain_failure_message(path: str, errno_value: int, detail: str, ticket: BatchTicket) -> str:
+    """A failed chain's message, cause first: the errno's name and meaning, what
+    to do, then which batch and which operation (`detail`). STORAGE_FAILED
+    carries it to the publisher.
+
+    A short write carries EIO (chain.short_write_result) but no device error:
+    on a full file system (io_uring reports running out of space as a short
+    write) it is named ENOSPC with the free bytes seen, else "short write".
+    """
+    cause = f"{errno.errorcode.get(errno_value, f'errno {errno_value}')} " \
+        f"({os.strerror(errno_value)})"
+    if errno_value == errno.EIO and detail.startswith("short write"):
+        errno_value = 0
+        cause = "short write"
+        with contextlib.suppress(OSError):
+            stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            free = stat.f_bavail * stat.f_frsize
+            if free < SHORT_WRITE_FULL_DISK_FREE_BYTES_MAX:
+                errno_value = errno.ENOSPC
+                cause = f"ENOSPC ({os.strerror(errno.ENOSPC)}: {free} bytes free)"
+    advice = _CHAIN_FAILURE_ADVICE.get(errno_value, _CHAIN_FAILURE_ADVICE_OTHER).format(
+        directory=os.path.dirname(os.path.abspath(path)), path=path)
+    return (f"{cause}: batch {ticket.first_sequence}..{ticket.last_sequence} is not "
+            f"durable; {advice}, then restart the daemon: the ring refuses writes until "
+            f"it is reopened, and recovery then keeps what of the batch verifies ({detail})")
+
+
+def make_data_directory(path: str) -> None:
+    """Create the directory that holds the ring files (mode 0700), if missing.
+
+    Raises:
+        NotADirectoryError: something else is at `path` (or above it); the
+            message names it, what it is, and what to do (no errno prefix).
+        OSError: it cannot be created (permissions, read-only file system).
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = path
+        while blocker and not os.path.lexists(blocker):
+            blocker = os.path.dirname(blocker)
+        kind = "a symlink" if os.path.islink(blocker) else "a directory" \
+            if os.path.isdir(blocker) else "a file"
+        raise NotADirectoryError(
+            f"data dir {path} cannot be a directory: {blocker} is {kind}; point --data-dir "
+            "(or data_dir in the config) at a directory, or move it away") from None
+
+
 def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
     """Write a new, empty ring file atomically (`<path>.creating`, fsync, link).
 
@@ -416,7 +480,7 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
                       "check the data directory and the tenant id")
         if created:
             report = dataclasses.replace(report, created=True)
-        if recovery.changed:
+        if recovery.must_unseal:
             header = _persist_recovered(fd, recovery)
         opened = True
     finally:
@@ -429,18 +493,24 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
 
 
 def _persist_recovered(fd: int, recovery) -> Header:
-    """Make a recovery decision durable before any new batch is written.
+    """Make a recovery decision durable, and unseal a sealed file, before any new
+    batch is written.
 
     Stale entries are erased (and synced) first, then the new header copy is
     written (and synced): a crash in between leaves the old header, from which
-    recovery decides the same again.
+    recovery decides the same again. The new header is never a seal (its last
+    record is its tail), so a batch in flight after it that evicts head chunks
+    is recovered as an eviction, not reported as damage.
     """
     for offset, data in recovery.scrub_writes:
         os.pwrite(fd, data, offset)
     if recovery.scrub_writes:
         os.fdatasync(fd)
-    header = dataclasses.replace(recovery.header, generation=recovery.header.generation + 1,
-                                 batch_first_sequence=recovery.header.next_sequence)
+    recovered = recovery.header
+    header = dataclasses.replace(
+        recovered, generation=recovered.generation + 1,
+        batch_first_sequence=unsealed_batch_first(recovered.oldest_sequence,
+                                                  recovered.next_sequence))
     check_header_successor(recovery.header, header)
     os.pwrite(fd, header.encode(), HEADER_COPY_OFFSETS[header.copy_index])
     os.fdatasync(fd)

@@ -13,7 +13,8 @@ import os
 from typing import Callable
 
 from ringtail.ioring.errors import RingCorruptError
-from ringtail.ioring.format import CHUNK_RECORD_COUNT, CHUNK_SIZE_BYTES, Header, Layout
+from ringtail.ioring.format import (CHUNK_RECORD_COUNT, CHUNK_SIZE_BYTES, HEADER_COPY_OFFSETS,
+                                    Header, Layout)
 from ringtail.ioring.reader import ChunkTable, verify_run
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.ioring.recovery import check_geometry, read_header
@@ -74,15 +75,29 @@ def inspect_ring(path: str) -> RingInfo:
     return RingInfo(path, header, copy, problem, layout)
 
 
+def header_copy_problem(copy_in_use: int, problem: str | None) -> str | None:
+    """A line naming the header copy that is not in use, its offset and why it is
+    unusable (or stale), or None when it is the fine previous generation."""
+    if problem is None:
+        return None
+    other = 1 - copy_in_use
+    return (f"header copy {other} at byte offset {HEADER_COPY_OFFSETS[other]} is unusable: "
+            f"{problem} (copy {copy_in_use} is in use; a crash during a header write can "
+            f"leave this, else the header page was damaged; the next batch rewrites copy {other})")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class VerifyReport:
     path: str
     verified_record_count: int
     evicted_during_scan: int
     damaged: tuple[str, ...]
+    header_problems: tuple[str, ...] = ()  # a header copy that is unusable, with its offset
 
     @property
     def ok(self) -> bool:
+        """No record is damaged (an unusable header copy alone is not data loss:
+        `ringtail verify --strict` fails on it too)."""
         return not self.damaged
 
 
@@ -96,7 +111,8 @@ def verify_ring(path: str, progress: Callable[[int, int], None] | None = None) -
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        header, _, _ = read_header(fd, path)
+        header, copy, problem = read_header(fd, path)
+        header_problem = header_copy_problem(copy, problem)
         layout = check_geometry(fd, path, header)
         table = ChunkTable(layout, os.pread(fd, layout.table_size_bytes, layout.table_offset(0)),
                            os.pread(fd, layout.table_size_bytes, layout.table_offset(1)))
@@ -144,7 +160,8 @@ def verify_ring(path: str, progress: Callable[[int, int], None] | None = None) -
                 progress(min(total, chunk * CHUNK_RECORD_COUNT - oldest), total)
     finally:
         os.close(fd)
-    return VerifyReport(path, verified, evicted, tuple(damaged))
+    return VerifyReport(path, verified, evicted, tuple(damaged),
+                        (header_problem,) if header_problem else ())
 
 
 def _verify_chunks(path: str, table: ChunkTable, file_id: int, chunk: int, run: int,

@@ -47,10 +47,11 @@ naming the bad value, the limit and what to do.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import operator
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy
 
@@ -64,11 +65,14 @@ __all__ = [
     "VRRL_HEADER_SIZE_BYTES",
     "VRRL_MAGIC",
     "VRRL_VERSION",
+    "VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX",
     "VrrlHeader",
+    "VrrlWriter",
     "export_vrrl",
     "import_vrrl",
     "read_vrrl_header",
     "vrrl_file_size_bytes",
+    "write_vrrl_file",
 ]
 
 # File identity, the first 8 bytes ("Vyre Ring-Replay Log", format 0001).
@@ -82,8 +86,15 @@ VRRL_HEADER_SIZE_BYTES = 32
 VRRL_CAPACITY_MIN = 1
 # vyre-runtime's MAX_REPLAY_RECORDS. Bounds what a header can make a reader
 # allocate: a full ring is 32 + 1_048_576 x 64 bytes = 64 MiB + 32 bytes, which
-# is the most memory import_vrrl reads and export_vrrl builds at once.
+# is the most memory import_vrrl reads at once (export_vrrl writes with pwrite,
+# a VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX piece at a time).
 VRRL_CAPACITY_MAX = 1_048_576
+
+# Records an export checks and writes at once: 4,096 x 64 B = a 256 KiB piece,
+# the most an export holds besides its input (the file is written with pwrite,
+# never built in memory).
+VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX = 4096
+VRRL_EXPORT_CHUNK_SIZE_BYTES = VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX * RECORD_SIZE_BYTES
 
 # The header's byte offsets are the contract (docs/VRRL.md).
 _HEADER_STRUCT = struct.Struct("<8sIIQQ")
@@ -230,8 +241,9 @@ def export_vrrl(records: Iterable[bytes], path: str | os.PathLike,
     32 + capacity x 64. With more records than capacity only the last
     `capacity` survive, in order.
 
-    Records are consumed as a stream into one buffer of the file's size (at
-    most 64 MiB + 32 bytes), so memory does not grow with the record count.
+    Records are consumed as a stream and written to the file in pieces of at
+    most VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX records (`VrrlWriter`), so memory
+    does not grow with the record count or the capacity.
     The file is written atomically: a temporary file in the same directory is
     written, fsynced, renamed over `path`, and the directory is fsynced. A
     crash leaves either the old `path` or the new one, never a partial file
@@ -250,25 +262,118 @@ def export_vrrl(records: Iterable[bytes], path: str | os.PathLike,
             Nothing is written.
         OSError: the file cannot be written; `path` is left as it was.
     """
+    _check_export_capacity(capacity)
+
+    def fill(fd: int) -> None:
+        writer = VrrlWriter(fd, capacity)
+        piece = bytearray()
+        for index, record in enumerate(records):
+            _check_export_record(index, record)
+            piece += record
+            if len(piece) == VRRL_EXPORT_CHUNK_SIZE_BYTES:
+                writer.write(piece)
+                piece.clear()
+        if piece:
+            writer.write(piece)
+        writer.finish()
+
+    write_file_atomically(path, fill, temporary_suffix=".vrrl-tmp", mode=0o600)  # tenant data
+
+
+def write_vrrl_file(path: str | os.PathLike, fill: Callable[[int], None]) -> None:
+    """Write a VRRL0001 file atomically (as `export_vrrl`): `fill(fd)` makes a
+    `VrrlWriter` on `fd`, feeds it, and finishes it; if it raises, `path` is
+    left as it was and the temporary file is removed."""
+    write_file_atomically(path, fill, temporary_suffix=".vrrl-tmp", mode=0o600)  # tenant data
+
+
+class VrrlWriter:
+    """A VRRL0001 file filled from a stream of records (the export side).
+
+    Records arrive in pieces of any size (a replay's Records frames, say);
+    each is checked (vectorised) and written to its slots with `pwrite`, in
+    pieces of at most VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX records, so the
+    writer holds no records itself: memory is one piece, whatever the
+    capacity or the record count. Record i goes to slot i % capacity, as the
+    original publishes. `finish` writes the header.
+
+    Resource handling: writes to `fd`, which the caller owns (and fsyncs).
+    """
+
+    def __init__(self, fd: int, capacity: int):
+        self.capacity = _check_export_capacity(capacity)
+        self.fd = fd
+        self.record_count = 0
+        os.ftruncate(fd, vrrl_file_size_bytes(capacity))  # unwritten slots read as zero
+
+    def write(self, records: bytes | bytearray | memoryview) -> None:
+        """Append whole 64-byte records (each must have the record magic).
+
+        Raises:
+            ValueError: not whole records, or a record whose magic is not
+                RECORD_MAGIC (named by its index in the export).
+        """
+        with memoryview(records).cast("B") as view:
+            size = len(view)
+            if size % RECORD_SIZE_BYTES:
+                raise ValueError(
+                    f"{size} bytes are not whole {RECORD_SIZE_BYTES}-byte records "
+                    f"(RECORD_SIZE_BYTES); pass whole records")
+            for start in range(0, size, VRRL_EXPORT_CHUNK_SIZE_BYTES):
+                self._write_piece(view[start:start + VRRL_EXPORT_CHUNK_SIZE_BYTES])
+
+    def _write_piece(self, piece: memoryview) -> None:
+        count = len(piece) // RECORD_SIZE_BYTES
+        magics = numpy.frombuffer(piece, dtype="<u4").reshape(count, _RECORD_WORD_COUNT)[:, 0]
+        bad = numpy.flatnonzero(magics != RECORD_MAGIC)
+        if len(bad):
+            index = int(bad[0])
+            _check_export_record(self.record_count + index,
+                                 bytes(piece[index * RECORD_SIZE_BYTES:
+                                             (index + 1) * RECORD_SIZE_BYTES]))
+        capacity = self.capacity
+        if count > capacity:  # only the last `capacity` of the piece survive
+            skipped = count - capacity
+            piece = piece[skipped * RECORD_SIZE_BYTES:]
+            self.record_count += skipped
+            count = capacity
+        slot = self.record_count % capacity
+        head = min(count, capacity - slot)
+        _pwrite_all(self.fd, piece[:head * RECORD_SIZE_BYTES],
+                    VRRL_HEADER_SIZE_BYTES + slot * RECORD_SIZE_BYTES)
+        if head < count:
+            _pwrite_all(self.fd, piece[head * RECORD_SIZE_BYTES:], VRRL_HEADER_SIZE_BYTES)
+        self.record_count += count
+
+    def finish(self, *, shrink: bool = False) -> None:
+        """Write the header. With `shrink`, a ring that never wrapped gets the
+        capacity of the records written (at least VRRL_CAPACITY_MIN): the file
+        a fresh ring of that capacity holds after the same publishes."""
+        if shrink and self.record_count < self.capacity:
+            self.capacity = max(VRRL_CAPACITY_MIN, self.record_count)
+            os.ftruncate(self.fd, vrrl_file_size_bytes(self.capacity))
+        _pwrite_all(self.fd, _HEADER_STRUCT.pack(VRRL_MAGIC, VRRL_VERSION, 0, self.capacity,
+                                                 self.record_count % self.capacity), 0)
+
+
+def _check_export_capacity(capacity: int) -> int:
     capacity = operator.index(capacity)
     if not VRRL_CAPACITY_MIN <= capacity <= VRRL_CAPACITY_MAX:
         raise ValueError(
             f"VRRL capacity {capacity} is outside {VRRL_CAPACITY_MIN}..="
             f"{VRRL_CAPACITY_MAX} records (VRRL_CAPACITY_MIN..=VRRL_CAPACITY_MAX);"
             f" choose a capacity in that range")
+    return capacity
 
-    image = bytearray(vrrl_file_size_bytes(capacity))
-    body = memoryview(image)[VRRL_HEADER_SIZE_BYTES:]
-    record_count = 0
-    for index, record in enumerate(records):
-        _check_export_record(index, record)
-        offset = (index % capacity) * RECORD_SIZE_BYTES
-        body[offset:offset + RECORD_SIZE_BYTES] = record
-        record_count = index + 1
-    body.release()
-    _HEADER_STRUCT.pack_into(image, 0, VRRL_MAGIC, VRRL_VERSION, 0, capacity,
-                             record_count % capacity)
-    write_file_atomically(path, image, temporary_suffix=".vrrl-tmp", mode=0o600)  # tenant data
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            count = os.pwrite(fd, view[written:], offset + written)
+            if count == 0:
+                raise OSError(errno.EIO, f"pwrite wrote nothing at byte offset {offset + written}")
+            written += count
 
 
 def _parse_header(path: str | os.PathLike, header_bytes: bytes,

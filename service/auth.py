@@ -195,6 +195,10 @@ class AccessPolicy:
             if token:
                 raise AuthError("the token is not valid on this daemon (unknown, rotated or "
                                 "mistyped); check the token and the daemon's config")
+            if peer.transport != "unix":  # no uid/gid over TCP: only a token can match
+                raise AuthError(f"a token is required on TCP (peer {peer.address or 'unknown'} "
+                                "sent none); pass --token or set RINGTAIL_TOKEN (make one "
+                                "with `ringtail token new`)")
             raise AuthError(f"peer uid {peer.uid} gid {peer.gid} is in no allow-list of this "
                             "daemon's config; add it to a tenant's grants or connect with a "
                             "token")

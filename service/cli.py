@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="full checksum scan of a ring file or data dir")
     verify.add_argument("path")
+    verify.add_argument("--strict", action="store_true",
+                        help="also fail when a header copy is unusable (not data loss: "
+                             "the other copy is in use)")
     inspect = commands.add_parser("inspect", help="header, sequences, capacity and fill")
     inspect.add_argument("path")
 
@@ -465,22 +468,37 @@ def command_inspect(args) -> int:
 
 
 def command_verify(args) -> int:
+    """Verify every ring of a file or a data dir: one line per ring, a ring that
+    cannot be opened included; exit 1 if any is damaged or unreadable (or, with
+    --strict, has an unusable header copy)."""
     from ringtail.ioring.scan import verify_ring
     from ringtail.ioring.snapshot import is_snapshot_file
     if is_snapshot_file(args.path):
         from ringtail.service.snapshots import command_verify_snapshot
         return command_verify_snapshot(args)
-    damaged = 0
-    for path in ring_paths(args.path):
-        report = verify_ring(path, progress_bar(f"verify {os.path.basename(path)}"))
+    strict = getattr(args, "strict", False)
+    paths = ring_paths(args.path)
+    failed = 0
+    for path in paths:
+        try:
+            report = verify_ring(path, progress_bar(f"verify {os.path.basename(path)}"))
+        except (RingError, OSError) as error:
+            print(f"{path}: UNREADABLE: {_one_line(error)}")
+            failed += 1
+            continue
         status = "ok" if report.ok else f"DAMAGED ({len(report.damaged)} ranges)"
+        if report.header_problems:
+            status += (" (header copy unusable" + (", --strict fails on it)" if strict
+                                                   else "; --strict would fail)"))
         print(f"{path}: {status}: {report.verified_record_count} records verified"
               + (f", {report.evicted_during_scan} evicted during the scan"
                  if report.evicted_during_scan else ""))
-        for line in report.damaged:
+        for line in report.header_problems + report.damaged:
             print(f"  {line}")
-        damaged += not report.ok
-    return EXIT_FAILURE if damaged else EXIT_OK
+        failed += not report.ok or bool(strict and report.header_problems)
+    if len(paths) > 1:
+        print(f"{len(paths)} rings: {len(paths) - failed} passed, {failed} failed")
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def progress_bar(label: str):
@@ -537,32 +555,42 @@ def command_import_vrrl(args) -> int:
 
 
 def command_export_vrrl(args) -> int:
-    from ringtail.ioring.vrrl import VRRL_CAPACITY_MAX, export_vrrl
+    """Stream a tenant's replay into a VRRL0001 file: each Records frame is
+    written to its slots as it arrives (ioring.vrrl.VrrlWriter), so memory is
+    one frame and one VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX piece, whatever the
+    ring's size (it held one `bytes` per record: ~1.7 GiB for a full ring)."""
+    from ringtail.ioring.vrrl import VRRL_CAPACITY_MAX, VrrlWriter, write_vrrl_file
     from ringtail.service.client import RingtailError
 
     draw = progress_bar("export")
+    result: list[VrrlWriter] = []
 
-    async def run() -> list[bytes]:
-        records: list[bytes] = []
-        async with await connect(args.socket, args.tenant) as client:
-            welcome = client.welcome
-            total = welcome.next_sequence - welcome.oldest_sequence
-            async for event in client.subscribe("oldest", follow=False):
-                if isinstance(event, Records):
-                    data = event.records
-                    records.extend(data[i:i + 64] for i in range(0, len(data), 64))
-                    if draw and total:
-                        draw(min(len(records), total), total)
-        return records
+    def fill(fd: int) -> None:
+        async def run() -> None:
+            async with await connect(args.socket, args.tenant) as client:
+                welcome = client.welcome
+                total = welcome.next_sequence - welcome.oldest_sequence
+                # Without --capacity: the records retained now (at most the
+                # VRRL maximum); `finish(shrink=True)` fits it to what arrived.
+                writer = VrrlWriter(fd, args.capacity or max(1, min(total, VRRL_CAPACITY_MAX)))
+                async for event in client.subscribe("oldest", follow=False):
+                    if isinstance(event, Records):
+                        writer.write(event.records)
+                        if draw and total:
+                            draw(min(writer.record_count, total), total)
+                writer.finish(shrink=not args.capacity)
+                result.append(writer)
+        trio.run(run)
 
     try:
-        records = trio.run(run)
+        write_vrrl_file(args.out, fill)
     except RingtailError as error:
         raise CommandError(str(error)) from error
-    capacity = args.capacity or max(1, min(len(records), VRRL_CAPACITY_MAX))
-    export_vrrl(records, args.out, capacity)
-    print(f"exported {min(len(records), capacity)} records of tenant {args.tenant} "
-          f"to {args.out} (capacity {capacity})")
+    except ValueError as error:  # a capacity out of range, or a malformed record
+        raise CommandError(f"{args.out} not written: {error}") from error
+    writer = result[0]
+    print(f"exported {min(writer.record_count, writer.capacity)} records of tenant "
+          f"{args.tenant} to {args.out} (capacity {writer.capacity})")
     return EXIT_OK
 
 

@@ -233,18 +233,18 @@ BATCH_OFFSET = LAYOUT.record_offset(ACKNOWLEDGED)
 BATCH_SIZE_BYTES = BATCH * RECORD_SIZE_BYTES
 
 
-@pytest.mark.parametrize("limit, errno_value, message", [
+@pytest.mark.parametrize("limit, errno_value, cause, message", [
     # The limit falls inside the batch's data: the write is cut short.
-    (LAYOUT.record_offset(70) + 10, errno.EIO,
+    (LAYOUT.record_offset(70) + 10, errno.EIO, "short write",
      rf"short write: operation 0 wrote {30 * RECORD_SIZE_BYTES + 10} of "
      rf"{BATCH_SIZE_BYTES} bytes"),
     # The limit is where the batch's data starts: nothing of it can be written.
-    (BATCH_OFFSET, errno.EFBIG,
+    (BATCH_OFFSET, errno.EFBIG, r"EFBIG \(File too large\)",
      rf"write of {BATCH_SIZE_BYTES} bytes at {BATCH_OFFSET} \(operation 0\) failed: "
      r"File too large \[EFBIG\]"),
 ], ids=["cut-short", "refused"])
 def test_a_write_past_the_file_size_limit_fails_the_ring_and_keeps_acknowledged_records(
-        ring_path, io, limit, errno_value, message):
+        ring_path, io, limit, errno_value, cause, message):
     assert LAYOUT.data_offset < limit < LAYOUT.file_size_bytes
     with open_ring(ring_path, capacity=256, tenant_id=TENANT_ID, io=io) as ring:
         ring.append(make_records(0, ACKNOWLEDGED))
@@ -255,10 +255,12 @@ def test_a_write_past_the_file_size_limit_fails_the_ring_and_keeps_acknowledged_
     out = json.loads(child.stdout)
     assert out["append"] == "RingFailedError"
     assert out["errno"] == errno_value
+    # Cause first (issue 9, item 18), then what to do, then the operation.
     assert re.fullmatch(
-        rf"{re.escape(ring_path)}: batch 40\.\.99 is not durable: {message}; it may be partly "
-        r"or wholly on disk \(recovery decides on reopen\); the ring "
-        r"refuses writes until reopened \(check free space and the disk\)",
+        rf"{re.escape(ring_path)}: {cause}: batch 40\.\.99 is not durable; check the disk, "
+        rf"the file system holding {re.escape(os.path.dirname(ring_path))} and the daemon's "
+        r"limits \(ulimit -f\), then restart the daemon: the ring refuses writes until it is "
+        rf"reopened, and recovery then keeps what of the batch verifies \({message}\)",
         out["message"]), out["message"]
     assert out["submit_after"] == "same"  # later submits raise the same error
     assert out["next_before"] == out["next_after"] == ACKNOWLEDGED
@@ -323,10 +325,11 @@ def test_a_failed_fdatasync_fails_the_ring_loudly_and_keeps_the_cursor(ring_path
         ticket = ring.submit(make_records(10, 20))
         assert _readable(ring.completion_fd, 5.0)
         with pytest.raises(RingFailedError,
-                           match=r"batch 10\.\.29 is not durable: fdatasync \(operation \d+\) "
-                                 r"failed: Input/output error \[EIO\]; it may be partly or "
-                                 r"wholly on disk \(recovery decides on reopen\); the ring "
-                                 r"refuses writes until reopened") as caught:
+                           match=r": EIO \(Input/output error\): batch 10\.\.29 is not "
+                                 r"durable; the device reported an I/O error: check the disk "
+                                 r"\(dmesg, SMART\) and `ringtail verify .*`, then restart the "
+                                 r"daemon: .* \(fdatasync \(operation \d+\) failed: "
+                                 r"Input/output error \[EIO\]\)") as caught:
             ring.reap()
         error = caught.value
         assert (error.errno, error.path) == (errno.EIO, ring_path)

@@ -153,7 +153,18 @@ class RingMachine(RuleBasedStateMachine):
         assert report.rolled_forward is None and report.other_copy_problem is None
         assert (report.oldest_sequence, report.next_sequence) == (self.oldest,
                                                                  self.next_sequence)
-        self.newest_header_copy = report.header_copy
+        # The close sealed a non-empty ring; the open then wrote an unsealed
+        # header (one generation on) before any batch: the newest copy is the
+        # one with the highest generation on disk now.
+        assert report.sealed == (self.next_sequence > self.oldest)
+        with open(self.path, "rb") as file:
+            headers = []
+            for offset in HEADER_COPY_OFFSETS:
+                file.seek(offset)
+                headers.append(decode_header(file.read(HEADER_SIZE_BYTES)))
+        newest = max(headers, key=lambda header: header.generation)
+        assert newest.batch_first_sequence == max(self.oldest, self.next_sequence - 1)
+        self.newest_header_copy = headers.index(newest)
 
     @precondition(lambda self: self.next_sequence > self.oldest)
     @rule(data=st.data())

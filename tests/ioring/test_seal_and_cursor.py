@@ -1,0 +1,204 @@
+"""Header values read from disk, and the seal (issue 9, items 12 and 13).
+
+Item 12: values decoded from a header copy are checked with typed errors, never
+asserted. A copy with a valid checksum whose cursor no writer can have written
+(a last batch longer than a batch, an oldest sequence below what eviction left)
+is unusable ("inconsistent cursor"): the other copy is used, and if neither is
+usable the open fails with RingCorruptError naming the file and the offset.
+
+Item 13: a cleanly closed (sealed) ring has no batch in flight, so a head-window
+chunk that fails its checksum is damage: kept, reported by recovery, and refused
+by reads naming the file and offset; never dropped as an eviction. A writer
+unseals the file before its first batch, so a batch in flight after a reopen is
+still recovered as an eviction.
+
+The files are built for real with `open_ring` and damaged on disk; crafted
+header copies carry a valid checksum.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from ringtail.ioring.errors import RingCorruptError
+from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES,
+                                    PAGE_SIZE_BYTES, Layout, checksum, decode_header)
+from ringtail.ioring.ring import open_ring
+from ringtail.ioring.scan import inspect_ring
+
+from .conftest import TENANT_ID, flip_byte, make_records
+
+CAPACITY = 512  # 8 chunks; a batch holds at most (512 - 64) / 2 = 224 records
+LAYOUT = Layout(CAPACITY)
+OLDEST_OFFSET, BATCH_FIRST_OFFSET = 32, 48  # header fields (docs/FORMAT.md, "Header")
+
+
+def _pread(path: str, size: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _pwrite(path: str, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _headers(path: str):
+    return [decode_header(_pread(path, HEADER_SIZE_BYTES, offset)) for offset in HEADER_COPY_OFFSETS]
+
+
+def _newest(path: str) -> int:
+    generations = [header.generation for header in _headers(path)]
+    return generations.index(max(generations))
+
+
+def _set_u64(path: str, copy: int, field_offset: int, value: int) -> None:
+    """Rewrite one u64 field of a header copy, with a valid checksum."""
+    offset = HEADER_COPY_OFFSETS[copy]
+    body = bytearray(_pread(path, HEADER_SIZE_BYTES - 16, offset))
+    struct.pack_into("<Q", body, field_offset, value)
+    _pwrite(path, bytes(body) + checksum(bytes(body)), offset)
+
+
+def _write(path: str, io: str, batches) -> None:
+    """Append `batches` (sizes) and close cleanly: the file is sealed."""
+    with open_ring(path, capacity=CAPACITY, tenant_id=TENANT_ID, io=io) as ring:
+        for count in batches:
+            ring.append(make_records(ring.next_sequence, count))
+
+
+# -- item 12 ------------------------------------------------------------------------
+
+
+def test_a_last_batch_longer_than_a_batch_makes_the_copy_unusable(ring_path, io):
+    _write(ring_path, io, [100, 100, 100, 40])  # 0..339, sealed
+    newest = _newest(ring_path)
+    # batch_first 0 claims a last batch of 340 records (at most 224): before the
+    # fix this reached an `assert` in recovery and escaped as AssertionError.
+    _set_u64(ring_path, newest, BATCH_FIRST_OFFSET, 0)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        report = ring.recovery_report
+        assert report.header_copy == 1 - newest
+        assert report.other_copy_problem == (
+            "inconsistent cursor: oldest=0 batch_first=0 next=340 capacity=512: the last "
+            "batch holds 340 records, more than a batch can (224)")
+        assert (ring.oldest_sequence, ring.next_sequence) == (0, 340)
+        assert ring.read(0, 340) == make_records(0, 340)
+
+
+def test_both_copies_impossible_is_a_typed_error_naming_the_file_and_offset(ring_path, io):
+    _write(ring_path, io, [100, 100, 100, 40])
+    for copy in (0, 1):
+        _set_u64(ring_path, copy, BATCH_FIRST_OFFSET, 0)
+    for opener in (lambda: open_ring(ring_path, tenant_id=TENANT_ID, io=io),
+                   lambda: inspect_ring(ring_path)):
+        with pytest.raises(RingCorruptError, match=r"both header copies are unusable \(copy 0: "
+                           r"inconsistent cursor: .*the last batch holds \d+ records") as caught:
+            opener()
+        assert (caught.value.path, caught.value.offset) == (ring_path, 0)
+        assert str(caught.value).startswith(f"{ring_path} at byte offset 0: ")
+
+
+def test_an_oldest_below_what_eviction_left_makes_the_copy_unusable(ring_path, io):
+    _write(ring_path, io, [200, 200, 200])  # 0..599: oldest 128 (chunks 0 and 1 evicted)
+    newest = _newest(ring_path)
+    assert _headers(ring_path)[newest].oldest_sequence == 128
+    # 600 - 100 <= capacity, so the old check passed it; but slots of 100..127
+    # hold records 612.. of a later lap.
+    _set_u64(ring_path, newest, OLDEST_OFFSET, 100)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        assert ring.recovery_report.other_copy_problem.endswith(
+            "oldest is below 128, where writing next_sequence evicted everything older")
+        assert (ring.oldest_sequence, ring.next_sequence) == (128, 600)
+
+
+# -- item 13 ------------------------------------------------------------------------
+
+# 600 records sealed: retained 128..599. A batch after the seal could evict
+# below 600 + 224 - 512 = 312: the head window is chunks 2, 3, 4 (128..319).
+DAMAGED_CHUNK = 3
+DAMAGED_FIRST = DAMAGED_CHUNK * CHUNK_RECORD_COUNT
+
+
+def test_damage_in_the_head_window_of_a_sealed_ring_is_damage_not_eviction(ring_path, io):
+    _write(ring_path, io, [200, 200, 200])
+    newest = _headers(ring_path)[_newest(ring_path)]
+    assert newest.batch_first_sequence == newest.next_sequence == 600  # the seal
+    chunk_offset = LAYOUT.record_offset(DAMAGED_FIRST)
+    flip_byte(ring_path, chunk_offset + 100)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        report = ring.recovery_report
+        # Before the fix: dropped_head (128, 255), oldest 256, "evicted by a batch in
+        # flight at the crash". No acknowledged record disappears now.
+        assert report.sealed and report.dropped_head is None
+        assert report.damaged_chunk_offsets == (chunk_offset,)
+        assert f"DAMAGED: chunk(s) at byte offset {chunk_offset}" in report.summary()
+        assert (ring.oldest_sequence, ring.next_sequence) == (128, 600)
+        with pytest.raises(RingCorruptError, match=r"records 192\.\.255 failed their checksum") \
+                as caught:
+            ring.read(128, 472)
+        assert (caught.value.path, caught.value.offset) == (ring_path, chunk_offset)
+        assert ring.read(128, 64) == make_records(128, 64)
+        assert ring.read(256, 344) == make_records(256, 344)
+
+
+def test_a_reopened_sealed_ring_is_unsealed_before_any_batch_and_sealed_on_close(ring_path, io):
+    _write(ring_path, io, [200, 200, 200])
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        on_disk = _headers(ring_path)[_newest(ring_path)]
+        assert (on_disk.oldest_sequence, on_disk.batch_first_sequence,
+                on_disk.next_sequence) == (128, 599, 600)
+        assert ring.recovery_report.sealed
+    sealed = _headers(ring_path)[_newest(ring_path)]
+    assert sealed.batch_first_sequence == sealed.next_sequence == 600
+    assert sealed.generation == on_disk.generation + 1
+
+
+def test_a_batch_in_flight_after_a_reopen_of_a_sealed_ring_is_still_an_eviction(ring_path, io):
+    _write(ring_path, io, [200, 200, 200])  # sealed, retained 128..599
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        # The unsealed header and both chunk tables as they are before the batch.
+        before = _pread(ring_path, LAYOUT.data_offset, 0)
+        # 600..699 go to slots 88..187: they evict chunk 2 (128..191).
+        ring.append(make_records(600, 100))
+        after = _pread(ring_path, LAYOUT.data_offset, 0)
+    # The crash: the batch's records landed, its entries and header did not.
+    _pwrite(ring_path, before, 0)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        report = ring.recovery_report
+        assert not report.sealed and report.damaged_chunk_offsets == ()
+        assert report.dropped_head == (128, 191)
+        assert (ring.oldest_sequence, ring.next_sequence) == (192, 600)
+        assert ring.read(192, 408) == make_records(192, 408)
+    assert before != after and len(before) == LAYOUT.data_offset >= 2 * PAGE_SIZE_BYTES
+
+
+# -- generation parity (docs/FORMAT.md, "Header") ------------------------------------
+
+GENERATION_OFFSET = 16
+
+
+def test_a_copy_whose_generation_parity_names_the_other_slot_is_unusable(ring_path, io):
+    _write(ring_path, io, [100, 100, 100, 40])
+    newest = _newest(ring_path)
+    generation = _headers(ring_path)[newest].generation
+    # The older copy claims a generation above the newest, of the newest's
+    # parity: checksum-valid, and without the parity check it would be chosen,
+    # and the next header write would land on the copy in use.
+    _set_u64(ring_path, 1 - newest, GENERATION_OFFSET, generation + 2)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        report = ring.recovery_report
+        assert (report.header_copy, report.header_generation) == (newest, generation)
+        assert report.other_copy_problem == (
+            f"generation parity mismatch: generation {generation + 2} belongs in copy "
+            f"{newest}, found in copy {1 - newest}")
+        assert ring.read(0, 340) == make_records(0, 340)
