@@ -9,43 +9,48 @@ Each connection runs three pieces in its own nursery:
   the batch is durable, several in one write when they are decided together;
 - for a subscriber, the subscription task (service/subscribers.py).
 
-The daemon (service/server.py) owns the listeners, the tenants and shutdown;
-a handler only moves one peer's bytes through the codec. When shutdown stops
-its reading, a handler answers every batch it queued, lets its subscription
-finish the frame it is writing, sends Error(SHUTTING_DOWN) and closes, so the
-peer can tell an orderly stop from a crash (docs/PROTOCOL.md 6.1).
+A handler only moves one peer's bytes through the codec. What it may know
+and do beyond its stream is one `Session`, built by the daemon
+(service/server.py) and shared by every handler: the gate
+(service/gate.py), which admits the Hello, each Publish and each Subscribe;
+the stop signal, which cancels the scopes a handler registers when shutdown
+begins; and the counters of connection handling and of subscriptions. It
+never sees the daemon, and the daemon never sees a handler: a reload
+revokes a connection through the gate.
+
+When shutdown stops its reading, a handler answers every batch it queued,
+lets its subscription finish the frame it is writing, sends
+Error(SHUTTING_DOWN) and closes, so the peer can tell an orderly stop from a
+crash (docs/PROTOCOL.md 6.1).
+
+`serve_connection(session, stream, peer)` runs one accepted connection to
+its end: the daemon-wide connection slot, the handler, and the accounting of
+how it ended (`HandlerCounters.statistics()`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import datetime
+import contextlib
+import dataclasses
 import functools
 import logging
+from types import MappingProxyType
+from typing import Iterator, Mapping
 
 import trio
 
-from ringtail.ioring import RingCorruptError, RingError
-from ringtail.ioring.record import (RECORD_FAULT_MAGIC, RECORD_MAGIC, RECORD_SIZE_BYTES,
-                                    check_records)
+from ringtail.ioring import RingCorruptError
+from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service import protocol
-from ringtail.service.auth import (AUTH_FAILURE_COUNT_MAX, AUTH_FAILURE_WINDOW_S, Access, AuthError,
-                                   ForbiddenError, Peer, Role)
+from ringtail.service.auth import Peer
+from ringtail.service.gate import Admission, Gate, Refused
 from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
-                                       Publish, RemoteProtocolError, Subscribe, Welcome)
-from ringtail.service.quotas import TENANT_SUBSCRIBER_COUNT_MAX, TenantQuota
-from ringtail.service.subscribers import run_subscription
-from ringtail.service.tenants import TenantLimitError, UnknownTenantError
-
-if TYPE_CHECKING:
-    from ringtail.service.server import Daemon
+                                       ProtocolError, Publish, RemoteProtocolError, Subscribe,
+                                       Welcome)
+from ringtail.service.subscribers import SubscriptionCounters, run_subscription
 
 log = logging.getLogger("ringtail.server")
 
-# Subscribers per tenant (each holds one replay read, 256 KiB, at most);
-# a tenant's `subscribers_max` may lower it (service/quotas.py).
-SUBSCRIBER_COUNT_MAX = TENANT_SUBSCRIBER_COUNT_MAX
 # Answers (acks, batch errors) sent in one write when several are decided at
 # once; bounds that write to 256 x 40 B = 10 KiB.
 REPLY_COALESCE_COUNT_MAX = 256
@@ -66,19 +71,101 @@ assert HANDSHAKE_TIMEOUT_S > 0
 assert FRAME_FINISH_TIMEOUT_S > 0
 
 
+
+class StopSignal:
+    """Shutdown, as the handlers see it: whether it began, and the cancel
+    scopes to cancel when it does (the handshake, the receive loop)."""
+
+    def __init__(self):
+        self._stopping = False
+        self._scopes: set[trio.CancelScope] = set()  # bounded by the open connections
+
+    @property
+    def is_set(self) -> bool:
+        return self._stopping
+
+    def set(self) -> None:
+        """Begin shutdown: cancel every registered scope (idempotent)."""
+        self._stopping = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def cancelling(self, scope: trio.CancelScope) -> Iterator[None]:
+        """While inside, `scope` is cancelled when shutdown begins (at once if it has)."""
+        self._scopes.add(scope)
+        if self._stopping:
+            scope.cancel()
+        try:
+            yield
+        finally:
+            self._scopes.discard(scope)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandlerStatistics:
+    """How connections went, every handler of one daemon together."""
+
+    protocol_errors: int  # closed with a fatal protocol Error
+    peers_gone: int  # broke while the daemon still had something to send
+    internal_errors: int  # handler bugs: that connection was closed, the daemon went on
+    tls_failures: int  # TCP peers whose TLS handshake failed
+    # Publish batches refused (the connection went on), by (tenant id, ErrorCode):
+    # malformed frames, QUOTA_EXCEEDED, bad records. Bounded: tenants x codes.
+    rejected_batches: Mapping[tuple[int, int], int]
+    rejected_records: Mapping[tuple[int, int], int]  # records in them (0: no whole records)
+
+
+class HandlerCounters:
+    """The counts behind HandlerStatistics; each thing is counted at one place
+    of ConnectionHandler / serve_connection."""
+
+    def __init__(self):
+        self._protocol_errors = 0
+        self._peers_gone = 0
+        self._internal_errors = 0
+        self._tls_failures = 0
+        self._rejected_batches: dict[tuple[int, int], int] = {}
+        self._rejected_records: dict[tuple[int, int], int] = {}
+
+    def _count_rejected(self, tenant_id: int, code: int, record_count: int) -> None:
+        key = (tenant_id, int(code))
+        self._rejected_batches[key] = self._rejected_batches.get(key, 0) + 1
+        self._rejected_records[key] = self._rejected_records.get(key, 0) + record_count
+
+    def statistics(self) -> HandlerStatistics:
+        return HandlerStatistics(self._protocol_errors, self._peers_gone, self._internal_errors,
+                                 self._tls_failures,
+                                 MappingProxyType(dict(self._rejected_batches)),
+                                 MappingProxyType(dict(self._rejected_records)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Session:
+    """What a connection handler may know and do beyond its stream.
+
+    The daemon builds one and every handler shares it: `gate` admits (and
+    through Admission.tenant gives the tenant's ring and writer), `stop`
+    says when shutdown begins, the counters take what handling counts.
+    """
+
+    gate: Gate
+    stop: StopSignal
+    counters: HandlerCounters
+    subscriptions: SubscriptionCounters
+
+
 class ConnectionHandler:
-    def __init__(self, daemon: Daemon, stream: trio.abc.Stream, peer: Peer | None = None):
-        self.daemon = daemon
+    def __init__(self, session: Session, stream: trio.abc.Stream, peer: Peer | None = None):
+        self.session = session
+        self.gate = session.gate
+        self.counters = session.counters
         self.stream = stream
         self.peer = peer or Peer("unix")
-        self.token = b""
-        self.access: Access | None = None
-        self.quota: TenantQuota | None = None
-        self.subscribed = False
+        self.admission: Admission | None = None  # once the gate admitted the Hello
         self.close_reason: tuple[ErrorCode, str] | None = None  # set by a reload
         self.connection = protocol.Connection(protocol.SERVER)
         self.send_lock = trio.Lock()
-        self.tenant = None
         self.receive_scope = trio.CancelScope()
         self.subscription_scope = trio.CancelScope()
         # A send_all was cut short (cancelled mid-frame): the peer may hold a
@@ -86,6 +173,10 @@ class ConnectionHandler:
         self.send_incomplete = False
         self.subscription_writing = False  # the subscription task is in one of its sends
         self.subscription_ending = False  # end_subscription() came while it was
+
+    @property
+    def tenant(self):
+        return self.admission.tenant
 
     async def _send_all(self, data: bytes) -> None:
         """stream.send_all, remembering whether it finished. Send lock held."""
@@ -106,12 +197,7 @@ class ConnectionHandler:
         async with self.send_lock:
             if self.connection.state is protocol.State.CLOSING or self.send_incomplete:
                 return  # as in send(): nothing follows a fatal Error
-            frame = self.connection.send_records(first_sequence, records, sequences)
-            # Counted as handed to the socket, before the send returns: a
-            # subscriber that has read them always finds them counted.
-            self.daemon.counters.count_sent(self.tenant.tenant_id,
-                                            len(records) // RECORD_SIZE_BYTES, len(records))
-            await self._send_all(frame)
+            await self._send_all(self.connection.send_records(first_sequence, records, sequences))
 
     async def send_error(self, code: ErrorCode, message: str, batch_id: int = 0,
                          record_index: int = protocol.RECORD_INDEX_NONE) -> None:
@@ -127,29 +213,23 @@ class ConnectionHandler:
             self.connection.receive_data(data)
 
     async def run(self) -> None:
-        daemon = self.daemon
+        stop = self.session.stop
         # Shutdown cancels the handshake too: a peer that never says Hello must
         # not hold the daemon's exit for HANDSHAKE_TIMEOUT_S.
         handshake = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
         hello = failure = None
-        daemon._connection_scopes.add(handshake)
-        try:
-            with handshake:
-                if daemon._stopping:
-                    handshake.cancel()
-                if not await self.tls_handshake():
-                    return
-                try:
-                    hello = await self.next_event()
-                except RemoteProtocolError as error:
-                    failure = error
-        finally:
-            daemon._connection_scopes.discard(handshake)
+        with stop.cancelling(handshake), handshake:
+            if not await self.tls_handshake():
+                return
+            try:
+                hello = await self.next_event()
+            except RemoteProtocolError as error:
+                failure = error
         if failure is not None:
             await self.protocol_error(failure)
             return
         if handshake.cancelled_caught:
-            if daemon._stopping:
+            if stop.is_set:
                 await self.send_error(ErrorCode.SHUTTING_DOWN,
                                       "the daemon is shutting down; reconnect with backoff")
             else:
@@ -160,16 +240,16 @@ class ConnectionHandler:
             return
         if hello is CLOSED or not isinstance(hello, Hello):
             return
-        if not await self.admit(hello):
-            return
         try:
-            await self.session(hello)
-        finally:
-            self.quota.connections -= 1
-            daemon.handlers.discard(self)
+            with self.gate.admit(self.peer, hello, self.revoke) as admission:
+                self.admission = admission
+                await self.session_loop(hello)  # raises no Refused: handled inside
+        except Refused as refusal:
+            await self.send_error(refusal.code, refusal.message)
+            return
         if self.close_reason is not None:  # a reload revoked this connection
             await self.send_error(*self.close_reason)
-        elif daemon._stopping and self.receive_scope.cancelled_caught:
+        elif stop.is_set and self.receive_scope.cancelled_caught:
             # Shutdown stopped the reading and every queued batch was answered:
             # say so, so the peer can tell an orderly stop from a crash (a
             # connection that ends without an Error frame). A peer that closed
@@ -179,8 +259,7 @@ class ConnectionHandler:
                                   "this connection that it stored (batches without an answer "
                                   "were not stored); reconnect with backoff and resend them")
 
-    async def session(self, hello: Hello) -> None:
-        daemon = self.daemon
+    async def session_loop(self, hello: Hello) -> None:
         ring = self.tenant.ring
         await self.send(Welcome(hello.tenant_id, protocol.PUBLISH_RECORD_COUNT_MAX,
                                 ring.oldest_sequence, ring.next_sequence, ring.capacity,
@@ -189,15 +268,9 @@ class ConnectionHandler:
             CONNECTION_UNACKED_BATCH_COUNT_MAX)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.reply_loop, receive_replies)
-            scope = self.receive_scope
-            daemon._connection_scopes.add(scope)
-            try:
-                with scope, send_replies:
-                    if daemon._stopping:
-                        scope.cancel()
-                    await self.receive_loop(nursery, send_replies)
-            finally:
-                daemon._connection_scopes.discard(scope)
+            with self.session.stop.cancelling(self.receive_scope), self.receive_scope, \
+                    send_replies:
+                await self.receive_loop(nursery, send_replies)
             # Replies drain (acks for every queued batch); a subscription ends.
             self.end_subscription()
 
@@ -208,65 +281,10 @@ class ConnectionHandler:
         try:
             await self.stream.do_handshake()
         except trio.BrokenResourceError as error:
-            self.daemon.stats.tls_failures += 1
+            self.counters._tls_failures += 1
             log.warning("TLS handshake with %s failed: %s", self.peer.address,
                         error.__cause__ or error)
             return False
-        return True
-
-    async def admit(self, hello: Hello) -> bool:
-        """Authenticate the Hello, open the tenant, count the connection; or refuse."""
-        daemon = self.daemon
-        key, now = self.peer.limiter_key, daemon.clock.now()
-        retry_after_s = daemon.auth_limiter.retry_after_s(key, now)
-        if retry_after_s is not None:
-            daemon.stats.auth_failures += 1
-            daemon.stats.auth_rate_limited += 1
-            daemon.count_auth_failure(hello.tenant_id, "rate_limited")
-            await self.send_error(
-                ErrorCode.AUTH_FAILED,
-                f"too many failed authentications from {key} (AUTH_FAILURE_COUNT_MAX "
-                f"{AUTH_FAILURE_COUNT_MAX} per {AUTH_FAILURE_WINDOW_S:.0f} s); retry in "
-                f"{retry_after_s:.0f} s with valid credentials")
-            return False
-        try:
-            self.access = daemon.policy.check(self.peer, hello.token, hello.tenant_id,
-                                              datetime.datetime.now(datetime.timezone.utc))
-        except AuthError as error:
-            daemon.auth_limiter.record_failure(key, now)
-            daemon.stats.auth_failures += 1
-            daemon.count_auth_failure(hello.tenant_id, "bad_credentials")
-            log.warning("authentication failed: %s, tenant %d: %s", key, hello.tenant_id, error)
-            await self.send_error(ErrorCode.AUTH_FAILED, str(error))
-            return False
-        except ForbiddenError as error:
-            daemon.stats.forbidden += 1
-            daemon.count_auth_failure(hello.tenant_id, "forbidden")
-            await self.send_error(ErrorCode.FORBIDDEN, str(error))
-            return False
-        try:
-            self.tenant = daemon.registry.get(hello.tenant_id)
-        except (UnknownTenantError, TenantLimitError) as error:
-            await self.send_error(ErrorCode.UNKNOWN_TENANT, str(error))
-            return False
-        except (RingError, OSError) as error:  # OSError: creating the file (ENOSPC, EACCES)
-            log.error("tenant %d cannot be opened: %s", hello.tenant_id, error)
-            await self.send_error(ErrorCode.TENANT_UNAVAILABLE,
-                                  f"tenant {hello.tenant_id}'s ring cannot be opened: {error}")
-            return False
-        self.quota = quota = daemon.quota_for(hello.tenant_id)
-        limit = quota.settings.connections_max
-        if quota.connections >= limit:
-            quota.connections_refused += 1
-            await self.send_error(
-                ErrorCode.TOO_MANY_CONNECTIONS,
-                f"tenant {hello.tenant_id} has {limit} connections open (its connections_max); "
-                "close idle connections and retry with backoff")
-            return False
-        # No await between the checks and this: a reload sees every admitted connection.
-        quota.connections += 1
-        self.token = hello.token
-        daemon.handlers.add(self)
         return True
 
     def revoke(self, code: ErrorCode, message: str) -> None:
@@ -297,96 +315,50 @@ class ConnectionHandler:
         if self.subscription_ending:  # end_subscription() came meanwhile: stop now
             self.subscription_scope.cancel()
 
-    async def forbidden(self, role: Role) -> None:
-        self.daemon.stats.forbidden += 1
-        await self.send_error(ErrorCode.FORBIDDEN,
-                              f"these credentials ({self.access.credential}) may not "
-                              f"{role.value} on tenant {self.tenant.tenant_id}; grant the "
-                              f"{role.value} role in the tenant's grants or use other credentials")
-
-    async def pace(self, event: Publish) -> protocol.ProtocolError | None:
-        """Hold the batch to the tenant's records/s quota: wait ("slow") or refuse."""
-        quota = self.quota
-        bucket = quota.bucket
-        if bucket is None:
-            return None
-        count = len(event.records) // RECORD_SIZE_BYTES
-        clock = self.daemon.clock
-        now = clock.now()
-        if quota.settings.mode == "reject":
-            if bucket.try_take(count, now):
-                return None
-            quota.batches_refused += 1
-            self.daemon.stats.quota_refused_batches += 1
-            wait_s = bucket.seconds_until(count, now)
-            advice = (f"retry in {wait_s:.3f} s" if wait_s != float("inf") else
-                      f"split it: batches over burst_records ({bucket.burst_records}) never fit")
-            return protocol.ProtocolError(
-                ErrorCode.QUOTA_EXCEEDED,
-                f"tenant {self.tenant.tenant_id} is over its quota of "
-                f"{quota.settings.records_per_second} records/s (burst {bucket.burst_records}); "
-                f"the batch of {count} records was refused whole; {advice}",
-                batch_id=event.batch_id)
-        deadline = bucket.reserve(count, now)
-        if deadline > now:
-            quota.records_delayed += count
-            await clock.sleep_until(deadline)  # pacing to the quota, not synchronisation
-        return None
+    async def refuse_batch(self, replies, error: ProtocolError, record_count: int) -> None:
+        """Answer one publish batch with its Error (in order); the connection goes on.
+        The one place a refused batch is counted."""
+        self.counters._count_rejected(self.tenant.tenant_id, error.code, record_count)
+        await replies.send((error.batch_id, None, error))
 
     async def receive_loop(self, nursery: trio.Nursery, replies) -> None:
         while True:
             try:
                 event = await self.next_event()
             except RemoteProtocolError as error:
-                if not error.fatal:
-                    self.daemon.stats.rejected_batches += 1
-                    self.daemon.counters.count_rejected(self.tenant.tenant_id, error.code, 0)
-                    await replies.send((error.batch_id, None, error))
+                if not error.fatal:  # a malformed batch: no whole records to count
+                    await self.refuse_batch(replies, error, 0)
                     continue
                 await self.protocol_error(error)
                 return
             if event is CLOSED:
                 return
-            if isinstance(event, Publish):
-                if not self.access.allows(Role.PUBLISH):
-                    await self.forbidden(Role.PUBLISH)
-                    return
-                refusal = await self.pace(event)  # unshielded: shutdown may cut a wait
-                if refusal is not None:
-                    self.daemon.stats.rejected_batches += 1
-                    await replies.send((event.batch_id, None, refusal))
-                    continue
-                # A batch read off the socket is queued and answered even if
-                # shutdown starts meanwhile.
-                with trio.CancelScope(shield=True):
-                    await self.publish(event, replies)
-            elif isinstance(event, Subscribe):
-                if not self.access.allows(Role.SUBSCRIBE):
-                    await self.forbidden(Role.SUBSCRIBE)
-                    return
-                self.subscribed = True
-                self.subscription_scope = trio.CancelScope()
-                nursery.start_soon(self.subscribe, event)
-            elif isinstance(event, Ping):
-                await self.send(Pong(event.nonce))
+            try:
+                if isinstance(event, Publish):
+                    # Unshielded: shutdown may cut a wait for the quota.
+                    refusal = await self.gate.admit_publish(self.admission, event)
+                    # A batch read off the socket is answered (and, if admitted,
+                    # queued) even if shutdown starts meanwhile.
+                    with trio.CancelScope(shield=True):
+                        if refusal is not None:
+                            await self.refuse_batch(replies, refusal,
+                                                    len(event.records) // RECORD_SIZE_BYTES)
+                        else:
+                            request = await self.tenant.writer.publish(event.records)
+                            await replies.send((event.batch_id, request, None))
+                elif isinstance(event, Subscribe):
+                    self.gate.admit_subscribe(self.admission)
+                    self.subscription_scope = trio.CancelScope()
+                    nursery.start_soon(self.subscribe, event)
+                elif isinstance(event, Ping):
+                    await self.send(Pong(event.nonce))
+            except Refused as refusal:  # FORBIDDEN: the credentials lack the role
+                await self.send_error(refusal.code, refusal.message)
+                return
 
     async def protocol_error(self, error: RemoteProtocolError) -> None:
-        self.daemon.stats.protocol_errors += 1
+        self.counters._protocol_errors += 1
         await self.send(Error.from_protocol_error(error))
-
-    async def publish(self, event: Publish, replies) -> None:
-        problem = publish_problem(event.records, self.tenant.tenant_id)
-        if problem is not None:
-            code, index, message = problem
-            self.daemon.stats.rejected_batches += 1
-            self.daemon.counters.count_rejected(self.tenant.tenant_id, code,
-                                                len(event.records) // RECORD_SIZE_BYTES)
-            error = protocol.ProtocolError(code, message, batch_id=event.batch_id,
-                                           record_index=index)
-            await replies.send((event.batch_id, None, error))
-            return
-        request = await self.tenant.writer.publish(event.records)
-        await replies.send((event.batch_id, request, None))
 
     async def reply_loop(self, replies) -> None:
         """Answer each batch in request order once it is durable (or refused).
@@ -417,8 +389,10 @@ class ConnectionHandler:
         await request.done.wait()
         if request.error is not None:
             message = f"batch {batch_id} is not durable: {request.error}"
-            return Error(int(ErrorCode.STORAGE_FAILED),
-                         message[:protocol.ERROR_MESSAGE_SIZE_BYTES_MAX // 4], batch_id)
+            # Cut at the frame's byte limit, not 256 characters (issue 9, item 18).
+            message = message.encode()[:protocol.ERROR_MESSAGE_SIZE_BYTES_MAX]
+            return Error(int(ErrorCode.STORAGE_FAILED), message.decode("utf-8", "ignore"),
+                         batch_id)
         return Ack(batch_id, request.first_sequence, request.last_sequence)
 
     async def _send_events(self, events) -> None:
@@ -430,21 +404,21 @@ class ConnectionHandler:
             await self._send_all(b"".join(self.connection.send(event) for event in events))
 
     async def subscribe(self, event: Subscribe) -> None:
-        tenant = self.tenant
-        limit = min(SUBSCRIBER_COUNT_MAX, self.quota.settings.subscribers_max)
-        if tenant.subscriber_count >= limit:
-            await self.send_error(ErrorCode.TOO_MANY_SUBSCRIBERS,
-                                  f"tenant {tenant.tenant_id} has {limit} subscribers "
-                                  "(SUBSCRIBER_COUNT_MAX or its subscribers_max); retry later")
+        try:
+            with self.gate.subscriber_slot(self.tenant.tenant_id):
+                await self._run_subscription(event)
+        except Refused as refusal:  # TOO_MANY_SUBSCRIBERS (raised before it started)
+            await self.send_error(refusal.code, refusal.message)
             self.receive_scope.cancel()
-            return
-        tenant.subscriber_count += 1
-        self.quota.subscribers += 1
+
+    async def _run_subscription(self, event: Subscribe) -> None:
+        tenant = self.tenant
         try:
             with self.subscription_scope:
                 await run_subscription(
                     tenant, event, functools.partial(self._subscription_write, self.send),
-                    functools.partial(self._subscription_write, self.send_records))
+                    functools.partial(self._subscription_write, self.send_records),
+                    self.session.subscriptions)
         except RemoteProtocolError as error:  # BAD_SUBSCRIBE found against the ring
             await self.protocol_error(error)
             self.receive_scope.cancel()
@@ -452,24 +426,31 @@ class ConnectionHandler:
             log.error("tenant %d: %s", tenant.tenant_id, error)
             await self.send_error(ErrorCode.STORAGE_FAILED, f"replay stopped: {error}")
             self.receive_scope.cancel()
-        finally:
-            tenant.subscriber_count -= 1
-            self.quota.subscribers -= 1
 
 
-def publish_problem(records: bytes, tenant_id: int) -> tuple[ErrorCode, int, str] | None:
-    """The first bad record of a publish batch as (code, index, message), or None.
+async def serve_connection(session: Session, stream: trio.abc.Stream, peer: Peer) -> None:
+    """Run one accepted connection to its end and close its stream.
 
-    The check itself is ioring.record.check_records (shared with the
-    Publisher's pre-check); this words it for the wire.
+    One peer's failure never reaches the caller: a peer gone (broken or
+    closed stream) and a bug of the handler (logged) end this connection only.
     """
-    fault = check_records(records, tenant_id)
-    if fault is None:
-        return None
-    if fault.fault == RECORD_FAULT_MAGIC:
-        return (ErrorCode.BAD_RECORD_MAGIC, fault.index,
-                f"record {fault.index} has magic 0x{fault.value:08x}, expected "
-                f"0x{RECORD_MAGIC:08x}; the batch was rejected whole, fix the encoder and resend")
-    return (ErrorCode.WRONG_TENANT, fault.index,
-            f"record {fault.index} has tenant_id {fault.value} but this "
-            f"connection is tenant {tenant_id}; the batch was rejected whole")
+    handler = ConnectionHandler(session, stream, peer)
+    try:
+        try:
+            with session.gate.connection_slot():
+                await handler.run()
+        except Refused as refusal:  # TOO_MANY_CONNECTIONS, daemon-wide
+            await handler.send_error(refusal.code, refusal.message)
+    except* (trio.BrokenResourceError, trio.ClosedResourceError):
+        # The peer went away. except*: the handler's own nursery (reply
+        # loop, subscription) raises these inside an ExceptionGroup, and one
+        # peer hanging up must never take the daemon down. Its queued
+        # batches are still written ("may or may not have been stored").
+        session.counters._peers_gone += 1
+    except* Exception as group:
+        # A bug in handling one connection must not take the daemon and
+        # every other connection down: log it, count it, close this one.
+        session.counters._internal_errors += 1
+        log.error("connection handler failed; closed that connection only", exc_info=group)
+    finally:
+        await trio.aclose_forcefully(stream)

@@ -15,13 +15,13 @@ from ringtail.ioring.format import BATCH_RECORD_COUNT_MAX, CAPACITY_RECORD_COUNT
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.batcher import PENDING_RECORD_COUNT_MAX
 from ringtail.service.connection import (CONNECTION_UNACKED_BATCH_COUNT_MAX, RECEIVE_SIZE_BYTES,
-                                         REPLY_COALESCE_COUNT_MAX, SUBSCRIBER_COUNT_MAX)
+                                         REPLY_COALESCE_COUNT_MAX)
+from ringtail.service.gate import CONNECTION_COUNT_MAX, SUBSCRIBER_COUNT_MAX
 from ringtail.service.histogram import BATCH_RECORD_COUNT_BOUNDS
 from ringtail.service.protocol import (FRAME_HEADER_SIZE_BYTES, FRAME_SIZE_BYTES_MAX,
                                        PUBLISH_RECORD_COUNT_MAX, RECEIVE_BUFFER_BYTES_MAX,
                                        RECORDS_FRAME_RECORD_COUNT_MAX)
 from ringtail.service.quotas import TENANT_CONNECTION_COUNT_MAX, TENANT_SUBSCRIBER_COUNT_MAX
-from ringtail.service.server import CONNECTION_COUNT_MAX
 from ringtail.service.subscribers import REPLAY_READ_RECORD_COUNT_MAX
 from ringtail.service.tenants import TENANT_COUNT_MAX
 

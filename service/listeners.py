@@ -4,23 +4,84 @@ They only move bytes: a connection accepted here becomes a stream plus a
 `Peer` (service/auth.py) and is handed to the daemon's connection handler.
 TLS is done per connection with the daemon's current `ssl.SSLContext`
 (`trio.SSLStream`, server side), so a SIGHUP can swap in a renewed
-certificate without closing the listener.
+certificate without closing the listener. `Acceptor` runs the accept loops
+and counts what they accepted (`statistics()`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging
 import os
 import stat
 import socket as stdlib_socket
 import ssl
+from typing import Awaitable, Callable
 
 import trio
 
 from ringtail.service.auth import Peer, peer_credentials
 from ringtail.service.config import ConfigError, ServeConfig, is_loopback, parse_host_port, socket_group_id
 
+log = logging.getLogger("ringtail.server")
+
+# Connections the kernel queues for accept(): bursts of reconnecting
+# publishers wait here, not refused (a few hundred bytes each, kernel side).
 LISTEN_BACKLOG = 128
+# accept() failing for want of file descriptors or memory is a passing state
+# (connections close, memory frees): wait this long and retry, as
+# trio.serve_listeners does, while the backlog holds the new peers.
+ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_DELAY_S = 0.1
+
+assert ACCEPT_RETRY_DELAY_S > 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenerStatistics:
+    accepted: int  # connections accepted, every listener
+    accept_retries: int  # accept() out of file descriptors or memory
+
+
+class Acceptor:
+    """The accept loops of one daemon: each accepted stream goes to `handle`."""
+
+    def __init__(self):
+        self._accepted = 0
+        self._accept_retries = 0
+
+    async def run(self, listener: trio.SocketListener, connections: trio.Nursery,
+                  handle: Callable[[trio.SocketStream, str], Awaitable[None]],
+                  transport: str = "unix") -> None:
+        """Accept until cancelled; `handle(stream, transport)` runs in `connections`.
+
+        Raises:
+            OSError: accept() failed other than for want of descriptors or memory.
+        """
+        starved = False
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in ACCEPT_RESOURCE_ERRNOS:
+                    raise
+                self._accept_retries += 1
+                if not starved:  # once per streak, not ten lines a second
+                    log.error("cannot accept connections: %s; retrying every %.1f s until "
+                              "connections close (raise the open-file limit, LimitNOFILE)",
+                              error, ACCEPT_RETRY_DELAY_S)
+                starved = True
+                await trio.sleep(ACCEPT_RETRY_DELAY_S)
+                continue
+            if starved:
+                log.info("accepting connections again")
+                starved = False
+            self._accepted += 1
+            connections.start_soon(handle, stream, transport)
+
+    def statistics(self) -> ListenerStatistics:
+        return ListenerStatistics(self._accepted, self._accept_retries)
 
 
 async def bind_unix_listener(path: str, mode: int, group: str = "") -> trio.SocketListener:

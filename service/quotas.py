@@ -1,4 +1,4 @@
-"""Per-tenant quotas: records per second (token bucket), connections, subscribers.
+"""Per-tenant quota settings and the records-per-second token bucket.
 
 - `TokenBucket` holds up to `burst_records` tokens, refilled at
   `records_per_second`. `reserve(n)` always takes n tokens, letting the
@@ -7,9 +7,10 @@
   before its batch is queued, so over any window of T seconds a tenant
   stores at most burst + rate x T records. `try_take(n)` (quota_mode =
   "reject") takes n tokens only if they are all there.
-- `TenantQuota` counts a tenant's connections and subscribers against its
-  limits; the daemon refuses past them with TOO_MANY_CONNECTIONS /
-  TOO_MANY_SUBSCRIBERS.
+- `QuotaSettings` is one tenant's configured limits: the rate, its mode,
+  `connections_max` and `subscribers_max`. The gate (service/gate.py) holds
+  each tenant's bucket and slots against them and refuses past them with
+  QUOTA_EXCEEDED, TOO_MANY_CONNECTIONS and TOO_MANY_SUBSCRIBERS.
 
 Time comes from a `Clock` so tests can drive it: `TrioClock` in the daemon,
 a fake one in tests/service/test_quotas.py.
@@ -102,41 +103,3 @@ class QuotaSettings:
     @property
     def burst(self) -> int:
         return self.burst_records or self.records_per_second
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QuotaStatistics:
-    connections: int
-    subscribers: int
-    records_delayed: int
-    batches_refused: int
-    connections_refused: int
-
-
-class TenantQuota:
-    """One tenant's quota state. `update()` swaps settings (SIGHUP) in place:
-    counts carry over; the bucket is replaced only if the rate changed."""
-
-    def __init__(self, settings: QuotaSettings, clock: Clock):
-        self.clock = clock
-        self.settings = settings
-        self.bucket = self._bucket(settings)
-        self.connections = 0
-        self.subscribers = 0
-        self.records_delayed = 0
-        self.batches_refused = 0
-        self.connections_refused = 0
-
-    def _bucket(self, settings: QuotaSettings) -> TokenBucket | None:
-        if not settings.records_per_second:
-            return None
-        return TokenBucket(settings.records_per_second, settings.burst, self.clock.now())
-
-    def update(self, settings: QuotaSettings) -> None:
-        old, self.settings = self.settings, settings
-        if (old.records_per_second, old.burst) != (settings.records_per_second, settings.burst):
-            self.bucket = self._bucket(settings)
-
-    def statistics(self) -> QuotaStatistics:
-        return QuotaStatistics(self.connections, self.subscribers, self.records_delayed,
-                               self.batches_refused, self.connections_refused)

@@ -14,24 +14,49 @@ Start at a time means the record's own `timestamp_ns` (the publisher's
 clock), found by binary search over the retained range: O(log n) reads,
 assuming timestamps are non-decreasing in sequence order (they are when one
 host's clock stamps them; with skewed publishers, the start is approximate).
+
+The public API, for the daemon's connection handler and for any in-process
+subscriber (a web page's event stream) alike::
+
+    tenant = daemon.registry.get(tenant_id, create=False)  # an opened Tenant
+    with daemon.gate.subscriber_slot(tenant_id):          # the tenant's cap
+        await run_subscription(tenant, Subscribe(start=StartKind.LATEST, follow=True),
+                               send, send_records, daemon.subscriptions)
+
+- `run_subscription(tenant, subscribe, send, send_records, counters=None)`
+  streams until the end (no follow) or until cancelled; `send` gets Gap and
+  End events, `send_records(first_sequence, records, sequences)` gets each
+  read's records (64-byte rows; `sequences` is None when every sequence from
+  `first_sequence` on is present, else one per record). Its awaits are the
+  backpressure: a slow consumer only ever holds one read
+  (REPLAY_READ_RECORD_COUNT_MAX records), never a publisher.
+- `SubscriptionCounters` counts what subscriptions sent (records, bytes,
+  gaps, per tenant); pass the daemon's (`Daemon.subscriptions`) to have
+  them in its statistics and metrics. `statistics()` returns a frozen
+  `SubscriptionStatistics`.
+- `RecordFilter` selects records by opcode, epoch range and failure.
+
+Cancelling the caller's scope ends a subscription at its next await; the
+connection handler waits for a frame already being written (see
+service/connection.py, `end_subscription`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Awaitable, Callable
+from types import MappingProxyType
+from typing import Awaitable, Callable, Mapping
 
 import numpy
 
 from ringtail.ioring import RingRangeError
-from ringtail.ioring.record import RECORD_DTYPE
+from ringtail.ioring.record import RECORD_DTYPE, RECORD_SIZE_BYTES
 from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
 from ringtail.service.tenants import Tenant
 
 # Records read (and verified) per step: 4,096 x 64 B = 256 KiB per
 # subscriber in flight; large enough that replay costs no per-record Python.
 REPLAY_READ_RECORD_COUNT_MAX = 4096
-# Records per Records frame (bounded by the protocol's frame size).
 _TIMESTAMP_OFFSET = RECORD_DTYPE.fields["timestamp_ns"][1]
 
 
@@ -70,6 +95,38 @@ class RecordFilter:
         return numpy.flatnonzero(mask)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """What subscriptions sent, by tenant id (tenants that sent anything)."""
+
+    records_out: Mapping[int, int]  # records handed to the consumer's send
+    bytes_out: Mapping[int, int]
+    gaps: Mapping[int, int]  # Gap events: a subscriber fell behind eviction
+
+
+class SubscriptionCounters:
+    """The counts of every subscription of one daemon; one dict add per read,
+    never per record. Bounded by TENANT_COUNT_MAX keys."""
+
+    def __init__(self):
+        self._records_out: dict[int, int] = {}
+        self._bytes_out: dict[int, int] = {}
+        self._gaps: dict[int, int] = {}
+
+    def _sent(self, tenant_id: int, records: bytes) -> None:
+        self._records_out[tenant_id] = (self._records_out.get(tenant_id, 0)
+                                        + len(records) // RECORD_SIZE_BYTES)
+        self._bytes_out[tenant_id] = self._bytes_out.get(tenant_id, 0) + len(records)
+
+    def _gap(self, tenant_id: int) -> None:
+        self._gaps[tenant_id] = self._gaps.get(tenant_id, 0) + 1
+
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(MappingProxyType(dict(self._records_out)),
+                                      MappingProxyType(dict(self._bytes_out)),
+                                      MappingProxyType(dict(self._gaps)))
+
+
 def timestamp_at(tenant: Tenant, sequence: int) -> int:
     record = tenant.ring.read(sequence, 1)
     return int.from_bytes(record[_TIMESTAMP_OFFSET:_TIMESTAMP_OFFSET + 8], "little")
@@ -104,16 +161,22 @@ SendRecords = Callable[[int, bytes, "tuple[int, ...] | None"], Awaitable[None]]
 
 
 async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent,
-                           send_records: SendRecords) -> None:
+                           send_records: SendRecords,
+                           counters: SubscriptionCounters | None = None) -> None:
     """Stream records until the end (no follow) or cancellation.
 
     `send` takes Gap and End events; `send_records(first, records, sequences)`
     sends a Records frame without building an event (the replay hot path).
+    `counters` (optional) counts records, bytes and gaps, each counted as
+    handed to `send_records` / `send`, before that await returns: a consumer
+    that has them finds them counted.
 
     Raises:
         RingCorruptError: stored bytes failed verification (the caller reports it).
         RemoteProtocolError: BAD_SUBSCRIBE, a start the tenant cannot serve.
     """
+    counters = counters if counters is not None else SubscriptionCounters()
+    tenant_id = tenant.tenant_id
     ring = tenant.ring
     record_filter = RecordFilter.from_subscribe(subscribe)
     unfiltered = record_filter.passes_everything
@@ -121,7 +184,7 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
     while True:
         oldest = ring.oldest_sequence
         if position < oldest:
-            tenant.gaps += 1
+            counters._gap(tenant_id)
             await send(Gap(position, oldest - 1))
             position = oldest
             continue
@@ -138,11 +201,13 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
         except RingRangeError:
             continue  # evicted meanwhile: the next turn sends a gap
         if unfiltered:
+            counters._sent(tenant_id, data)
             await send_records(position, data, None)
         else:
             selected = record_filter.select(data)
             if len(selected):
-                rows = numpy.frombuffer(data, dtype=RECORD_DTYPE)[selected]
-                await send_records(position + int(selected[0]), rows.tobytes(),
+                rows = numpy.frombuffer(data, dtype=RECORD_DTYPE)[selected].tobytes()
+                counters._sent(tenant_id, rows)
+                await send_records(position + int(selected[0]), rows,
                                    tuple((selected + position).tolist()))
         position += count

@@ -11,12 +11,14 @@ import dataclasses
 import logging
 import os
 import re
+from types import MappingProxyType
+from typing import Mapping
 
 import trio
 
-from ringtail.ioring import RingError, RingFile, open_ring
+from ringtail.ioring import RingError, RingFile, RingStatistics, open_ring
 from ringtail.service.auth import Grant
-from ringtail.service.batcher import TenantWriter
+from ringtail.service.batcher import TenantWriter, WriterStatistics
 from ringtail.service.quotas import QuotaSettings
 
 log = logging.getLogger("ringtail.tenants")
@@ -57,8 +59,6 @@ class Tenant:
         self.ring = ring
         self.writer = TenantWriter(ring, self._committed_batch)
         self._committed = trio.Event()
-        self.subscriber_count = 0
-        self.gaps = 0
 
     def _committed_batch(self, first_sequence: int, data: bytes) -> None:
         committed, self._committed = self._committed, trio.Event()
@@ -68,6 +68,18 @@ class Tenant:
         """Return once a record at or past `sequence` is committed."""
         while self.ring.next_sequence <= sequence:
             await self._committed.wait()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TenantStatistics:
+    writer: WriterStatistics
+    ring: RingStatistics
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RegistryStatistics:
+    tenants: Mapping[int, TenantStatistics]  # open tenants, by id
+    unavailable: Mapping[int, str]  # tenant id -> why its ring did not open
 
 
 class TenantRegistry:
@@ -186,6 +198,13 @@ class TenantRegistry:
             self._nursery = None
             for tenant in self.tenants.values():
                 tenant.ring.close()
+
+    def statistics(self) -> RegistryStatistics:
+        return RegistryStatistics(
+            MappingProxyType({tenant_id: TenantStatistics(tenant.writer.statistics(),
+                                                          tenant.ring.statistics())
+                              for tenant_id, tenant in self.tenants.items()}),
+            MappingProxyType(dict(self.unavailable)))
 
     def close(self) -> None:
         """Ask every writer to finish its queue and stop."""

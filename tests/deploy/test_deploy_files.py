@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from ringtail.service.config import ServeConfig, load_config
-from ringtail.service.server import CONNECTION_COUNT_MAX, SHUTDOWN_GRACE_S
+from ringtail.service.gate import CONNECTION_COUNT_MAX
+from ringtail.service.server import SHUTDOWN_GRACE_S
 from ringtail.service.tenants import TENANT_COUNT_MAX, TenantSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

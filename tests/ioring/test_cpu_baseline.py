@@ -104,7 +104,7 @@ from ringtail.ioring.format import (CHUNK_RECORD_COUNT, RECORD_SIZE_BYTES, Heade
 from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, SlotRecord, as_array
 from ringtail.ioring.ring import open_ring
 from ringtail.ioring.uring import UringBackend
-from ringtail.service.connection import publish_problem
+from ringtail.service.gate import publish_problem
 from ringtail.service.subscribers import RecordFilter
 imported = time.monotonic()
 

@@ -50,7 +50,7 @@ async def connect(in_process_daemon):
 
         async def start():
             peer_stream, handler_stream = memory_stream_pair()
-            handler = ConnectionHandler(in_process_daemon, handler_stream)
+            handler = ConnectionHandler(in_process_daemon.session, handler_stream)
             finished = trio.Event()
 
             async def run():

@@ -352,7 +352,7 @@ def split_records_into_batches(data: bytes, count: int = 4096) -> list[bytes]:
 
 
 async def test_subscribers_past_the_tenant_limit_are_refused(daemon):
-    from ringtail.service.connection import SUBSCRIBER_COUNT_MAX
+    from ringtail.service.gate import SUBSCRIBER_COUNT_MAX
     server = daemon()
     async with await Client.connect(server.socket_path, 15) as client:
         await client.publish(RecordFactory(15).records(1))

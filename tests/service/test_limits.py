@@ -6,8 +6,8 @@ from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service import limits
 from ringtail.service.batcher import PENDING_RECORD_COUNT_MAX
 from ringtail.service.connection import CONNECTION_UNACKED_BATCH_COUNT_MAX
+from ringtail.service.gate import CONNECTION_COUNT_MAX
 from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX, RECEIVE_BUFFER_BYTES_MAX
-from ringtail.service.server import CONNECTION_COUNT_MAX
 from ringtail.service.tenants import TENANT_COUNT_MAX
 
 

@@ -21,10 +21,11 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from ringtail.ioring import open_ring
+from ringtail.service.auth import Peer
 from ringtail.service.client import Client
 from ringtail.service.config import ConfigError, ServeConfig, load_config
-from ringtail.service.metrics import AUTH_FAILURE_SERIES_COUNT_MAX, TrafficCounters
-from ringtail.service.protocol import Error, ErrorCode, Publish, Records, encode_event
+from ringtail.service.gate import AUTH_FAILURE_SERIES_COUNT_MAX, Refused
+from ringtail.service.protocol import Error, ErrorCode, Hello, Publish, Records, encode_event
 from ringtail.service.server import Daemon
 from tests.conftest import uring_probe
 from tests.service.conftest import (DAEMON_READY_TIMEOUT_S, RINGTAIL, DaemonProcess, RawPeer,
@@ -232,25 +233,28 @@ async def test_readyz_turns_ready_only_after_recovery(tmp_path):
 # -- counters, settings, errors ------------------------------------------------------
 
 
-def test_auth_failures_are_counted_per_tenant_and_reason_within_a_bound():
-    counters = TrafficCounters()
-    counters.count_auth_failure(3, "bad_token")
-    counters.count_auth_failure(3, "bad_token")
-    counters.count_auth_failure(None, "uid_not_allowed")
-    counted = counters.statistics().auth_failures
-    assert counted == {("3", "bad_token"): 2, ("unknown", "uid_not_allowed"): 1}
-    for tenant_id in range(AUTH_FAILURE_SERIES_COUNT_MAX * 2):  # a peer making up tenants
-        counters.count_auth_failure(1000 + tenant_id, "bad_token")
-    counted = counters.statistics().auth_failures
+async def test_auth_failures_are_counted_per_tenant_and_reason_within_a_bound(tmp_path):
+    # The gate counts them (service/gate.py); tests/service/test_gate.py has more.
+    daemon = Daemon(ServeConfig(data_dir=os.fspath(tmp_path / "data")))
+    refuse_hello(daemon.gate, 3, "10.0.0.1")
+    refuse_hello(daemon.gate, 3, "10.0.0.2")
+    refuse_hello(daemon.gate, 4, "10.0.0.3")
+    counted = daemon.statistics().gate.auth_failures
+    assert counted == {("3", "bad_credentials"): 2, ("4", "bad_credentials"): 1}
+    for tenant_id in range(AUTH_FAILURE_SERIES_COUNT_MAX * 2):  # peers making up tenants
+        refuse_hello(daemon.gate, 1000 + tenant_id, f"10.1.{tenant_id // 256}.{tenant_id % 256}")
+    counted = daemon.statistics().gate.auth_failures
     assert len(counted) == AUTH_FAILURE_SERIES_COUNT_MAX + 1
     assert sum(counted.values()) == 3 + AUTH_FAILURE_SERIES_COUNT_MAX * 2
     assert counted[("other", "other")] > 0
 
 
-def test_daemon_counts_auth_failures_for_the_auth_code(tmp_path):
-    daemon = Daemon(ServeConfig(data_dir=os.fspath(tmp_path / "data")))
-    daemon.count_auth_failure(9, "bad_token")
-    assert daemon.counters.statistics().auth_failures == {("9", "bad_token"): 1}
+def refuse_hello(gate, tenant_id: int, address: str) -> None:
+    """A TCP Hello with a token this daemon does not know: refused AUTH_FAILED."""
+    with pytest.raises(Refused), gate.admit(Peer("tcp", address=address),
+                                            Hello(tenant_id, b"not-a-token", "metrics-test"),
+                                            lambda code, message: None):
+        pass
 
 
 @pytest.mark.parametrize("listen", ["9464", "localhost", ":9464", "::1:9464", "host:99999",

@@ -18,8 +18,8 @@ from trio.testing import wait_all_tasks_blocked
 from ringtail.ioring import open_ring
 from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
-from ringtail.service.subscribers import (REPLAY_READ_RECORD_COUNT_MAX, RecordFilter, run_subscription,
-                                          start_position)
+from ringtail.service.subscribers import (REPLAY_READ_RECORD_COUNT_MAX, RecordFilter,
+                                          SubscriptionCounters, run_subscription, start_position)
 from ringtail.service.tenants import Tenant
 from tests.service.conftest import RecordFactory, split_records
 
@@ -196,11 +196,12 @@ async def test_a_follower_that_falls_behind_the_ring_gets_a_gap_then_the_oldest(
         history = factory.records(100)
         append(tenant, history)
         sent = Sent(gate=trio.Event())  # its first frame blocks, as on a full socket
+        counters = SubscriptionCounters()
         with trio.fail_after(TIMEOUT_S):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tenant.writer.run)
                 nursery.start_soon(run_subscription, tenant, Subscribe(follow=True), sent.send,
-                                   sent.send_records)
+                                   sent.send_records, counters)
                 await wait_all_tasks_blocked()
                 assert sent.records == list(enumerate(split_records(history)))
 
@@ -224,4 +225,7 @@ async def test_a_follower_that_falls_behind_the_ring_gets_a_gap_then_the_oldest(
                            *["records"] * (len(sent.frames) - 1)]
     assert sent.records == (list(enumerate(everything[:100]))
                             + list(zip(range(oldest, next_sequence), everything[oldest:])))
-    assert tenant.gaps == 1
+    counted = counters.statistics()
+    assert counted.gaps == {TENANT: 1}
+    assert counted.records_out == {TENANT: len(sent.records)}
+    assert counted.bytes_out == {TENANT: len(sent.records) * RECORD_SIZE_BYTES}
