@@ -22,6 +22,7 @@ FleetErrorCode) and a message that says what to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import re
@@ -51,6 +52,12 @@ NATS_MAX_PAYLOAD_DEFAULT_BYTES = 1 << 20
 # Seconds a JetStream API request or publish waits for its answer before the
 # caller retries (publishes) or reports the server unreachable (requests).
 NATS_REQUEST_TIMEOUT_S = 5.0
+# Seconds between nats-py's reconnect attempts to one server during an outage.
+NATS_RECONNECT_WAIT_S = 0.5
+# Attempts the fleet tail makes to create its consumer: a cluster that just lost
+# a node answers consumer creation only once it has elected new leaders
+# (seconds); with the waits between attempts this rides out about a minute.
+CONSUMER_CREATE_ATTEMPTS_MAX = 12
 
 assert SHIP_MESSAGE_RECORD_COUNT_MAX <= PUBLISH_RECORD_COUNT_MAX
 assert SHIP_MESSAGE_RECORD_COUNT_MAX * RECORD_SIZE_BYTES <= NATS_MAX_PAYLOAD_DEFAULT_BYTES // 2
@@ -188,33 +195,46 @@ Emit = Callable[[ShippedMessage], None]
 
 
 async def connect_nats(url: str, name: str):
-    """A nats-py connection, or FleetError NATS_UNREACHABLE / NATS_AUTH_FAILED at once.
+    """A nats-py connection, or FleetError NATS_UNREACHABLE / NATS_AUTH_FAILED
+    once every server in `url` (comma-separated) has refused once.
 
-    Reconnects are nats-py's (forever, with its backoff) once connected.
+    An operator's wrong URL or credentials fail at start, in seconds; once
+    connected, outages are nats-py's to ride out (it reconnects forever).
     """
     import nats
-    from nats.errors import Error as NatsError
 
+    servers = [part.strip() for part in url.split(",") if part.strip()]
     errors: list[BaseException] = []
+    every_server_failed = asyncio.Event()
 
     async def on_error(error: BaseException) -> None:
         errors.append(error)
+        if len(errors) >= len(servers):
+            every_server_failed.set()
 
+    connect = asyncio.ensure_future(nats.connect(
+        servers, name=name, connect_timeout=NATS_REQUEST_TIMEOUT_S, allow_reconnect=True,
+        max_reconnect_attempts=-1, reconnect_time_wait=NATS_RECONNECT_WAIT_S,
+        error_cb=on_error))
+    failed = asyncio.ensure_future(every_server_failed.wait())
     try:
-        return await nats.connect(url, name=name, connect_timeout=NATS_REQUEST_TIMEOUT_S,
-                                  allow_reconnect=True, max_reconnect_attempts=-1,
-                                  reconnect_time_wait=0.5, error_cb=on_error)
-    except (OSError, NatsError, asyncio.TimeoutError) as error:
-        detail = "; ".join(str(e) or type(e).__name__ for e in errors) or str(error) or type(
-            error).__name__
-        if "authorization" in detail.lower() or "authentication" in detail.lower():
-            raise FleetError(FleetErrorCode.NATS_AUTH_FAILED,
-                             f"NATS at {url} refused the credentials ({detail}); put the right "
-                             "user:password or token in the URL (nats://user:pass@host:port)") \
-                from None
-        raise FleetError(FleetErrorCode.NATS_UNREACHABLE,
-                         f"cannot connect to NATS at {url} ({detail}); check the URL and that "
-                         "nats-server runs with JetStream (-js)") from None
+        await asyncio.wait({connect, failed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        failed.cancel()
+    if connect.done() and connect.exception() is None:
+        return connect.result()
+    connect.cancel()
+    with contextlib.suppress(BaseException):
+        await connect
+    detail = "; ".join(dict.fromkeys(str(e) or type(e).__name__ for e in errors)) or "no answer"
+    if any("authorization" in str(e).lower() or "authentication" in str(e).lower()
+           for e in errors):
+        raise FleetError(FleetErrorCode.NATS_AUTH_FAILED,
+                         f"NATS at {url} refused the credentials ({detail}); put the right "
+                         "user:password or token in the URL (nats://user:pass@host:port)")
+    raise FleetError(FleetErrorCode.NATS_UNREACHABLE,
+                     f"cannot connect to NATS at {url} ({detail}); check the URL and that "
+                     "nats-server runs with JetStream (-js)")
 
 
 async def _last_message(js, stream: str, subject_name: str) -> ShippedMessage | None:
@@ -308,8 +328,7 @@ async def fleet_tail(url: str, node: str, tenant_id: int, emit: Emit, *,
                 return 0
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         end = None if follow else last.stream_sequence
-        subscription = await js.subscribe(subject_name, stream=stream, config=config,
-                                          ordered_consumer=True)
+        subscription = await _subscribe_retrying(js, subject_name, stream, config, url)
         try:
             while True:
                 msg = await subscription.next_msg(timeout=None)
@@ -333,6 +352,24 @@ async def fleet_tail(url: str, node: str, tenant_id: int, emit: Emit, *,
             await subscription.unsubscribe()
     finally:
         await nc.close()
+
+
+async def _subscribe_retrying(js, subject_name: str, stream: str, config, url: str):
+    """An ordered consumer on the subject; creation is retried while a cluster
+    elects leaders (a timeout or 503 right after a node died), then FleetError."""
+    from nats.errors import Error as NatsError
+    failures: list[str] = []
+    for attempt in range(CONSUMER_CREATE_ATTEMPTS_MAX):
+        try:
+            return await js.subscribe(subject_name, stream=stream, config=config,
+                                      ordered_consumer=True)
+        except (asyncio.TimeoutError, NatsError) as error:
+            failures.append(str(error) or type(error).__name__)
+            await asyncio.sleep(min(NATS_RECONNECT_WAIT_S * (attempt + 1), NATS_REQUEST_TIMEOUT_S))
+    raise FleetError(FleetErrorCode.NATS_UNREACHABLE,
+                     f"NATS at {url} did not create a consumer on {subject_name} in "
+                     f"{CONSUMER_CREATE_ATTEMPTS_MAX} attempts ({'; '.join(dict.fromkeys(failures))});"
+                     " check the stream's health (nats stream info) and retry")
 
 
 def print_gap(shipped: ShippedMessage, file=sys.stderr) -> None:

@@ -66,8 +66,9 @@ log = logging.getLogger("ringtail.ship")
 RETRY_BACKOFF_MIN_S = 0.05
 RETRY_BACKOFF_MAX_S = 2.0
 # Events decoded from the daemon per turn before they are published: one
-# turn holds at most this many Records frames (4,096 records each: 8 MiB).
-DAEMON_EVENTS_PER_TURN_MAX = 32
+# turn holds at most this many Records frames (256 KiB each at most: 2 MiB),
+# besides asyncio's read buffer (128 KiB) and the socket's.
+DAEMON_EVENTS_PER_TURN_MAX = 8
 # Seconds between status lines in the log (shipped, lag, gaps).
 STATUS_INTERVAL_S = 10.0
 # Seconds of JetStream's duplicate window for a stream ship creates: only a
