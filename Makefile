@@ -17,30 +17,28 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m ringtail.service.demo
 
-# tests/ioring/test_cpu_baseline.py runs the daemon's native code on emulated
-# CPUs without AVX-512 (qemu-user; x86_64 only), tests/deploy verifies the
-# systemd unit with systemd-analyze (Debian's systemd), and
-# tests/service/test_web_browser.py drives Debian's chromium through
-# chromedriver: install them here, out loud.
+# Debian packages some tests drive for real, installed here out loud:
+# $(call apt_install,COMMAND,PACKAGES,WHY) installs PACKAGES when COMMAND is missing.
+define apt_install
+	@if ! command -v $(1) >/dev/null; then \
+		echo "make: installing $(2) (apt-get) for $(3)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		apt-cache policy $(firstword $(2)) | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $(2); \
+	fi
+endef
+
+# qemu-user: tests/ioring/test_cpu_baseline.py runs the daemon's native code on
+# emulated CPUs without AVX-512 (x86_64 hosts only); systemd: tests/deploy checks
+# the unit with systemd-analyze; chromium: tests/service/test_web_browser.py;
+# nats-server: tests/service/test_fleet.py (JetStream, a 3-node cluster).
 test-tools:
-	@if [ "$$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then \
-		echo "make: installing qemu-user (apt-get) for the CPU-baseline test"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		apt-cache policy qemu-user | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends qemu-user; \
-	fi
-	@if ! command -v systemd-analyze >/dev/null; then \
-		echo "make: installing systemd (apt-get) for systemd-analyze, the unit file's check"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		apt-cache policy systemd | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends systemd; \
-	fi
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-		echo "make: installing chromium and chromium-driver (apt-get) for the web page's browser tests"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		apt-cache policy chromium-driver | grep -q 'Candidate: [^(]' || $$SUDO apt-get update; \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; \
-	fi
+ifeq ($(shell uname -m),x86_64)
+	$(call apt_install,qemu-x86_64,qemu-user,the CPU-baseline test)
+endif
+	$(call apt_install,systemd-analyze,systemd,the unit file's check)
+	$(call apt_install,chromedriver,chromium chromium-driver,the web page's browser tests)
+	$(call apt_install,nats-server,nats-server,the fleet tests (ringtail ship))
 
 test: $(STAMP) test-tools
 	$(PY) -m pytest -q -m "not soak" tests
