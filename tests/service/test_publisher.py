@@ -7,6 +7,7 @@ ring's contents read back as the list of published indices.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import re
 import shutil
@@ -143,6 +144,22 @@ def assert_at_least_once_in_order(ids: list[int], expected: list[int], reconnect
         assert after[0] <= before[-1] + 1, "a record went missing between two resends"
     assert stretches[-1][-1] == len(expected) - 1
     assert len(stretches) - 1 <= reconnects, "records repeated without a reconnect"
+
+
+def test_public_surface_is_pinned_and_the_top_level_name_is_the_same_class():
+    import ringtail
+    from ringtail.service import publisher as module
+    assert sorted(module.__all__) == sorted([
+        "BLOCK_TIMEOUT_S_DEFAULT", "BUFFER_RECORD_COUNT_MAX", "CLOSE_TIMEOUT_S_DEFAULT",
+        "CONNECT_TIMEOUT_S", "FLUSH_TIMEOUT_S_DEFAULT", "POLICIES", "RECONNECT_DELAY_S_MAX",
+        "RECONNECT_DELAY_S_MIN", "SEND_TIMEOUT_S", "TRANSIENT_RETRY_COUNT_MAX",
+        "UNACKED_BATCH_COUNT_MAX", "Publisher", "PublisherClosedError", "PublisherError",
+        "PublisherFullError", "PublisherStatistics"])
+    assert all(hasattr(module, name) for name in module.__all__)
+    assert ringtail.Publisher is Publisher
+    assert [field.name for field in dataclasses.fields(module.PublisherStatistics)] == [
+        "published", "acked", "dropped_full", "rejected", "resent", "reconnects", "buffered",
+        "connected", "last_error", "last_disconnect_error"]
 
 
 # -- against a real daemon ----------------------------------------------------------------
