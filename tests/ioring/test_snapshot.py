@@ -9,6 +9,7 @@ every chunk boundary (and inside each chunk): each is refused with the offset.
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import blake3
@@ -133,6 +134,10 @@ def test_a_flipped_byte_in_every_region_is_refused_with_its_offset(tmp_path):
             # never past the flipped byte.
             assert caught.value.offset <= offset, (name, caught.value)
             assert f"at byte offset {caught.value.offset}" in str(caught.value)
+        # Restore refuses it the same way, and writes nothing.
+        with pytest.raises(error_type, match=re.escape(str(caught.value))):
+            restore_snapshot(os.fspath(damaged), os.fspath(tmp_path / "tenant-9.ring"), 9, 256)
+        assert sorted(os.listdir(tmp_path)) == ["base.snap", "damaged.snap"], name
 
 
 def test_truncation_at_every_chunk_boundary_and_inside_is_refused(tmp_path):
@@ -150,6 +155,9 @@ def test_truncation_at_every_chunk_boundary_and_inside_is_refused(tmp_path):
         with pytest.raises(SnapshotCorruptError, match="truncated|file ends") as caught:
             verify_snapshot(truncated)
         assert caught.value.offset <= cut, (cut, caught.value)
+        with pytest.raises(SnapshotCorruptError, match=re.escape(str(caught.value))):
+            restore_snapshot(os.fspath(truncated), os.fspath(tmp_path / "tenant-9.ring"), 9, 256)
+        assert sorted(os.listdir(tmp_path)) == ["base.snap", "cut.snap"], cut
 
 
 def test_bytes_after_the_trailer_are_refused(tmp_path):
@@ -242,3 +250,40 @@ def test_restore_refuses_a_first_sequence_off_a_chunk_boundary(tmp_path):
     with pytest.raises(SnapshotFormatError, match="first sequence 100 is not a multiple of 64"):
         restore_snapshot(os.fspath(snap), os.fspath(tmp_path / "r.ring"), 9, 256)
     assert isinstance(SnapshotCorruptError(snap, 0, "x"), RingCorruptError)
+
+
+# -- the zstandard wheel on a baseline CPU --------------------------------------------
+
+QEMU_RUN_TIMEOUT_S = 120  # one emulated child: importing numpy dominates (5-7 s measured)
+BASELINE_CHILD = r'''
+import sys
+from ringtail.ioring.snapshot import SnapshotHeader, verify_snapshot, write_snapshot
+from tests.ioring.conftest import make_records
+path = sys.argv[1]
+write_snapshot(path, SnapshotHeader(7, 0, 5000, 1, "qemu", 1000), [make_records(0, 5000)])
+print(verify_snapshot(path).header.record_count)
+'''
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64",
+                    reason="the qemu-x86_64 CPU-baseline check runs on x86-64 hosts")
+def test_snapshots_written_on_a_baseline_cpu_are_byte_identical(tmp_path):
+    """zstandard is native code: on an x86-64-v2 CPU (qemu's Nehalem: no AVX) it must
+    run, and compress to the same bytes as on this machine."""
+    import shutil
+    import subprocess
+    import sys
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.fail("qemu-x86_64 is not installed; run `make test` (it installs Debian's "
+                    "qemu-user) or `apt-get install qemu-user`")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    outputs = []
+    for prefix, name in (([], "native.snap"), ([qemu, "-cpu", "Nehalem"], "nehalem.snap")):
+        path = os.fspath(tmp_path / name)
+        result = subprocess.run([*prefix, sys.executable, "-c", BASELINE_CHILD, path],
+                                cwd=root, capture_output=True, text=True,
+                                timeout=QEMU_RUN_TIMEOUT_S)
+        assert (result.returncode, result.stdout) == (0, "5000\n"), result.stderr[-2000:]
+        outputs.append(open(path, "rb").read())
+    assert outputs[0] == outputs[1]
