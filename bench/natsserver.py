@@ -1,4 +1,4 @@
-"""Real nats-server processes for the fleet tests (Debian's `nats-server`, JetStream on).
+"""Real nats-server processes for the fleet tests and benchmark (Debian's `nats-server`, JetStream on).
 
 `NatsServer` starts `nats-server -js` on a loopback port with its own store
 directory, reads its log line by line on a thread and returns once the
@@ -18,10 +18,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
-from .conftest import RINGTAIL
+
+def _ringtail_command() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "ringtail")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "ringtail.service.cli"]
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 # Seconds nats-server or ship may take to log readiness, and a wait for a
@@ -186,7 +190,7 @@ class ShipProcess(_LoggedProcess):
     def __init__(self, nats_url: str, socket_path: str, node: str, tenants: list[int], *,
                  stream: str = "RINGTAIL", replicas: int = 1, cwd: str | None = None):
         super().__init__("ship")
-        self.argv = [RINGTAIL, "ship", "--nats", nats_url, "--socket", socket_path,
+        self.argv = [*_ringtail_command(), "ship", "--nats", nats_url, "--socket", socket_path,
                      "--node", node, "--stream", stream, "--replicas", str(replicas)]
         for tenant in tenants:
             self.argv += ["--tenant", str(tenant)]

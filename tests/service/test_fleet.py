@@ -24,7 +24,7 @@ from ringtail.service.ship import _subject_covers
 
 from .conftest import RINGTAIL
 from .fleet_worker import worker_record
-from .natsserver import (NATS_SERVER, READY_TIMEOUT_S, NatsCluster, NatsServer, ShipProcess,
+from ringtail.bench.natsserver import (NATS_SERVER, READY_TIMEOUT_S, NatsCluster, NatsServer, ShipProcess,
                          read_subject, shipped_next_sequence, wait_shipped)
 
 assert os.path.exists(NATS_SERVER), (
@@ -315,7 +315,7 @@ def run_ship(*argv: str, cwd) -> subprocess.CompletedProcess:
 
 def test_unreachable_nats_is_a_clear_error(daemon, tmp_path):
     node = daemon(capacity=1024, io="threads")
-    from .natsserver import free_port
+    from ringtail.bench.natsserver import free_port
     url = f"nats://127.0.0.1:{free_port()}"
     result = run_ship("--nats", url, "--socket", node.socket_path, "--tenant", "1",
                       "--node", NODE, cwd=tmp_path)
