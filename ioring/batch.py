@@ -19,7 +19,8 @@ import dataclasses
 
 from ringtail.ioring.chain import FDATASYNC, Operation, Write
 from ringtail.ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, ENTRY_HEAD,
-                                    HEADER_COPY_COUNT, HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, Header,
+                                    HEADER_COPY_COUNT, HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES,
+                                    TABLE_OFFSET, Header,
                                     Layout, encode_batch_entries)
 from ringtail.ioring.reader import NO_COPY, ChunkTable
 from ringtail.ioring.record import RECORD_SIZE_BYTES
@@ -102,52 +103,86 @@ def check_plan(plan: BatchPlan, layout: Layout, header: Header, table: ChunkTabl
     pin a plan down without re-deriving it: every header field, the entry
     count, the boundary entries (first and last: their chunk, table position
     and record count) and where each write goes and how long it is (the
-    chain's operations). A planning bug that moves, drops, adds or misnames a
-    write, an entry or a cursor is caught; the bytes of the middle entries are
-    the encoder's business (tests/ioring/test_record_checks.py, test_crash.py).
-    Cost: ~1-2 us per check whatever the batch size (it was 7-50 us when it
-    re-derived every entry).
+    chain's operations, `_check_operations`). A planning bug that moves,
+    drops, adds or misnames a write, an entry or a cursor is caught; the bytes
+    of the middle entries are the encoder's business (tests/ioring:
+    test_record_checks, test_crash). Cost: ~2 us per check whatever the batch
+    size (it was ~7 us per 1-record and ~55 us per 4,096-record batch when it
+    re-derived every entry); it is one function, as its locals are shared.
     """
     ticket, committed = plan.ticket, plan.header
     first = ticket.first_sequence
     end = first + ticket.record_count
     assert 0 < ticket.record_count <= layout.batch_record_count_max, ticket
     # The cursor advances by exactly the batch, from where the last commit left
-    # it; eviction goes a chunk at a time (oldest_after_append, inlined).
-    evicted_to = ((end - 1) // CHUNK_RECORD_COUNT + 1) * CHUNK_RECORD_COUNT - layout.capacity
+    # it; eviction goes a chunk at a time (oldest_after_append, inlined); the
+    # file is the same (the other fields are copied by dataclasses.replace, and
+    # check_header_successor checks them where headers are written by hand).
+    first_chunk = first // CHUNK_RECORD_COUNT
+    last_chunk = (end - 1) // CHUNK_RECORD_COUNT
+    evicted_to = (last_chunk + 1) * CHUNK_RECORD_COUNT - layout.capacity
     oldest = header.oldest_sequence
     assert first == header.next_sequence and (
         committed.generation, committed.batch_first_sequence, committed.next_sequence,
-        committed.oldest_sequence, committed.capacity, committed.file_id,
-        committed.tenant_id, committed.created_ns, committed.format_version,
-        committed.chunk_record_count) == (
+        committed.oldest_sequence, committed.file_id, committed.capacity) == (
         header.generation + 1, first, end, oldest if oldest > evicted_to else evicted_to,
-        header.capacity, header.file_id, header.tenant_id, header.created_ns,
-        header.format_version, header.chunk_record_count), (header, committed)
+        header.file_id, header.capacity), (header, committed)
     # One entry per chunk the batch touches, in order: the first and the last
     # name their chunk, their table position and the chunk's records below the
-    # new cursor; the writes below place every entry.
+    # new cursor; the entry writes below place every entry.
     entries = plan.entries
-    first_chunk = first // CHUNK_RECORD_COUNT
-    last_chunk = (end - 1) // CHUNK_RECORD_COUNT
     chunk_count = layout.chunk_count
     assert len(entries) == last_chunk - first_chunk + 1, entries
     position, encoded = entries[0]
-    assert (position, *ENTRY_HEAD.unpack_from(encoded)) == (
-        first_chunk % chunk_count, first_chunk * CHUNK_RECORD_COUNT,
-        CHUNK_RECORD_COUNT if last_chunk != first_chunk else end % CHUNK_RECORD_COUNT
-        or CHUNK_RECORD_COUNT), (first_chunk, entries[0])
+    assert position == first_chunk % chunk_count and encoded[:ENTRY_HEAD.size] == ENTRY_HEAD.pack(
+        first_chunk * CHUNK_RECORD_COUNT, CHUNK_RECORD_COUNT if last_chunk != first_chunk
+        else end - first_chunk * CHUNK_RECORD_COUNT), entries[0]
     if last_chunk != first_chunk:
         position, encoded = entries[-1]
-        assert (position, *ENTRY_HEAD.unpack_from(encoded)) == (
-            last_chunk % chunk_count, last_chunk * CHUNK_RECORD_COUNT,
-            end - last_chunk * CHUNK_RECORD_COUNT), (last_chunk, entries[-1])
+        assert position == last_chunk % chunk_count and encoded[:ENTRY_HEAD.size] == ENTRY_HEAD.pack(
+            last_chunk * CHUNK_RECORD_COUNT, end - last_chunk * CHUNK_RECORD_COUNT), entries[-1]
     assert (plan.tail_hasher is None) == (end % CHUNK_RECORD_COUNT == 0)
     # The entries go to the table copy that does not hold the first chunk's
     # current (acknowledged) entry.
     current = table.current[first_chunk % chunk_count]
     assert plan.table_index == (0 if current == NO_COPY else 1 - current), plan.table_index
-    _check_operations(plan, layout, sync)
+    # The chain: the records to their slots, the entries to their table copy
+    # (each write at the position of the entry it starts with, all entries
+    # covered once), then the header to the copy its generation's parity names.
+    operations = plan.operations
+    synced = sync == "batch"
+    writes = len(operations) - synced  # the header write is the last of them
+    assert len(operations) <= BATCH_CHAIN_OPERATION_COUNT_MAX and (
+        operations[-1] is FDATASYNC) == synced, operations
+    header_write = operations[writes - 1]
+    assert header_write.offset == HEADER_COPY_OFFSETS[committed.generation & 1] and \
+        len(header_write.data) == HEADER_SIZE_BYTES, header_write
+    # The records, in one write or two around the end of the data region.
+    capacity, count = layout.capacity, ticket.record_count
+    slot = first % capacity
+    head_count = capacity - slot if count > capacity - slot else count
+    data = operations[0]
+    assert data.offset == layout.data_offset + slot * RECORD_SIZE_BYTES and \
+        len(data.data) == head_count * RECORD_SIZE_BYTES, data
+    index = 1
+    if head_count != count:
+        data = operations[1]
+        assert data.offset == layout.data_offset and \
+            len(data.data) == (count - head_count) * RECORD_SIZE_BYTES, data
+        index = 2
+    # Then the entries, in one run of table positions or two around the table's
+    # end: each write starts with its entry, and together they hold them all.
+    table_offset = TABLE_OFFSET + plan.table_index * layout.table_size_bytes
+    entry = 0
+    while index < writes - 1:
+        write = operations[index]
+        position, encoded = entries[entry]
+        assert write.offset == table_offset + position * CHUNK_ENTRY_SIZE_BYTES and \
+            write.data[:CHUNK_ENTRY_SIZE_BYTES] == encoded, write
+        entry += len(write.data) // CHUNK_ENTRY_SIZE_BYTES
+        index += 1
+    assert entry == len(entries) and write.data[-CHUNK_ENTRY_SIZE_BYTES:] == entries[-1][1], \
+        (entry, entries)
 
 
 def check_header_successor(previous: Header, header: Header) -> None:
@@ -164,44 +199,6 @@ def check_header_successor(previous: Header, header: Header) -> None:
     assert oldest <= header.batch_first_sequence <= next_sequence, header
     assert next_sequence - oldest <= header.capacity, header
     assert previous.oldest_sequence <= oldest, (previous, header)
-
-
-def _check_operations(plan: BatchPlan, layout: Layout, sync: str) -> None:
-    """The chain writes the records to their slots, the entries to their table
-    copy (each write at the position of the entry it starts with, all entries
-    covered once), then the header to the copy its generation's parity names."""
-    operations, ticket = plan.operations, plan.ticket
-    synced = sync == "batch"
-    assert len(operations) <= BATCH_CHAIN_OPERATION_COUNT_MAX and (
-        operations[-1] is FDATASYNC) == synced, operations
-    header_write = operations[-2] if synced else operations[-1]
-    assert header_write.offset == HEADER_COPY_OFFSETS[plan.header.generation & 1] and \
-        len(header_write.data) == HEADER_SIZE_BYTES, header_write
-    # The records, in one write or two around the end of the data region.
-    capacity, count = layout.capacity, ticket.record_count
-    slot = ticket.first_sequence % capacity
-    head_count = count if count <= capacity - slot else capacity - slot
-    data = operations[0]
-    assert data.offset == layout.data_offset + slot * RECORD_SIZE_BYTES and \
-        len(data.data) == head_count * RECORD_SIZE_BYTES, data
-    data_writes = 1
-    if head_count != count:
-        data = operations[1]
-        assert data.offset == layout.data_offset and \
-            len(data.data) == (count - head_count) * RECORD_SIZE_BYTES, data
-        data_writes = 2
-    # Then the entries, in one run of table positions or two around the table's
-    # end: each write starts with its entry, and together they hold them all.
-    table_offset = layout.table_offset(plan.table_index)
-    entries = plan.entries
-    index = 0
-    for write in operations[data_writes:-2 if synced else -1]:
-        position, encoded = entries[index]
-        assert write.offset == table_offset + position * CHUNK_ENTRY_SIZE_BYTES and \
-            write.data[:CHUNK_ENTRY_SIZE_BYTES] == encoded, write
-        index += len(write.data) // CHUNK_ENTRY_SIZE_BYTES
-    assert index == len(entries) and write.data[-CHUNK_ENTRY_SIZE_BYTES:] == entries[-1][1], \
-        (index, entries)
 
 
 def _table_index(layout: Layout, table: ChunkTable, first_sequence: int) -> int:
