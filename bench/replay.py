@@ -19,18 +19,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import tempfile
 import time
 
 import numpy
 import trio
-
 from ringtail.ioring import open_ring
 from ringtail.ioring.record import RECORD_DTYPE, RECORD_SIZE_BYTES
 from ringtail.ioring.snapshot import new_header, verify_snapshot, write_snapshot
 from ringtail.ioring.vrrl import VRRL_CAPACITY_MAX, export_vrrl
-from ringtail.service import diff
+from ringtail.service import diff, diff_command
 from ringtail.service.demo import worker_records
 
 DOC_SECTION_TITLE = "## Diff and snapshots"
@@ -139,7 +137,7 @@ def run(profile: str, directory: str | None = None, progress=print) -> dict:
             progress(f"diff of two {kind} files")
 
             def file_stream(side, kind=kind):
-                return diff.file_stream(diff.parse_source(paths[side, kind]))
+                return diff_command.file_stream(diff_command.parse_source(paths[side, kind]))
             rate, summary = _diff_rate(file_stream, count, options)
             assert summary.identical, summary.line()
             results["files"][kind] = rate

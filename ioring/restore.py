@@ -23,17 +23,26 @@ import dataclasses
 import os
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ringtail.ioring.errors import RingFormatError
 from ringtail.ioring.files import fsync_directory, write_file_atomically
-from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, Header, Layout,
-                                    capacity_problem)
+from ringtail.ioring.format import (
+    CHUNK_RECORD_COUNT,
+    HEADER_COPY_OFFSETS,
+    Header,
+    Layout,
+    capacity_problem,
+)
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.ioring.recovery import read_header
 from ringtail.ioring.ring import is_locked_by_writer, open_ring
-from ringtail.ioring.snapshot import (SnapshotFormatError, SnapshotInfo, iter_snapshot_chunks,
-                                      verify_snapshot)
+from ringtail.ioring.snapshot import (
+    SnapshotFormatError,
+    SnapshotInfo,
+    iter_snapshot_chunks,
+    verify_snapshot,
+)
 
 RESTORING_SUFFIX = ".restoring"
 

@@ -57,12 +57,10 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator
-from typing import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import blake3
 import zstandard
-
 from ringtail.ioring.errors import RingCorruptError, RingFormatError
 from ringtail.ioring.files import write_file_atomically
 from ringtail.ioring.record import RECORD_SIZE_BYTES

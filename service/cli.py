@@ -709,7 +709,7 @@ def add_replay_parsers(commands) -> None:
 
 
 def command_diff(args) -> int:
-    from ringtail.service.diff import command_diff as run
+    from ringtail.service.diff_command import command_diff as run
     return run(args)
 
 

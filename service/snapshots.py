@@ -23,7 +23,6 @@ import os
 import sys
 
 import trio
-
 from ringtail.ioring.files import fsync_directory
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.ioring.snapshot import SnapshotWriter, new_header

@@ -59,8 +59,8 @@ def parse_since(text: str) -> int:
             raise TailUsageError(f"--since {text!r}: use an ISO 8601 time such as "
                                  "2026-12-01T10:00:00Z, or ns since the Unix epoch") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.timezone.utc)
-        delta = moment - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+            moment = moment.replace(tzinfo=datetime.UTC)
+        delta = moment - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
         value = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 \
             + delta.microseconds * 1_000
     if not 0 <= value <= U64_MAX:

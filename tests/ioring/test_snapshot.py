@@ -15,13 +15,23 @@ import struct
 import blake3
 import pytest
 import zstandard
-
 from ringtail.ioring import open_ring
 from ringtail.ioring.errors import RingCorruptError
-from ringtail.ioring.restore import RESTORING_SUFFIX, RestoreRefusedError, restore_snapshot
-from ringtail.ioring.snapshot import (SNAPSHOT_CHUNK_RECORD_COUNT_MAX, SnapshotCorruptError,
-                                      SnapshotFormatError, SnapshotHeader, iter_snapshot_chunks,
-                                      verify_snapshot, write_snapshot)
+from ringtail.ioring.restore import (
+    RESTORING_SUFFIX,
+    RestoreRefusedError,
+    restore_snapshot,
+)
+from ringtail.ioring.snapshot import (
+    SNAPSHOT_CHUNK_RECORD_COUNT_MAX,
+    SnapshotCorruptError,
+    SnapshotFormatError,
+    SnapshotHeader,
+    iter_snapshot_chunks,
+    verify_snapshot,
+    write_snapshot,
+)
+
 from tests.ioring.conftest import TENANT_ID, flip_byte, make_records
 
 HEADER = struct.Struct("<8sIIIIQQQQ32s24s16s")

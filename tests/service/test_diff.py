@@ -19,12 +19,18 @@ import subprocess
 import numpy
 import pytest
 import trio
-
 from ringtail.ioring.record import RECORD_DTYPE, SlotRecord, output_digest
 from ringtail.ioring.snapshot import SnapshotHeader, write_snapshot
 from ringtail.ioring.vrrl import export_vrrl
-from ringtail.service.diff import (DiffSourceError, EpochGrouper, arrays_from_bytes,
-                                   compare_epoch, diff_streams, make_options)
+from ringtail.service.diff import (
+    DiffSourceError,
+    EpochGrouper,
+    arrays_from_bytes,
+    compare_epoch,
+    diff_streams,
+    make_options,
+)
+
 from tests.service.conftest import RINGTAIL
 
 COMMAND_TIMEOUT_S = 120

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import trio
-
 from ringtail.ioring.snapshot import iter_snapshot_chunks, verify_snapshot
 from ringtail.service.client import Client
+
 from tests.service.conftest import RINGTAIL, RecordFactory, read_all
 
 COMMAND_TIMEOUT_S = 120
@@ -45,7 +45,7 @@ async def test_snapshot_restore_diff_round_trip_keeps_sequences(daemon, tmp_path
     # inspect and verify accept the snapshot.
     result = await ringtail("inspect", out)
     assert result.returncode == 0
-    rows = dict(re.findall(r"^(\S.*?)  +(.*)$", result.stdout.decode(), re.M))
+    rows = dict(re.findall(r"^(\S.*?)  +(.*)$", result.stdout.decode(), re.MULTILINE))
     assert (rows["kind"], rows["tenant id"], rows["first sequence"], rows["last sequence"],
             rows["records"]) == ("snapshot", "1", "1536", "2499", "964")
     result = await ringtail("verify", out)

@@ -12,9 +12,9 @@ import json
 import subprocess
 
 import pytest
-
 from ringtail.ioring.record import SlotRecord
 from ringtail.service.auth import hash_token, new_token
+
 from tests.service.conftest import RINGTAIL, RecordFactory, tcp_port, write_config
 
 TENANT = 31
@@ -83,7 +83,7 @@ def test_since_starts_at_the_first_record_at_or_after_the_time(published, via):
     assert [r["sequence"] for r in got] == list(range(400, 600))
     # ISO 8601 (microseconds): the first record at or after that instant.
     moment = datetime.datetime.fromtimestamp(records[250].timestamp_ns // 1000 / 1e6,
-                                             tz=datetime.timezone.utc)
+                                             tz=datetime.UTC)
     iso_ns = records[250].timestamp_ns // 1000 * 1000
     first = next(i for i, r in enumerate(records) if r.timestamp_ns >= iso_ns)
     got = tail_json(where, "--since", moment.isoformat().replace("+00:00", "Z"),
