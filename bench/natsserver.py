@@ -188,12 +188,14 @@ class ShipProcess(_LoggedProcess):
     """`ringtail ship` for some tenants of one daemon."""
 
     def __init__(self, nats_url: str, socket_path: str, node: str, tenants: list[int], *,
-                 stream: str = "RINGTAIL", replicas: int = 1, cwd: str | None = None):
+                 stream: str = "RINGTAIL", replicas: int = 1, cwd: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
         super().__init__("ship")
         self.argv = [*_ringtail_command(), "ship", "--nats", nats_url, "--socket", socket_path,
                      "--node", node, "--stream", stream, "--replicas", str(replicas)]
         for tenant in tenants:
             self.argv += ["--tenant", str(tenant)]
+        self.argv += list(extra_args)
         self.cwd = cwd
 
     def start(self) -> "ShipProcess":

@@ -474,6 +474,47 @@ class Shipper:
                      statistics.reconnects, lag)
 
 
+class ShipCollector:
+    """Prometheus figures of one Shipper, read from its statistics() (metrics only read)."""
+
+    def __init__(self, shipper: Shipper):
+        self._shipper = shipper
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        statistics = self._shipper.statistics()
+        for name, value, help_text in (
+                ("records", statistics.records_shipped, "records JetStream acknowledged"),
+                ("messages", statistics.messages_shipped, "record messages acknowledged"),
+                ("gaps", statistics.gaps, "gap messages published (ring evicted unshipped)"),
+                ("gap_records", statistics.gap_records, "sequences the gap messages name"),
+                ("reconnects", statistics.reconnects,
+                 "retries after NATS or the daemon was unreachable"),
+                ("resyncs", statistics.resyncs,
+                 "returns to the stream's last message (duplicate, wrong last sequence)")):
+            yield CounterMetricFamily(f"ringtail_ship_{name}", help_text, value=value)
+        lag_records = GaugeMetricFamily("ringtail_ship_lag_records",
+                                        "records the daemon showed ship, not yet in JetStream",
+                                        labels=["tenant"])
+        lag_seconds = GaugeMetricFamily("ringtail_ship_lag_seconds",
+                                        "age of the oldest record not yet in JetStream",
+                                        labels=["tenant"])
+        for tenant in statistics.tenants:
+            lag_records.add_metric([str(tenant.tenant_id)], tenant.lag_records)
+            lag_seconds.add_metric([str(tenant.tenant_id)], tenant.lag_seconds)
+        yield lag_records
+        yield lag_seconds
+
+
+def serve_metrics(shipper: Shipper, host: str, port: int) -> int:
+    """/metrics for `shipper` on HOST:PORT (prometheus_client's own HTTP thread); the port."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    registry = CollectorRegistry()
+    registry.register(ShipCollector(shipper))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server.server_address[1]
+
+
 def _subject_covers(pattern: str, wanted: str) -> bool:
     """True when the NATS subject pattern `pattern` matches every subject `wanted` matches
     (`wanted` may end in '*')."""

@@ -398,3 +398,23 @@ def test_a_bad_node_name_is_a_usage_error(tmp_path):
                       cwd=tmp_path)
     assert result.returncode == 2
     assert "BAD_NODE_NAME" in result.stderr
+
+
+def test_ship_serves_its_figures_to_prometheus(daemon, nats, processes, tmp_path):
+    import urllib.request
+    server = nats()
+    node = daemon(capacity=1024, io="threads")
+    worker = Worker(node.socket_path, TENANT, 0)
+    processes.append(worker)
+    worker.publish(700)
+    assert worker.flush()["flushed"]
+    ship = ShipProcess(server.url, node.socket_path, NODE, [TENANT], cwd=os.fspath(tmp_path),
+                       extra_args=("--metrics", "127.0.0.1:0"))
+    processes.append(ship.start())
+    port = int(ship.wait_line(r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
+    wait_shipped(server.url, NODE, TENANT, 700, alive=lambda: ship.process.poll() is None)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    assert "ringtail_ship_records_total 700.0" in text
+    assert "ringtail_ship_gaps_total 0.0" in text
+    assert f'ringtail_ship_lag_records{{tenant="{TENANT}"}} 0.0' in text
