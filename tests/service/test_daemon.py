@@ -245,17 +245,27 @@ async def test_replay_over_damaged_records_is_an_error_naming_the_file_never_dat
         assert ack.first_sequence == 6010
 
 
-async def test_damaged_records_at_the_head_are_dropped_as_a_gap_never_data(daemon):
-    """Damage in the oldest chunks (which an in-flight batch could have been
-    evicting) is cut by recovery: a subscriber from sequence 0 is told by a Gap."""
+async def test_damage_at_the_head_of_a_cleanly_stopped_ring_is_an_error_never_a_gap(daemon):
+    """Damage in the oldest chunks of a ring the daemon closed cleanly (sealed):
+    no batch was in flight, so it is damage, not an eviction (issue 9, item 13;
+    before, recovery dropped 0..127 as "evicted by a batch in flight at the
+    crash"). Recovery says so, a replay over it is refused naming the file and
+    offset, and no acknowledged record is dropped."""
     capacity = 8192
     server = daemon(capacity=capacity)
     data = await publish_then_damage(server, 12, capacity, 100)
-    replay = await read_all(server.socket_path, 12, StartKind.SEQUENCE, 0)
-    oldest = replay.sequences[0]
-    assert 100 < oldest and replay.gaps == [Gap(0, oldest - 1)]
-    assert replay.data == data[oldest * 64:]
-    assert f"lost oldest 0..{oldest - 1}" in server.run_stderr  # recovery says so, once
+    offset = Layout(capacity).record_offset(64)
+    with trio.fail_after(TIMEOUT_S):
+        async with await Client.connect(server.socket_path, 12) as client:
+            assert (client.welcome.oldest_sequence, client.welcome.next_sequence) == (0, 6010)
+        with pytest.raises(RingtailError) as caught:
+            await read_all(server.socket_path, 12, StartKind.SEQUENCE, 0)
+        tail = await read_all(server.socket_path, 12, StartKind.SEQUENCE, 128)
+    assert caught.value.code == ErrorCode.STORAGE_FAILED
+    assert (f"{server.ring_path(12)} at byte offset {offset}: records 64..127 failed their "
+            "checksum") in caught.value.message
+    assert f"DAMAGED: chunk(s) at byte offset {offset}" in server.run_stderr
+    assert tail.data == data[128 * 64:]
 
 
 async def test_running_out_of_file_descriptors_delays_accepts_instead_of_crashing(daemon):
