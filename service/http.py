@@ -39,6 +39,7 @@ import logging
 import socket
 import ssl
 import urllib.parse
+from http import HTTPStatus
 from typing import Awaitable, Callable
 
 import h11
@@ -121,6 +122,9 @@ class StreamResponse:
     stream: Callable[[Writer], Awaitable[None]]
     content_type: str = "text/event-stream; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
+    # Called once the stream is over, or was never run (a HEAD, a peer gone
+    # first): gives back what the handler took for it (a subscriber slot).
+    on_close: Callable[[], None] | None = None
 
 
 Handler = Callable[[Request], Awaitable["Response | StreamResponse | None"]]
@@ -268,13 +272,21 @@ class HttpServer:
             await connection.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
             pass  # the peer went away or spoke no TLS: nothing to answer
+        except Exception:
+            # A bug in one stream (after its 200 went) closes that connection
+            # only; the listener and the daemon go on.
+            stats.handler_errors += 1
+            log.exception("HTTP connection handler failed; closed that connection only")
         finally:
             stats.connections -= 1
             await trio.aclose_forcefully(stream)
 
 
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 class _Connection:
@@ -325,6 +337,12 @@ class _Connection:
             if isinstance(event, h11.ConnectionClosed):
                 return None, None
             request = event
+            # h11 bounds what it buffers of an incomplete head; a head that
+            # arrived whole in one read is measured here (its size as sent).
+            head_size = len(request.method) + len(request.target) + len(b" HTTP/1.1\r\n") + sum(
+                len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+            if head_size > HTTP_HEAD_SIZE_BYTES_MAX:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             body_size = 0
             while True:
                 event = await self._next_event()
@@ -377,7 +395,7 @@ class _Connection:
         except h11.LocalProtocolError:
             # h11 sends no response before it has a request head (a slow or
             # oversized one): the same bytes, written by hand.
-            lines = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}",
+            lines = [f"HTTP/1.1 {response.status} {_reason(response.status).decode()}",
                      f"content-type: {response.content_type}",
                      f"content-length: {len(response.body)}",
                      *(f"{name}: {value}" for name, value in headers)]
@@ -399,7 +417,8 @@ class _Connection:
         headers = [("content-type", response.content_type),
                    ("content-length", str(len(response.body))),
                    *headers]
-        await self._send(h11.Response(status_code=response.status, headers=headers))
+        await self._send(h11.Response(status_code=response.status, headers=headers,
+                                      reason=_reason(response.status)))
         if response.body and not head_only:
             await self._send(h11.Data(data=response.body))
         await self._send(h11.EndOfMessage())
@@ -438,12 +457,16 @@ class _Connection:
         if isinstance(answer, Response):
             await self._send_response(answer, [*answer.headers, *base_headers], head_only)
             return
-        await self._send(h11.Response(status_code=200, headers=[
-            ("content-type", answer.content_type), *answer.headers, *base_headers]))
-        if head_only:
-            await self._send(h11.EndOfMessage())
-            return
-        await self._stream(answer)
+        try:
+            await self._send(h11.Response(status_code=200, reason=b"OK", headers=[
+                ("content-type", answer.content_type), *answer.headers, *base_headers]))
+            if head_only:
+                await self._send(h11.EndOfMessage())
+                return
+            await self._stream(answer)
+        finally:
+            if answer.on_close is not None:
+                answer.on_close()
 
     async def _stream(self, answer: StreamResponse) -> None:
         """Run an event stream until it ends or the peer goes (EOF or any bytes)."""
@@ -469,7 +492,10 @@ class _Connection:
 
 async def serve_http(daemon, sock: socket.socket, ssl_context: ssl.SSLContext | None = None,
                      *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the health routes (and the web page) on `sock` (taken over) until cancelled."""
+    """Serve the health routes and the web page on `sock` (taken over) until cancelled."""
+    from ringtail.service.web import WebApp  # web imports this module's types
+
     loopback = is_loopback(sock.getsockname()[0])
-    server = HttpServer([HealthRoutes(daemon)], ssl_context, loopback=loopback)
+    web = WebApp(daemon, tls=ssl_context is not None, loopback=loopback)
+    server = HttpServer([HealthRoutes(daemon), web], ssl_context, loopback=loopback)
     await server.serve(sock, task_status=task_status)
