@@ -193,6 +193,7 @@ class DiffSummary:
     only_in_a: int = 0
     only_in_b: int = 0
     first_divergent_epoch: int | None = None
+    held_record_count_max: int = 0  # records one side held at once (memory: x 64 bytes)
 
     @property
     def identical(self) -> bool:
@@ -225,6 +226,8 @@ class EpochGrouper:
         self._closed_below = 0  # every epoch below this was handed out
         self._newest = -1
         self.record_count = 0
+        # The most records held at once (the memory bound, in records of 64 bytes).
+        self.held_record_count_max = 0
 
     def feed(self, array: numpy.ndarray) -> list[tuple[int, numpy.ndarray]]:
         """Add records (arrival order); return the epochs this completed."""
@@ -260,6 +263,7 @@ class EpochGrouper:
             self._counts[epoch] = count
             self._open.setdefault(epoch, []).append(part)
         self.record_count += len(array)
+        self.held_record_count_max = max(self.held_record_count_max, sum(self._counts.values()))
         self._newest = max(self._newest, parts[-1][0])
         return self._close_below(self._newest - EPOCH_OVERLAP_COUNT)
 
@@ -452,6 +456,7 @@ async def diff_streams(stream_a: RecordStream, stream_b: RecordStream, options: 
             summary.epochs_identical += 1
         await trio.lowlevel.checkpoint()
     summary.records_a, summary.records_b = (side.grouper.record_count for side in sides)
+    summary.held_record_count_max = max(side.grouper.held_record_count_max for side in sides)
     return summary
 
 

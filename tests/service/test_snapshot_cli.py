@@ -163,3 +163,51 @@ async def test_a_snapshot_taken_while_four_publishers_run_holds_exactly_the_cut(
     assert (first, chunks[0][0]) == (0, 0)
     assert data == b"".join(by_sequence[s] for s in range(first, last + 1))
     assert verify_snapshot(out).header.next_sequence == last + 1
+
+
+def run_on_terminal(argv: list[str]) -> tuple[int, bytes, bytes]:
+    """Run with stdout on a pseudo-terminal (a bar is drawn only there); (status, stdout, stderr)."""
+    import pty
+    import subprocess
+    primary, secondary = pty.openpty()
+    try:
+        process = subprocess.Popen([RINGTAIL, *argv], stdout=secondary, stderr=subprocess.PIPE)
+        os.close(secondary)
+        secondary = -1
+        stdout = b""
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            stdout += data
+        stderr = process.stderr.read()
+        return process.wait(timeout=COMMAND_TIMEOUT_S), stdout, stderr
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only(daemon, tmp_path):
+    server = daemon(io="threads")
+    trio.run(publish, server.socket_path, 1, RecordFactory(1, seed=6).records(3000))
+    out = os.fspath(tmp_path / "bar.snap")
+    status, stdout, stderr = run_on_terminal(["snapshot", "--socket", server.socket_path,
+                                              "--tenant", "1", "--out", out])
+    assert status == 0 and b"snapshot of tenant 1: 3000 records" in stdout
+    assert b"snapshot [" in stderr and b"100.0%" in stderr
+    for argv, label in ((["verify", out], b"verify bar.snap ["),
+                        (["restore", out, "--tenant", "5", "--data-dir", server.data_dir],
+                         b"restore: restore ["),
+                        (["diff", "--socket", server.socket_path, "tenant:1", out],
+                         b"diff [")):
+        status, _, stderr = run_on_terminal(argv)
+        assert status == 0 and label in stderr and b"100.0%" in stderr, (argv, stderr)
+    # Not a terminal: no bar.
+    import subprocess
+    result = subprocess.run([RINGTAIL, "verify", out], capture_output=True,
+                            timeout=COMMAND_TIMEOUT_S, check=False)
+    assert result.returncode == 0 and result.stderr == b""
