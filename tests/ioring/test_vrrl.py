@@ -445,3 +445,64 @@ def test_export_write_failure_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         export_vrrl([_record(0)], path, 2)
     assert os.listdir(tmp_path) == []
+
+
+# -- streaming export (issue 9, item 17) ----------------------------------------------
+
+
+@pytest.mark.parametrize("capacity, count, frame", [
+    (7, 30, 4),  # wraps several times, frames across the wrap
+    (100, 60, 13),  # never wraps: finish(shrink=True) fits the capacity to 60
+    (5, 9000, 4500),  # a frame larger than a piece and than the capacity
+])
+def test_a_streamed_export_is_byte_identical_to_the_original(tmp_path, capacity, count, frame):
+    from ringtail.ioring.vrrl import VrrlWriter, write_vrrl_file
+    records = [_record(n) for n in range(count)]
+    data = b"".join(records)
+    path = tmp_path / "streamed.vrrl"
+
+    def fill(fd: int) -> None:
+        writer = VrrlWriter(fd, capacity)
+        for start in range(0, len(data), frame * 64):
+            writer.write(data[start:start + frame * 64])
+        writer.finish(shrink=True)
+
+    write_vrrl_file(path, fill)
+    fitted = min(capacity, count)
+    assert path.read_bytes() == _original_publish(records, fitted)
+
+
+def test_a_streamed_export_names_the_bad_record_by_its_index_and_writes_nothing(tmp_path):
+    from ringtail.ioring.vrrl import VrrlWriter, write_vrrl_file
+    bad = bytearray(_record(5001))
+    bad[0:4] = (0x0BADF00D).to_bytes(4, "little")
+    data = b"".join(_record(n) for n in range(5001)) + bytes(bad)
+    path = tmp_path / "bad.vrrl"
+
+    def fill(fd: int) -> None:
+        writer = VrrlWriter(fd, 10)
+        writer.write(data[:3000 * 64])
+        writer.write(data[3000 * 64:])
+
+    with pytest.raises(ValueError, match=r"^record 5001 has magic 0x0badf00d, expected "
+                                         r"0xdeadbeef"):
+        write_vrrl_file(path, fill)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_memory_does_not_grow_with_the_capacity_or_the_record_count(tmp_path):
+    """A full-capacity export (1,048,576 records, a 64 MiB file) holds at most a
+    few pieces: it used to build the whole file image in memory."""
+    import tracemalloc
+    from ringtail.ioring.vrrl import VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX
+    record = _record(1)
+    path = tmp_path / "full.vrrl"
+    tracemalloc.start()
+    try:
+        export_vrrl((record for _ in range(VRRL_CAPACITY_MAX)), path, VRRL_CAPACITY_MAX)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    piece = VRRL_EXPORT_CHUNK_RECORD_COUNT_MAX * 64
+    assert peak < 4 * piece, f"peak {peak} bytes for a {piece}-byte piece"
+    assert os.path.getsize(path) == 32 + VRRL_CAPACITY_MAX * 64
