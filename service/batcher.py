@@ -21,7 +21,7 @@ from typing import Callable
 
 import trio
 
-from ringtail.ioring import RingError, RingFailedError, RingFile
+from ringtail.ioring import RingError, RingFile
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.histogram import (BATCH_RECORD_COUNT_BOUNDS, LATENCY_NS_BOUNDS, Histogram,
                                         HistogramSnapshot)
@@ -72,12 +72,9 @@ class TenantWriter:
     the ring's RingFailedError; the daemon keeps serving other tenants.
     """
 
-    def __init__(self, ring: RingFile,
-                 on_commit: Callable[[int, bytes], None],
-                 on_batch: Callable[[int, int, int], None] | None = None):
+    def __init__(self, ring: RingFile, on_commit: Callable[[int, bytes], None]):
         self.ring = ring
         self._on_commit = on_commit
-        self._on_batch = on_batch
         self._queue: collections.deque[tuple[PublishRequest, int]] = collections.deque()
         self._pending_records = 0
         self._work = trio.Event()
@@ -151,8 +148,6 @@ class TenantWriter:
             self._records += ticket.record_count
             self._batch_record_count.observe(ticket.record_count)
             self._commit_latency_ns.observe(durable_ns - submitted_ns)
-            if self._on_batch is not None:
-                self._on_batch(ticket.record_count, len(parts), ticket.first_sequence)
             self._on_commit(ticket.first_sequence, data)
 
     def _take(self, batch_max: int) -> tuple[list[tuple[PublishRequest, int, int]], bytes]:
@@ -192,13 +187,12 @@ class TenantWriter:
                 self._ack_latency_ns.observe(durable_ns - request.enqueued_ns)
 
     def _fail(self, parts, error: RingError) -> None:
-        failed = error if isinstance(error, RingFailedError) else error
         for request, _, _ in parts:
-            request.error = failed
+            request.error = error
             request.done.set()
         while self._queue:
             request, _ = self._queue.popleft()
-            request.error = failed
+            request.error = error
             request.done.set()
         self._pending_records = 0
         self._space.set()

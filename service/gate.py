@@ -24,7 +24,7 @@ the fatal Error); a refusal of one batch is returned as a ProtocolError (the
 connection goes on).
 
 The gate counts its own decisions (auth failures by tenant and reason,
-FORBIDDEN, connections refused, records delayed, slots held) and
+FORBIDDEN, records delayed, slots held) and
 `statistics()` returns them as a frozen `GateStatistics`. Batches refused
 are counted where every refusal of a batch meets, in the connection handler.
 
@@ -105,15 +105,12 @@ class TenantGateStatistics:
     connections: int  # admitted connections open now
     subscribers: int  # subscriber slots held now
     records_delayed: int  # records held back to the records/s quota (quota_mode "slow")
-    connections_refused: int  # TOO_MANY_CONNECTIONS past the tenant's connections_max
-    subscribers_refused: int  # TOO_MANY_SUBSCRIBERS
     paced: bool  # the tenant has a records/s quota
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GateStatistics:
     connections_open: int  # daemon-wide slots held
-    connections_refused: int  # TOO_MANY_CONNECTIONS past CONNECTION_COUNT_MAX
     # Refused Hellos by (tenant label, reason), folded past AUTH_FAILURE_SERIES_COUNT_MAX.
     auth_failures: Mapping[tuple[str, str], int]
     auth_failure_reasons: Mapping[str, int]  # the same refusals by reason alone (never folded)
@@ -141,8 +138,6 @@ class _TenantState:
         self.connections = 0
         self.subscribers = 0
         self.records_delayed = 0
-        self.connections_refused = 0
-        self.subscribers_refused = 0
 
     def _bucket(self, settings: QuotaSettings) -> TokenBucket | None:
         if not settings.records_per_second:
@@ -156,7 +151,6 @@ class _TenantState:
 
     def statistics(self) -> TenantGateStatistics:
         return TenantGateStatistics(self.connections, self.subscribers, self.records_delayed,
-                                    self.connections_refused, self.subscribers_refused,
                                     self.bucket is not None)
 
 
@@ -190,7 +184,6 @@ class Gate:
         self._tenants: dict[int, _TenantState] = {}  # bounded by TENANT_COUNT_MAX
         self._admitted: set[Admission] = set()  # bounded by CONNECTION_COUNT_MAX
         self._connections_open = 0
-        self._connections_refused = 0
         self._auth_failures: dict[tuple[str, str], int] = {}
         self._auth_failure_reasons: dict[str, int] = {}  # the REASON_* set
         self._role_refusals = 0
@@ -205,7 +198,6 @@ class Gate:
             Refused: TOO_MANY_CONNECTIONS, every slot is held.
         """
         if self._connections_open >= CONNECTION_COUNT_MAX:
-            self._connections_refused += 1
             raise Refused(ErrorCode.TOO_MANY_CONNECTIONS,
                           f"{CONNECTION_COUNT_MAX} connections are open (CONNECTION_COUNT_MAX); "
                           "close idle connections and retry with backoff")
@@ -233,7 +225,6 @@ class Gate:
         state = self._tenant_state(hello.tenant_id)
         limit = state.settings.connections_max
         if state.connections >= limit:
-            state.connections_refused += 1
             raise Refused(ErrorCode.TOO_MANY_CONNECTIONS,
                           f"tenant {hello.tenant_id} has {limit} connections open (its "
                           "connections_max); close idle connections and retry with backoff")
@@ -369,7 +360,6 @@ class Gate:
         state = self._tenant_state(tenant_id)
         limit = min(SUBSCRIBER_COUNT_MAX, state.settings.subscribers_max)
         if state.subscribers >= limit:
-            state.subscribers_refused += 1
             raise Refused(ErrorCode.TOO_MANY_SUBSCRIBERS,
                           f"tenant {tenant_id} has {limit} subscribers "
                           "(SUBSCRIBER_COUNT_MAX or its subscribers_max); retry later")
@@ -415,7 +405,7 @@ class Gate:
 
     def statistics(self) -> GateStatistics:
         return GateStatistics(
-            self._connections_open, self._connections_refused,
+            self._connections_open,
             MappingProxyType(dict(self._auth_failures)),
             MappingProxyType(dict(self._auth_failure_reasons)), self._role_refusals,
             MappingProxyType({tenant_id: state.statistics()

@@ -133,7 +133,7 @@ async def test_connection_slots_are_given_back_on_every_way_out(make_gated):
         raise RuntimeError("a bug in the handler")
     with gated.admit(), gated.admit():  # both slots free again
         tenant = gated.gate.statistics().tenants[TENANT]
-        assert tenant.connections == 2 and tenant.connections_refused == 1
+        assert tenant.connections == 2
     assert gated.gate.statistics().tenants[TENANT].connections == 0
 
 
@@ -146,7 +146,7 @@ async def test_the_daemon_wide_connection_cap(gated):
         assert "CONNECTION_COUNT_MAX" in refusal.message
         assert gated.gate.statistics().connections_open == CONNECTION_COUNT_MAX
     statistics = gated.gate.statistics()
-    assert statistics.connections_open == 0 and statistics.connections_refused == 1
+    assert statistics.connections_open == 0
 
 
 # -- publish and subscribe -------------------------------------------------------------
@@ -197,7 +197,7 @@ async def test_subscriber_slots_are_capped_and_given_back(make_gated):
         with gated.gate.subscriber_slot(TENANT):
             assert gated.gate.statistics().tenants[TENANT].subscribers == 1
     tenant = gated.gate.statistics().tenants[TENANT]
-    assert tenant.subscribers == 0 and tenant.subscribers_refused == 1
+    assert tenant.subscribers == 0
     assert SUBSCRIBER_COUNT_MAX >= 2
 
 
