@@ -86,6 +86,12 @@ CAPACITY_RECORD_COUNT_MAX = 1 << 24
 # torn tail from an eviction (docs/FORMAT.md, "Recovery").
 BATCH_RECORD_COUNT_MAX = 4096
 
+# Sequences and generations stay below 2^63, so that a reader in any language
+# can do all of FORMAT.md's arithmetic in signed 64-bit integers (and numpy's
+# uint64 never wraps). A writer appending 10^9 records a second reaches it in
+# 292 years; a header copy holding a larger value is unusable.
+SEQUENCE_LIMIT = 1 << 63
+
 assert CHUNK_SIZE_BYTES == PAGE_SIZE_BYTES
 assert HEADER_SIZE_BYTES <= PAGE_SIZE_BYTES
 assert PAGE_SIZE_BYTES % CHUNK_ENTRY_SIZE_BYTES == 0
@@ -164,6 +170,9 @@ def decode_header(data: bytes, copy_index: int | None = None) -> Header:
             "inconsistent cursor",
             f"oldest={oldest} batch_first={batch_first} next={next_sequence} "
             f"capacity={capacity}: {problem}")
+    if generation >= SEQUENCE_LIMIT:
+        raise HeaderDecodeError("generation out of range",
+                                f"{generation} is not below 2^63 (SEQUENCE_LIMIT)")
     if copy_index is not None and generation % HEADER_COPY_COUNT != copy_index:
         # Generation g is only ever written to copy g mod 2. Using a copy found in
         # the other slot would let the next header write overwrite the copy in use.
@@ -186,6 +195,8 @@ def cursor_problem(capacity: int, oldest: int, batch_first: int, next_sequence: 
     unusable ("inconsistent cursor"); recovery relies on every one of them
     (the last batch's tail never shares a chunk with the head window).
     """
+    if next_sequence >= SEQUENCE_LIMIT:
+        return "next is not below 2^63 (SEQUENCE_LIMIT)"
     if not oldest <= batch_first <= next_sequence:
         return "oldest <= batch_first <= next does not hold"
     if next_sequence - oldest > capacity:

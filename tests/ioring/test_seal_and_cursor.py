@@ -202,3 +202,24 @@ def test_a_copy_whose_generation_parity_names_the_other_slot_is_unusable(ring_pa
             f"generation parity mismatch: generation {generation + 2} belongs in copy "
             f"{newest}, found in copy {1 - newest}")
         assert ring.read(0, 340) == make_records(0, 340)
+
+
+def test_a_sequence_or_generation_not_below_2_63_makes_the_copy_unusable(ring_path, io):
+    _write(ring_path, io, [100])
+    newest = _newest(ring_path)
+    header = _headers(ring_path)[newest]
+    # An empty ring at 2^63: checksum-valid and otherwise consistent.
+    for field in (OLDEST_OFFSET, BATCH_FIRST_OFFSET, 40):
+        _set_u64(ring_path, newest, field, 1 << 63)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        assert ring.recovery_report.other_copy_problem.endswith(
+            "next is not below 2^63 (SEQUENCE_LIMIT)")
+        assert ring.read(0, 100) == make_records(0, 100)
+    newest = _newest(ring_path)
+    _set_u64(ring_path, newest, GENERATION_OFFSET, (1 << 64) - 2 + newest)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        assert ring.recovery_report.other_copy_problem == (
+            f"generation out of range: {(1 << 64) - 2 + newest} is not below 2^63 "
+            "(SEQUENCE_LIMIT)")
+        assert ring.read(0, 100) == make_records(0, 100)
+    assert header.next_sequence == 100
