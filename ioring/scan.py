@@ -17,7 +17,7 @@ from ringtail.ioring.format import (CHUNK_RECORD_COUNT, CHUNK_SIZE_BYTES, HEADER
                                     Header, Layout)
 from ringtail.ioring.reader import ChunkTable, verify_run
 from ringtail.ioring.record import RECORD_SIZE_BYTES
-from ringtail.ioring.recovery import check_geometry, read_header
+from ringtail.ioring.recovery import check_geometry, is_sealed, read_header
 from ringtail.ioring.ring import is_locked_by_writer
 
 # Chunks `verify` reads and checks at once: 256 x 4 KiB = a 1 MiB buffer,
@@ -53,6 +53,9 @@ class RingInfo:
             ("retained", f"{self.retained_record_count} records"),
             ("fill", f"{self.fill_fraction:.1%}"),
             ("header copy in use", f"{self.header_copy} (generation {header.generation})"),
+            ("last close", "clean (sealed)" if is_sealed(header) else
+             "empty ring" if header.oldest_sequence == header.next_sequence else
+             "not sealed (a writer has it open, or it crashed)"),
             ("other header copy", self.other_copy_problem or "valid"),
             ("created", str(header.created_ns)),
             ("file id", f"{header.file_id:016x}"),

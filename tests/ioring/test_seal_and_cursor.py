@@ -223,3 +223,12 @@ def test_a_sequence_or_generation_not_below_2_63_makes_the_copy_unusable(ring_pa
             "(SEQUENCE_LIMIT)")
         assert ring.read(0, 100) == make_records(0, 100)
     assert header.next_sequence == 100
+
+
+def test_inspect_says_whether_the_last_close_was_clean(ring_path, io):
+    _write(ring_path, io, [100])
+    assert dict(inspect_ring(ring_path).rows())["last close"] == "clean (sealed)"
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io):
+        assert dict(inspect_ring(ring_path).rows())["last close"] == (
+            "not sealed (a writer has it open, or it crashed)")
+    assert dict(inspect_ring(ring_path).rows())["last close"] == "clean (sealed)"
