@@ -475,14 +475,20 @@ class _Connection:
 
         async def watch_peer(scope: trio.CancelScope) -> None:
             # Nothing more may come while we answer (no pipelining on a
-            # stream); EOF or bytes mean the page went away or reloaded.
-            await self.stream.receive_some(HTTP_RECEIVE_SIZE_BYTES)
+            # stream); EOF, a reset or bytes mean the page went away or reloaded.
+            try:
+                await self.stream.receive_some(HTTP_RECEIVE_SIZE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
             scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_peer, nursery.cancel_scope)
-            await answer.stream(write)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_peer, nursery.cancel_scope)
+                await answer.stream(write)
+                nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            raise trio.BrokenResourceError("the peer went away mid-stream") from group
         if self.h11.our_state is h11.SEND_BODY:
             try:
                 await self._send(h11.EndOfMessage())

@@ -183,6 +183,36 @@ async def test_a_peer_that_stops_reading_a_stream_is_dropped(nursery, autojump_c
     assert server.stats.stalled == 1
 
 
+async def test_a_peer_that_resets_mid_stream_leaves_the_listener_serving(nursery):
+    ended = trio.Event()
+
+    async def events(request):
+        if request.path != "/events":
+            return await hello_handler(request)
+
+        async def stream(write):
+            try:
+                await write(b"event: hello\ndata: {}\n\n")
+                await trio.sleep_forever()  # until the peer goes
+            finally:
+                ended.set()
+        return StreamResponse(stream)
+
+    server, port = await start_server(nursery, [events])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while b"event: hello" not in received:
+        received += await stream.receive_some(65536)
+    # Close with a reset (SO_LINGER 0), as a browser tab that is killed.
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    await stream.aclose()
+    await ended.wait()
+    again = await exchange(port, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(again) == 200
+    assert server.stats.handler_errors == 0
+
+
 async def test_a_handler_bug_is_a_500_and_the_server_goes_on(nursery):
     async def broken(request):
         if request.path == "/broken":
