@@ -234,7 +234,8 @@ function tenantPage() {
 
   function counts() {
     $("counts").textContent = `${state.shown} records shown, ${state.failures} failures, ` +
-      `${state.gaps} gaps; keeping the last ${state.rowsMax} rows`;
+      `${state.gaps} gaps` + (state.lastGap ? ` (last: ${state.lastGap} lost)` : "") +
+      `; keeping the last ${state.rowsMax} rows`;
   }
 
   function addRecords(rows) {
@@ -271,6 +272,7 @@ function tenantPage() {
                          "evicted before this page read them");
     td.colSpan = 10;
     state.gaps++;
+    state.lastGap = `${first}..${last}`;  // stays in the counts line once the row scrolls out
     state.resume = Math.max(state.resume ?? 0, last + 1);
     trim();
     counts();
@@ -303,7 +305,10 @@ function tenantPage() {
   });
 
   function restart(clear) {
-    if (clear) { body.replaceChildren(); state.resume = null; state.shown = 0; state.failures = 0; state.gaps = 0; }
+    if (clear) {
+      body.replaceChildren();
+      Object.assign(state, { resume: null, shown: 0, failures: 0, gaps: 0, lastGap: null });
+    }
     stream.refused = false;
     if (!state.paused) stream.start();
   }

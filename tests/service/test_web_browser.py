@@ -272,3 +272,51 @@ def test_the_page_survives_a_daemon_restart_without_duplicates(browser, web_daem
     seen = [int(row.get_attribute("data-seq")) for row in record_rows(browser)]
     assert seen == list(range(20))  # in order, none twice, none missing
     screenshot(browser, tmp_path)
+
+
+def sparkline_peak(driver, tenant_id: int) -> float:
+    """The highest point of a tenant's sparkline, 0..1 of its height (0: all zero)."""
+    points = driver.find_element(
+        "css selector", f'tr[data-tenant="{tenant_id}"] svg.spark polyline').get_attribute("points")
+    heights = [float(point.split(",")[1]) for point in points.split()]
+    return (22 - 1 - min(heights)) / (22 - 2)
+
+
+def test_records_per_second_and_a_gap_after_pause_and_eviction(browser, web_daemon, tmp_path):
+    from ringtail.service.web import WEB_ROWS_KEPT_MAX
+    factory = RecordFactory(7, seed=14)
+    publish(web_daemon, 7, [factory.slot_record() for _ in range(3)])
+    browser.get(f"{web_daemon.url}/")
+    enter_token(browser, TOKEN_A)
+    wait(browser, lambda d: d.find_elements("css selector", 'tr[data-tenant="7"] svg.spark polyline'),
+         "tenant 7's sparkline was not drawn")
+    assert sparkline_peak(browser, 7) == 0  # nothing published while watched
+    publish(web_daemon, 7, [factory.slot_record() for _ in range(500)])
+    wait(browser, lambda d: sparkline_peak(d, 7) > 0, "the records/s sparkline did not rise")
+    # The tail: pause, let the ring (4,096) evict what the page has not read, resume.
+    open_tail(browser, web_daemon.url, 7, TOKEN_A)
+    wait(browser, row_count_is(500), "the history did not show")  # WEB_HISTORY_RECORD_COUNT_MAX
+    last_shown = int(record_rows(browser)[-1].get_attribute("data-seq"))
+    assert last_shown == 502
+    browser.find_element("id", "pause").click()
+    wait(browser, status_is("paused"), "the page did not pause")
+    for _ in range(3):
+        publish(web_daemon, 7, [factory.slot_record() for _ in range(2048)])
+    browser.find_element("id", "pause").click()  # resume after sequence 502
+    # The gap row scrolls out under the ring's 4,096 retained records (the page
+    # keeps WEB_ROWS_KEPT_MAX rows); the counts line keeps the last gap.
+    wait(browser, lambda d: "1 gaps" in d.find_element("id", "counts").text,
+         "no gap after resuming past evicted records")
+    counts = browser.find_element("id", "counts").text
+    first, last = map(int, counts.split("(last: ")[1].split(" lost)")[0].split(".."))
+    assert first == last_shown + 1 and last >= first
+    # What follows the gap is the ring's oldest record on, in order, and the
+    # page keeps at most WEB_ROWS_KEPT_MAX rows.
+    wait(browser, lambda d: int(record_rows(d)[-1].get_attribute("data-seq")) == 503 + 3 * 2048 - 1,
+         "records after the gap did not all arrive")
+    rows = browser.find_elements("css selector", "#records tbody tr")
+    assert len(rows) <= WEB_ROWS_KEPT_MAX
+    sequences = [int(row.get_attribute("data-seq")) for row in record_rows(browser)]
+    assert sequences == list(range(sequences[0], 503 + 3 * 2048))
+    assert sequences[0] > last
+    screenshot(browser, tmp_path)
