@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"replicas of the stream if ship creates it (default: "
                            f"{STREAM_REPLICAS_DEFAULT}; use 3 on a cluster: a single-node "
                            "stream is not power-safe)")
+    ship.add_argument("--metrics", metavar="HOST:PORT",
+                      help="serve ship's Prometheus figures at http://HOST:PORT/metrics "
+                           "(port 0 picks a free one, logged; default: off)")
     add_fleet_arguments(ship, required=True)
 
     token = commands.add_parser("token", help="make bearer tokens for the config")
@@ -161,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--diff", action="store_true",
                        help="instead: diff throughput and snapshot compression "
                             "(ringtail.bench.replay)")
+    bench.add_argument("--fleet", action="store_true",
+                       help="instead: ringtail ship into a local JetStream (R1, R3) beside a "
+                            "direct nats-py client (ringtail.bench.fleet; needs nats-server)")
     return parser
 
 
@@ -601,6 +607,9 @@ def command_bench(args) -> int:
     if args.diff:
         from ringtail.bench import replay
         return replay.command(args, [program, *sys.argv[1:]])
+    if args.fleet:
+        from ringtail.bench import fleet
+        return fleet.command(args, [program, *sys.argv[1:]])
     return e2e.command(args, [program, *sys.argv[1:]])
 
 
@@ -622,7 +631,7 @@ def add_fleet_arguments(parser: argparse.ArgumentParser, *, required: bool) -> N
 def command_ship(args) -> int:
     import asyncio
 
-    from ringtail.service.fleet import FleetError
+    from ringtail.service.fleet import FleetError, FleetErrorCode
     from ringtail.service.ship import Shipper, default_node, ship_until_signalled
     if args.replicas < 1:
         print(f"ringtail ship: --replicas {args.replicas}: use 1 or more", file=sys.stderr)
@@ -630,36 +639,83 @@ def command_ship(args) -> int:
     try:
         shipper = Shipper(args.nats, args.socket, args.node or default_node(), args.tenant,
                           stream=args.stream, replicas=args.replicas)
+        if args.metrics:
+            from ringtail.service.config import parse_host_port
+            from ringtail.service.ship import serve_metrics
+            host, port = parse_host_port(args.metrics, "--metrics")
+            port = serve_metrics(shipper, host, port)
+            logging.getLogger("ringtail.ship").info("metrics at http://%s:%d/metrics", host,
+                                                    port)
         asyncio.run(ship_until_signalled(shipper))
     except FleetError as error:
+        if error.code is FleetErrorCode.BAD_NODE_NAME:
+            print(f"ringtail ship: {error}", file=sys.stderr)
+            return EXIT_USAGE
         raise CommandError(str(error)) from None
     return EXIT_OK
 
 
 def command_fleet_tail(args) -> int:
+    """`ringtail tail --nats`: a shipped tenant from JetStream. The filters apply here,
+    record by record (JetStream cannot see inside a message); --since starts at the
+    first record stamped at or after TIME, as the daemon's start-at-time does."""
     import asyncio
 
+    import numpy
+
+    from ringtail.ioring.record import RECORD_DTYPE
     from ringtail.service.fleet import KIND_GAP, FleetError, fleet_tail, print_gap
+    from ringtail.service.protocol import StartKind
+    from ringtail.service.subscribers import RecordFilter
+    from ringtail.service.tail_filters import TailUsageError, parse_tail_filters
     if not args.node:
         print("ringtail tail: --nats needs --node NAME (the shipping node's name)",
               file=sys.stderr)
         return EXIT_USAGE
-    start, value = parse_start(args.start)
+    try:
+        start, value, filters = parse_tail_filters(args)
+    except TailUsageError as error:
+        print(f"ringtail tail: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    since = value if start == StartKind.TIME else None
+    if since is not None:
+        start, value = "oldest", 0
+    record_filter = RecordFilter(frozenset(filters.get("opcodes", ())),
+                                 filters.get("epoch_min", 0),
+                                 filters.get("epoch_max", 0xFFFF_FFFF),
+                                 filters.get("failure_only", False))
     out = sys.stdout.buffer
     widths = (10, 20, 6, 6, 23, 6, 6, 15, 7, 16)
     if args.format == "table":
         print("  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths)), flush=True)
+    started = [since is None]
 
     def emit(shipped) -> None:
         if shipped.kind == KIND_GAP:
             print_gap(shipped)
-        else:
-            write_records(Records(shipped.first_sequence, shipped.records), args.format, out,
+            return
+        records = shipped.records
+        first = 0
+        if not started[0]:
+            stamps = numpy.frombuffer(records, dtype=RECORD_DTYPE)["timestamp_ns"]
+            at = numpy.flatnonzero(stamps >= since)
+            if not len(at):
+                return
+            first, started[0] = int(at[0]), True
+        if record_filter.passes_everything and not first:
+            write_records(Records(shipped.first_sequence, records), args.format, out, widths)
+            return
+        selected = record_filter.select(records)
+        selected = selected[selected >= first]
+        if len(selected):
+            rows = numpy.frombuffer(records, dtype=RECORD_DTYPE)[selected]
+            sequences = tuple((selected + shipped.first_sequence).tolist())
+            write_records(Records(sequences[0], rows.tobytes(), sequences), args.format, out,
                           widths)
 
     try:
         asyncio.run(fleet_tail(args.nats, args.node, args.tenant, emit, stream=args.stream,
-                               start=start, start_value=value, follow=args.follow))
+                               start=str(start), start_value=value, follow=args.follow))
     except FleetError as error:
         raise CommandError(str(error)) from None
     except BrokenPipeError:

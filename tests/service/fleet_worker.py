@@ -10,7 +10,8 @@ is acknowledged and prints one JSON line of the Publisher's statistics. EOF
 closes the Publisher and exits.
 
 Record i of worker w is unique in the tenant: args = (w, i, 0, 0), slot_idx = i,
-timestamp_ns = TIMESTAMP_BASE_NS + i; `worker_record(tenant, w, i)` builds it,
+timestamp_ns = TIMESTAMP_BASE_NS + w * WORKER_TIMESTAMP_STRIDE_NS + i (so a worker's
+records are stamped after every record of the workers before it); `worker_record(tenant, w, i)` builds it,
 so the test can rebuild every record a worker published.
 """
 
@@ -24,11 +25,13 @@ from ringtail.ioring.record import SlotRecord
 
 TIMESTAMP_BASE_NS = 1_700_000_000_000_000_000
 FLUSH_TIMEOUT_S = 120.0  # across daemon restarts: generous, fails loudly in the JSON
-PACE_STEP_RECORDS = 256  # records published between two pacing pauses
+PACE_STEP_RECORDS = 256
+WORKER_TIMESTAMP_STRIDE_NS = 1_000_000_000  # records published between two pacing pauses
 
 
 def worker_record(tenant_id: int, worker: int, index: int) -> bytes:
-    return SlotRecord(timestamp_ns=TIMESTAMP_BASE_NS + index, slot_idx=index,
+    return SlotRecord(timestamp_ns=TIMESTAMP_BASE_NS + worker * WORKER_TIMESTAMP_STRIDE_NS + index,
+                      slot_idx=index,
                       tenant_id=tenant_id, opcode=worker, args=(worker, index, 0, 0),
                       epoch=index // 1000).encode()
 

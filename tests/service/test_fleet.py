@@ -418,3 +418,34 @@ def test_ship_serves_its_figures_to_prometheus(daemon, nats, processes, tmp_path
     assert "ringtail_ship_records_total 700.0" in text
     assert "ringtail_ship_gaps_total 0.0" in text
     assert f'ringtail_ship_lag_records{{tenant="{TENANT}"}} 0.0' in text
+
+
+def test_fleet_tail_filters_print_what_the_local_tail_prints(daemon, nats, processes, tmp_path):
+    """--opcode, --epochs, --failure-only and --since: the fleet tail filters each
+    message's records itself; its output equals the daemon-filtered local tail's."""
+    from .fleet_worker import TIMESTAMP_BASE_NS
+    server = nats()
+    node = daemon(capacity=65_536, io="threads")
+    workers = [Worker(node.socket_path, TENANT, index) for index in range(2)]
+    processes.extend(workers)
+    for worker in workers:  # one after the other: timestamps increase along the ring
+        worker.publish(3_000)  # opcode = worker index, epoch = index // 1000
+        assert worker.flush()["flushed"]
+    ship = ShipProcess(server.url, node.socket_path, NODE, [TENANT], cwd=os.fspath(tmp_path))
+    processes.append(ship.start())
+    wait_shipped(server.url, NODE, TENANT, 6_000, alive=lambda: ship.process.poll() is None)
+    for options in (["--opcode", "1", "--epochs", "1..1"], ["--epochs", "2.."],
+                    ["--failure-only"], ["--since", str(TIMESTAMP_BASE_NS + 2_500)],
+                    ["--since", str(TIMESTAMP_BASE_NS + 2_500), "--opcode", "1"],
+                    ["--since", "2023-11-14T22:13:21Z"]):
+        local = subprocess.run([RINGTAIL, "tail", "--socket", node.socket_path, "--tenant",
+                                str(TENANT), "--format", "json", *options],
+                               capture_output=True, text=True, timeout=60)
+        fleet = subprocess.run([RINGTAIL, "tail", "--nats", server.url, "--node", NODE,
+                                "--tenant", str(TENANT), "--format", "json", *options],
+                               capture_output=True, text=True, timeout=60)
+        assert local.returncode == fleet.returncode == 0, (local.stderr, fleet.stderr)
+        assert fleet.stdout == local.stdout, options
+        expected = {"--failure-only": 0}.get(options[0])
+        lines = fleet.stdout.count("\n")
+        assert lines == expected if expected is not None else lines > 0, options
