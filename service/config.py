@@ -49,6 +49,7 @@ from ringtail.service.auth import (ROLE_NAMES, TOKEN_HASH_PATTERN, TOKEN_PREFIX,
                                    AccessPolicy, Grant)
 from ringtail.service.quotas import (QUOTA_MODES, RECORDS_PER_SECOND_MAX, TENANT_CONNECTION_COUNT_MAX,
                                      TENANT_SUBSCRIBER_COUNT_MAX, QuotaSettings)
+from ringtail.service.ship_process import ShipConfigError, ShipSettings, ship_settings
 from ringtail.service.tenants import TENANT_ID_MAX, TenantSettings
 
 DEFAULT_DATA_DIR = "ringtail-data"
@@ -87,6 +88,9 @@ class ServeConfig:
     # listens on TCP unless asked. metrics_listen is its older name (an alias).
     http_listen: str = ""
     metrics_listen: str = ""
+    # The [ship] table: `ringtail ship` run by the daemon as a child process
+    # (service/ship_process.py); None (the embedded default): no shipping.
+    ship: ShipSettings | None = None
 
     @property
     def http_address(self) -> str:
@@ -176,13 +180,14 @@ _TOP_KEYS = {"data_dir": str, "socket": str, "socket_mode": str, "sync": str, "i
              "capacity": int, "create_tenants": bool, "tenants": dict,
              "metrics_listen": str, "http_listen": str,
              "socket_group": str, "unix_auth": str, "admins": list, "tcp_listen": str,
-             "tcp_plaintext": bool, "tls_cert": str, "tls_key": str, "tls_client_ca": str}
+             "tcp_plaintext": bool, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
+             "ship": dict}
 _TENANT_KEYS = {"capacity": int, "sync": str, "name": str, "grants": list,
                 "records_per_second": int, "burst_records": int, "quota_mode": str,
                 "connections_max": int, "subscribers_max": int}
 _GRANT_KEYS = {"uid": int, "gid": int, "token": str, "roles": list,
                "expires": datetime.datetime}
-_SPECIAL_KEYS = {"tenants", "admins"}
+_SPECIAL_KEYS = {"tenants", "admins", "ship"}
 
 
 def load_config(path: str, base: ServeConfig | None = None) -> ServeConfig:
@@ -211,6 +216,11 @@ def load_config(path: str, base: ServeConfig | None = None) -> ServeConfig:
     if "admins" in document:
         values["admins"] = tuple(_grant(path, f"admins[{index}]", table, admin=True)
                                  for index, table in enumerate(document["admins"]))
+    if "ship" in document:
+        try:
+            values["ship"] = ship_settings(document["ship"])
+        except ShipConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     config = dataclasses.replace(base, **values)
     tenants = {}
     for key, table in document.get("tenants", {}).items():

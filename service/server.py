@@ -38,6 +38,7 @@ from ringtail.service.listeners import (Acceptor, ListenerStatistics, bind_tcp_l
                                         tcp_peer, unix_peer)
 from ringtail.service.notify import SystemdNotifier
 from ringtail.service.quotas import Clock, TrioClock
+from ringtail.service.ship_process import supervise_ship
 from ringtail.service.subscribers import SubscriptionCounters, SubscriptionStatistics
 from ringtail.service.tenants import RegistryStatistics, TenantRegistry
 
@@ -185,6 +186,9 @@ class Daemon:
                 self.ready = not self.stop.is_set
                 self.notifier.notify("READY=1")
                 task_status.started()
+                ship_scope = trio.CancelScope()
+                if self.config.ship is not None:
+                    root.start_soon(self._supervise_ship, ship_scope)
                 try:
                     async with trio.open_nursery() as connections:
                         with self._accept_scope:
@@ -198,6 +202,7 @@ class Daemon:
                         connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
                 finally:
                     signal_scope.cancel()
+                    ship_scope.cancel()
                     self.registry.close()  # writers drain their queues, then stop
         finally:
             await listener.aclose()
@@ -208,6 +213,11 @@ class Daemon:
             except FileNotFoundError:
                 pass
         log.info("ringtail stopped")
+
+    async def _supervise_ship(self, scope: trio.CancelScope) -> None:
+        """`ringtail ship` as a child (the config's [ship]), until the daemon stops."""
+        with scope:
+            await supervise_ship(self.config.ship, self.config.socket)
 
     def _choose_io(self) -> None:
         """Decide the rings' I/O backend once, before any ring opens.

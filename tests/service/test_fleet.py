@@ -449,3 +449,50 @@ def test_fleet_tail_filters_print_what_the_local_tail_prints(daemon, nats, proce
         expected = {"--failure-only": 0}.get(options[0])
         lines = fleet.stdout.count("\n")
         assert lines == expected if expected is not None else lines > 0, options
+
+
+def _ship_children(url: str) -> list[int]:
+    """Pids of live `ringtail ship` processes shipping to `url`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as file:
+                    argv = file.read().split(b"\0")
+            except OSError:
+                continue
+            if b"ship" in argv and url.encode() in argv:
+                found.append(int(entry))
+    return found
+
+
+def test_serve_runs_ship_from_the_config_and_stops_it(daemon, nats, processes, tmp_path):
+    from .conftest import write_config
+    server = nats()
+    config = write_config(tmp_path, f'[ship]\nnats = "{server.url}"\ntenants = [{TENANT}]\n'
+                                    f'node = "{NODE}"\n')
+    node = daemon(capacity=1024, io="threads", config=config)
+    worker = Worker(node.socket_path, TENANT, 0)
+    processes.append(worker)
+    worker.publish(500)
+    assert worker.flush()["flushed"]
+    wait_shipped(server.url, NODE, TENANT, 500, alive=lambda: node.alive)
+    assert "starting ship for tenants [3]" in node.stderr
+    assert _ship_children(server.url), "ship runs as the daemon's child"
+    assert node.stop() == 0
+    assert _ship_children(server.url) == [], "the daemon stops its ship child"
+
+
+def test_a_bad_ship_table_is_a_config_error(tmp_path):
+    from .conftest import write_config
+    for table, message in (('nats = "nats://127.0.0.1:4222"\n', "ship.tenants"),
+                           ('tenants = [1]\n', "needs nats"),
+                           ('nats = "x"\ntenants = [1]\nnode = "a.b"\n', "ship.node"),
+                           ('nats = "x"\ntenants = [1]\ncolour = 1\n', "no key 'colour'")):
+        config = write_config(tmp_path, "[ship]\n" + table)
+        result = subprocess.run([RINGTAIL, "serve", "--config", config, "--data-dir",
+                                 os.fspath(tmp_path / "d"), "--socket",
+                                 os.fspath(tmp_path / "s.sock")], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr, (message, result.stderr)
