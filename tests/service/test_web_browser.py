@@ -98,6 +98,7 @@ def web_daemon(tmp_path):
     process.url = process.run_stderr.split("metrics listening on ", 1)[1].split()[0]
     yield process
     process.close()
+    print(f"ringtail serve's stderr:\n{process.stderr}")  # shown when the test failed
 
 
 def publish(process: DaemonProcess, tenant_id: int, records: list[SlotRecord]) -> list[int]:
