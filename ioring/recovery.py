@@ -158,22 +158,17 @@ class Recovery:
         return bool(self.scrub_writes or report.dropped_tail or report.dropped_head
                     or report.rolled_forward)
 
-    @property
-    def must_unseal(self) -> bool:
-        """The writer must write an unsealed header before its first batch:
-        the decision changed, or the header on disk is a seal (a batch whose
-        header copy did not land must never be read as damage to a sealed file)."""
-        return self.changed or is_sealed(self.header)
-
 
 def is_sealed(header: Header) -> bool:
     """True if `header` is a seal: written on a clean close, so no batch of its
     writer can have been in flight after it (docs/FORMAT.md, "Recovery").
 
     A seal has no tail (`batch_first_sequence == next_sequence`) and retains
-    records; every header a writer writes while open retains its last record in
-    its tail (`unsealed_batch_first`), so the two never look alike. An empty
-    ring has nothing a batch could evict, so it needs no distinction.
+    records. Every header a writer writes while open names a tail: a batch's
+    header its batch, a persisted recovery and the unsealed header that the
+    first chain after a seal starts with its last record
+    (`unsealed_batch_first`), so the two never look alike. An empty ring has
+    nothing a batch could evict, so it needs no distinction.
     """
     return header.batch_first_sequence == header.next_sequence > header.oldest_sequence
 

@@ -35,7 +35,7 @@ from typing import Callable
 
 from ringtail.ioring.batch import BatchPlan, BatchTicket, check_header_successor, check_plan, plan_batch
 from ringtail.ioring.backend import open_backend
-from ringtail.ioring.chain import Backend, Operation
+from ringtail.ioring.chain import FDATASYNC, Backend, Operation, Write
 from ringtail.ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
                                     RingFormatError, RingLockedError)
 from ringtail.ioring.files import write_file_atomically
@@ -43,9 +43,14 @@ from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, Hea
                                     capacity_problem, chunk_hasher)
 from ringtail.ioring.reader import ChunkTable, read_verified
 from ringtail.ioring.record import RECORD_SIZE_BYTES
-from ringtail.ioring.recovery import RecoveryReport, recover, unsealed_batch_first
+from ringtail.ioring.recovery import RecoveryReport, is_sealed, recover, unsealed_batch_first
 
 SYNC_CHOICES = ("batch", "none")
+# Operations the first chain after a seal starts with: the unsealed header and
+# (sync="batch") its fdatasync. With BATCH_CHAIN_OPERATION_COUNT_MAX that is at
+# most 8, within io_uring's CHAIN_OPERATION_COUNT_MAX (16; asserted by
+# tests/ioring/test_seal_and_cursor.py, as the uring module loads lazily).
+UNSEAL_OPERATION_COUNT_MAX = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,6 +96,9 @@ class RingFile:
         self.oldest_sequence = header.oldest_sequence
         self.next_sequence = header.next_sequence
         self._pending: BatchPlan | None = None
+        # The header the pending plan continues from: the committed one, or the
+        # unsealed successor of a seal that the plan's chain writes first.
+        self._pending_base: Header | None = None
         self._failure: RingFailedError | None = None
         self._closed = False
         self._tail_hasher = self._load_tail_hasher()
@@ -167,15 +175,42 @@ class RingFile:
             self._header.oldest_sequence, self._header.next_sequence)
         self._tag += 1
         ticket = BatchTicket(self._tag, self.next_sequence, count)
-        plan = plan_batch(ticket, records, self.layout, self._header, self._table,
+        base, operations = self._unseal()
+        plan = plan_batch(ticket, records, self.layout, base, self._table,
                           self._tail_hasher, self.sync)
-        check_plan(plan, self.layout, self._header, self._table, self.sync)
+        check_plan(plan, self.layout, base, self._table, self.sync)
         self.oldest_sequence = plan.header.oldest_sequence
+        operations.extend(plan.operations)
         if self._observer is not None:
-            self._observer(plan.operations)
-        self._backend.submit(self._fd, plan.operations, ticket.tag)
-        self._pending = plan
+            self._observer(operations)
+        self._backend.submit(self._fd, operations, ticket.tag)
+        self._pending, self._pending_base = plan, base
         return ticket
+
+    def _unseal(self) -> tuple[Header, list[Operation]]:
+        """The header a new batch continues from, and the operations its chain
+        starts with.
+
+        On a sealed file (docs/FORMAT.md, "The seal") the first batch's chain
+        first writes an unsealed header, one generation on, and (sync="batch")
+        an fdatasync: its records, which may evict the oldest chunks, land
+        only after the file stopped saying "nothing follows". Opening costs no
+        write, and the batch's own header follows one generation later.
+        """
+        header = self._header
+        if not is_sealed(header):
+            return header, []
+        unsealed = dataclasses.replace(
+            header, generation=header.generation + 1,
+            batch_first_sequence=unsealed_batch_first(header.oldest_sequence,
+                                                      header.next_sequence))
+        check_header_successor(header, unsealed)
+        operations: list[Operation] = [
+            Write(HEADER_COPY_OFFSETS[unsealed.copy_index], unsealed.encode())]
+        if self.sync == "batch":
+            operations.append(FDATASYNC)
+        assert len(operations) <= UNSEAL_OPERATION_COUNT_MAX
+        return unsealed, operations
 
     def reap(self) -> list[BatchTicket]:
         """Collect finished chains; return the batches now committed.
@@ -204,8 +239,12 @@ class RingFile:
 
     def _commit(self, plan: BatchPlan) -> None:
         # The plan's facts again, against the state the commit is applied to
-        # (paired with submit): a planning bug is caught at both ends.
-        check_plan(plan, self.layout, self._header, self._table, self.sync)
+        # (paired with submit): a planning bug is caught at both ends. The base
+        # is the committed header, or the unsealed successor of a seal.
+        base, header = self._pending_base, self._header
+        assert base is header or (is_sealed(header) and base.generation == header.generation + 1
+                                  and base.batch_first_sequence < base.next_sequence), (base, header)
+        check_plan(plan, self.layout, base, self._table, self.sync)
         assert self.oldest_sequence == plan.header.oldest_sequence
         assert self.next_sequence == self._header.next_sequence
         for position, encoded in plan.entries:
@@ -215,7 +254,8 @@ class RingFile:
         self.next_sequence = plan.header.next_sequence
         self._batches += 1
         self._records += plan.ticket.record_count
-        self._fdatasyncs += self.sync == "batch"
+        if self.sync == "batch":  # the batch's, and the unsealing's before it
+            self._fdatasyncs += 1 if base is header else 2
 
     def wait(self) -> list[BatchTicket]:
         """Block until the chain in flight completes (for tools and tests)."""
@@ -480,7 +520,7 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
                       "check the data directory and the tenant id")
         if created:
             report = dataclasses.replace(report, created=True)
-        if recovery.must_unseal:
+        if recovery.changed:
             header = _persist_recovered(fd, recovery)
         opened = True
     finally:
@@ -493,8 +533,7 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
 
 
 def _persist_recovered(fd: int, recovery) -> Header:
-    """Make a recovery decision durable, and unseal a sealed file, before any new
-    batch is written.
+    """Make a recovery decision durable before any new batch is written.
 
     Stale entries are erased (and synced) first, then the new header copy is
     written (and synced): a crash in between leaves the old header, from which

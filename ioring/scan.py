@@ -32,6 +32,21 @@ class RingInfo:
     header_copy: int
     other_copy_problem: str | None
     layout: Layout
+    writer_open: bool = False  # a writer held the ring's lock when it was inspected
+
+    @property
+    def last_close(self) -> str:
+        """Whether the last writer closed the ring cleanly (the seal), and whether
+        one has it open now."""
+        header = self.header
+        if header.oldest_sequence == header.next_sequence:
+            state = "empty ring"
+        elif is_sealed(header):
+            state = "clean (sealed)"
+        else:
+            return ("not sealed: a writer has it open and has written" if self.writer_open
+                    else "not sealed: the last writer crashed or was killed")
+        return state + ("; a writer has it open now" if self.writer_open else "")
 
     @property
     def retained_record_count(self) -> int:
@@ -53,9 +68,7 @@ class RingInfo:
             ("retained", f"{self.retained_record_count} records"),
             ("fill", f"{self.fill_fraction:.1%}"),
             ("header copy in use", f"{self.header_copy} (generation {header.generation})"),
-            ("last close", "clean (sealed)" if is_sealed(header) else
-             "empty ring" if header.oldest_sequence == header.next_sequence else
-             "not sealed (a writer has it open, or it crashed)"),
+            ("last close", self.last_close),
             ("other header copy", self.other_copy_problem or "valid"),
             ("created", str(header.created_ns)),
             ("file id", f"{header.file_id:016x}"),
@@ -73,9 +86,10 @@ def inspect_ring(path: str) -> RingInfo:
     try:
         header, copy, problem = read_header(fd, path)
         layout = check_geometry(fd, path, header)
+        writer_open = is_locked_by_writer(fd)
     finally:
         os.close(fd)
-    return RingInfo(path, header, copy, problem, layout)
+    return RingInfo(path, header, copy, problem, layout, writer_open)
 
 
 def header_copy_problem(copy_in_use: int, problem: str | None) -> str | None:

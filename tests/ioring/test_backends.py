@@ -233,14 +233,17 @@ BATCH_OFFSET = LAYOUT.record_offset(ACKNOWLEDGED)
 BATCH_SIZE_BYTES = BATCH * RECORD_SIZE_BYTES
 
 
+# The ring was closed cleanly (sealed) before the child reopens it: its first
+# chain starts with the unsealed header and an fdatasync (operations 0 and 1),
+# so the batch's data write is operation 2.
 @pytest.mark.parametrize("limit, errno_value, cause, message", [
     # The limit falls inside the batch's data: the write is cut short.
     (LAYOUT.record_offset(70) + 10, errno.EIO, "short write",
-     rf"short write: operation 0 wrote {30 * RECORD_SIZE_BYTES + 10} of "
+     rf"short write: operation 2 wrote {30 * RECORD_SIZE_BYTES + 10} of "
      rf"{BATCH_SIZE_BYTES} bytes"),
     # The limit is where the batch's data starts: nothing of it can be written.
     (BATCH_OFFSET, errno.EFBIG, r"EFBIG \(File too large\)",
-     rf"write of {BATCH_SIZE_BYTES} bytes at {BATCH_OFFSET} \(operation 0\) failed: "
+     rf"write of {BATCH_SIZE_BYTES} bytes at {BATCH_OFFSET} \(operation 2\) failed: "
      r"File too large \[EFBIG\]"),
 ], ids=["cut-short", "refused"])
 def test_a_write_past_the_file_size_limit_fails_the_ring_and_keeps_acknowledged_records(

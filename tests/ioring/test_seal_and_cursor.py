@@ -23,6 +23,7 @@ import struct
 
 import pytest
 
+from ringtail.ioring.chain import FDATASYNC
 from ringtail.ioring.errors import RingCorruptError
 from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES,
                                     PAGE_SIZE_BYTES, Layout, checksum, decode_header)
@@ -151,35 +152,61 @@ def test_damage_in_the_head_window_of_a_sealed_ring_is_damage_not_eviction(ring_
         assert ring.read(256, 344) == make_records(256, 344)
 
 
-def test_a_reopened_sealed_ring_is_unsealed_before_any_batch_and_sealed_on_close(ring_path, io):
+def test_the_first_chain_after_a_seal_unseals_the_file_before_any_record(ring_path, io):
     _write(ring_path, io, [200, 200, 200])
-    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
-        on_disk = _headers(ring_path)[_newest(ring_path)]
-        assert (on_disk.oldest_sequence, on_disk.batch_first_sequence,
-                on_disk.next_sequence) == (128, 599, 600)
-        assert ring.recovery_report.sealed
     sealed = _headers(ring_path)[_newest(ring_path)]
     assert sealed.batch_first_sequence == sealed.next_sequence == 600
-    assert sealed.generation == on_disk.generation + 1
+    chains: list[list] = []
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io, observer=chains.append) as ring:
+        assert ring.recovery_report.sealed
+        assert _headers(ring_path)[_newest(ring_path)] == sealed  # opening writes nothing
+        ring.append(make_records(600, 1))
+        (chain,) = chains
+        unseal, barrier = chain[0], chain[1]
+        assert barrier is FDATASYNC and chain[-1] is FDATASYNC
+        assert unseal.offset == HEADER_COPY_OFFSETS[(sealed.generation + 1) % 2]
+        unsealed = decode_header(unseal.data)
+        assert (unsealed.generation, unsealed.oldest_sequence, unsealed.batch_first_sequence,
+                unsealed.next_sequence) == (sealed.generation + 1, 128, 599, 600)
+        committed = _headers(ring_path)[_newest(ring_path)]
+        assert (committed.generation, committed.batch_first_sequence,
+                committed.next_sequence) == (sealed.generation + 2, 600, 601)
+        ring.append(make_records(601, 1))
+        assert chains[1].count(FDATASYNC) == 1  # only the first chain unseals
+        statistics = ring.statistics()
+        assert (statistics.batches_committed, statistics.fdatasync_count) == (2, 3)
+    resealed = _headers(ring_path)[_newest(ring_path)]
+    assert (resealed.generation, resealed.batch_first_sequence, resealed.next_sequence) == (
+        sealed.generation + 4, 602, 602)
+
+
+def test_a_reopen_and_close_without_a_batch_leaves_the_seal_as_it_is(ring_path, io):
+    _write(ring_path, io, [200, 200, 200])
+    before = _pread(ring_path, 2 * PAGE_SIZE_BYTES, 0)
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io):
+        pass
+    assert _pread(ring_path, 2 * PAGE_SIZE_BYTES, 0) == before
 
 
 def test_a_batch_in_flight_after_a_reopen_of_a_sealed_ring_is_still_an_eviction(ring_path, io):
     _write(ring_path, io, [200, 200, 200])  # sealed, retained 128..599
-    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
-        # The unsealed header and both chunk tables as they are before the batch.
+    chains: list[list] = []
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io, observer=chains.append) as ring:
+        # Both header pages and both chunk tables as they are before the batch.
         before = _pread(ring_path, LAYOUT.data_offset, 0)
         # 600..699 go to slots 88..187: they evict chunk 2 (128..191).
         ring.append(make_records(600, 100))
-        after = _pread(ring_path, LAYOUT.data_offset, 0)
-    # The crash: the batch's records landed, its entries and header did not.
+    # The crash: the unsealed header and its fdatasync completed and the records
+    # landed; the chunk entries and the batch's header did not.
+    unseal = chains[0][0]
     _pwrite(ring_path, before, 0)
+    _pwrite(ring_path, unseal.data, unseal.offset)
     with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
         report = ring.recovery_report
         assert not report.sealed and report.damaged_chunk_offsets == ()
         assert report.dropped_head == (128, 191)
         assert (ring.oldest_sequence, ring.next_sequence) == (192, 600)
         assert ring.read(192, 408) == make_records(192, 408)
-    assert before != after and len(before) == LAYOUT.data_offset >= 2 * PAGE_SIZE_BYTES
 
 
 # -- generation parity (docs/FORMAT.md, "Header") ------------------------------------
@@ -226,9 +253,74 @@ def test_a_sequence_or_generation_not_below_2_63_makes_the_copy_unusable(ring_pa
 
 
 def test_inspect_says_whether_the_last_close_was_clean(ring_path, io):
+    def last_close() -> str:
+        return dict(inspect_ring(ring_path).rows())["last close"]
+
     _write(ring_path, io, [100])
-    assert dict(inspect_ring(ring_path).rows())["last close"] == "clean (sealed)"
-    with open_ring(ring_path, tenant_id=TENANT_ID, io=io):
-        assert dict(inspect_ring(ring_path).rows())["last close"] == (
-            "not sealed (a writer has it open, or it crashed)")
-    assert dict(inspect_ring(ring_path).rows())["last close"] == "clean (sealed)"
+    assert last_close() == "clean (sealed)"
+    with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
+        assert last_close() == "clean (sealed); a writer has it open now"
+        ring.append(make_records(100, 1))
+        assert last_close() == "not sealed: a writer has it open and has written"
+        crashed = _pread(ring_path, 2 * PAGE_SIZE_BYTES, 0)
+    assert last_close() == "clean (sealed)"
+    _pwrite(ring_path, crashed, 0)  # the header pages as kill -9 would leave them
+    assert last_close() == "not sealed: the last writer crashed or was killed"
+
+
+def test_the_longest_chain_fits_the_uring_backend():
+    from ringtail.ioring.batch import BATCH_CHAIN_OPERATION_COUNT_MAX
+    from ringtail.ioring.ring import UNSEAL_OPERATION_COUNT_MAX
+    from ringtail.ioring.uring import CHAIN_OPERATION_COUNT_MAX
+    assert BATCH_CHAIN_OPERATION_COUNT_MAX + UNSEAL_OPERATION_COUNT_MAX <= CHAIN_OPERATION_COUNT_MAX
+
+
+def test_every_crash_of_the_first_chain_after_a_seal_recovers_every_acknowledged_record(
+        ring_path):
+    """The first chain after a seal, crashed in every way the crash model allows:
+    before its fdatasync barrier, the unsealed header landed or not (or torn to
+    garbage); after it, any subset of the batch's own writes. No acknowledged
+    record that the batch does not evict is lost, nothing is reported as
+    damage, and every retained record reads back."""
+    import itertools
+    _write(ring_path, "threads", [200, 200, 200])  # sealed, retained 128..599
+    with open(ring_path, "rb") as file:
+        sealed_image = file.read()
+    chains: list[list] = []
+    with open_ring(ring_path, tenant_id=TENANT_ID, io="threads", observer=chains.append) as ring:
+        ring.append(make_records(600, 100))  # evicts chunk 2 (128..191)
+    (chain,) = chains
+    unseal, barrier, *rest = chain
+    assert barrier is FDATASYNC and rest[-1] is FDATASYNC
+    batch_writes = rest[:-1]
+    assert len(batch_writes) >= 3  # data, entries, header
+
+    def image_with(writes) -> bytes:
+        image = bytearray(sealed_image)
+        for write in writes:
+            image[write.offset:write.offset + len(write.data)] = write.data
+        return bytes(image)
+
+    torn_unseal = type(unseal)(unseal.offset,
+                               bytes((i * 37 + 11) % 256 for i in range(len(unseal.data))))
+    states = [("nothing", image_with([])), ("torn unseal", image_with([torn_unseal]))]
+    for count in range(len(batch_writes) + 1):
+        for landed in itertools.combinations(batch_writes, count):
+            states.append((f"unseal + {count} writes", image_with([unseal, *landed])))
+    checked = 0
+    for label, image in states:
+        with open(ring_path, "wb") as file:
+            file.write(image)
+        with open_ring(ring_path, tenant_id=TENANT_ID, io="threads") as ring:
+            report = ring.recovery_report
+            assert report.damaged_chunk_offsets == (), (label, report.summary())
+            # 128..191 may go (the batch evicts them); 192..599 never.
+            assert ring.oldest_sequence in (128, 192) and ring.next_sequence in (600, 700), \
+                (label, report.summary())
+            assert ring.read(192, 408) == make_records(192, 408), label
+            if ring.next_sequence == 700:
+                assert ring.read(600, 100) == make_records(600, 100), label
+            if ring.oldest_sequence == 128:
+                assert ring.read(128, 64) == make_records(128, 64), label
+        checked += 1
+    assert checked == 2 + 2 ** len(batch_writes)
