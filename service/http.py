@@ -502,6 +502,6 @@ async def serve_http(daemon, sock: socket.socket, ssl_context: ssl.SSLContext | 
     from ringtail.service.web import WebApp  # web imports this module's types
 
     loopback = is_loopback(sock.getsockname()[0])
-    web = WebApp(daemon, tls=ssl_context is not None, loopback=loopback)
+    web = WebApp(daemon)
     server = HttpServer([HealthRoutes(daemon), web], ssl_context, loopback=loopback)
     await server.serve(sock, task_status=task_status)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hmac
 import importlib.resources
 import json
 import logging
@@ -49,7 +50,7 @@ import trio
 
 from ringtail.ioring import RingError, RingRangeError
 from ringtail.ioring.record import RECORD_DTYPE, failure_class_name
-from ringtail.service.auth import AuthError, ForbiddenError, Peer, Role
+from ringtail.service.auth import AuthError, Peer, Role, expand_roles, hash_token
 from ringtail.service.gate import Refused
 from ringtail.service.http import Request, Response, StreamResponse, Writer
 from ringtail.service.protocol import End, ErrorCode, Gap, Hello, ProtocolError, StartKind, Subscribe
@@ -71,15 +72,18 @@ WEB_ROWS_KEPT_MAX = 500
 # Records per `records` event: one subscription read (up to 4,096) is cut
 # into events of at most this many, ~150 B of JSON each: ~150 KiB per event.
 WEB_EVENT_RECORD_COUNT_MAX = 1024
-# Records the failure count reads per tenant per tick (16,384 x 64 B = 1 MiB):
-# the count of a busy tenant catches up over several ticks instead of one
-# long read on the daemon's event loop.
+# Records the failure count reads per tenant per tick (16,384 x 64 B = 1 MiB),
+# and per tick of one list stream over all its tenants (65,536 x 64 B = 4 MiB,
+# a few ms of verified reads on the daemon's event loop): the count of busy
+# tenants catches up over several ticks instead of one long read.
 WEB_FAILURE_SCAN_RECORD_COUNT_MAX = 16 * 1024
+WEB_FAILURE_SCAN_TICK_RECORD_COUNT_MAX = 64 * 1024
 # Characters of an opcode list in a query (the protocol caps opcodes at
 # SUBSCRIBE_OPCODE_COUNT_MAX; this only bounds the parse).
 WEB_QUERY_SIZE_MAX = 1024
 
 assert WEB_HISTORY_RECORD_COUNT_MAX <= WEB_ROWS_KEPT_MAX
+assert WEB_FAILURE_SCAN_RECORD_COUNT_MAX <= WEB_FAILURE_SCAN_TICK_RECORD_COUNT_MAX
 
 WEB_CLIENT_NAME = "web page"  # the Hello's client_name in the daemon's logs
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8",
@@ -151,7 +155,10 @@ class FailureCounter:
     def __init__(self):
         self._counts: dict[int, _FailureCount] = {}
 
-    def update(self, tenant) -> _FailureCount:
+    def update(self, tenant, budget: int) -> tuple[_FailureCount, int]:
+        """Count what was committed since the last look, reading at most
+        `budget` records (and WEB_FAILURE_SCAN_RECORD_COUNT_MAX); returns the
+        count and the records read."""
         ring = tenant.ring
         oldest, next_sequence = ring.oldest_sequence, ring.next_sequence
         state = self._counts.get(tenant.tenant_id)
@@ -159,15 +166,16 @@ class FailureCounter:
             state = self._counts[tenant.tenant_id] = _FailureCount(oldest)
         if state.scanned_to < oldest:  # evicted before it was counted
             state.scanned_to, state.exact = oldest, False
-        count = min(next_sequence - state.scanned_to, WEB_FAILURE_SCAN_RECORD_COUNT_MAX)
-        if count > 0:
-            try:
-                data = ring.read(state.scanned_to, count)
-            except RingRangeError:
-                return state  # evicted meanwhile: the next tick skips ahead
-            state.count += len(self.FAILURES.select(data))
-            state.scanned_to += count
-        return state
+        count = min(next_sequence - state.scanned_to, WEB_FAILURE_SCAN_RECORD_COUNT_MAX, budget)
+        if count <= 0:
+            return state, 0
+        try:
+            data = ring.read(state.scanned_to, count)
+        except RingRangeError:
+            return state, 0  # evicted meanwhile: the next tick skips ahead
+        state.count += len(self.FAILURES.select(data))
+        state.scanned_to += count
+        return state, count
 
 
 # HTTP statuses for the gate's refusals (service/gate.py `Refused`).
@@ -188,7 +196,8 @@ class DaemonAccess:
     do: the same tokens and roles, the auth-failure limiter, the tenant's
     connection and subscriber caps, and revocation by a reload. The list
     asks the current config's access policy which opened tenants a token may
-    subscribe to (no slot held, nothing counted for tenants it cannot see);
+    subscribe to, in one pass over its token grants (no slot held, nothing
+    counted for tenants it cannot see);
     a token valid nowhere is refused through the gate, so it is counted and
     rate limited like a bad Hello. The page never creates a tenant.
     """
@@ -211,17 +220,37 @@ class DaemonAccess:
             self._policy_source, self._policy = config, config.access_policy()
         return self._policy
 
-    def may_subscribe(self, peer: Peer, token: bytes, tenant_id: int) -> bool:
-        """True if `token` has the subscribe role on `tenant_id`.
+    def readable_tenants(self, token: bytes) -> tuple[bool, frozenset[int]]:
+        """(admin, tenant ids) on which `token` has the subscribe role, in one
+        pass over the config's token grants: the same outcome as the access
+        policy's check per tenant (service/auth.py), at O(grants) per tick
+        instead of O(tenants x grants).
 
         Raises:
             AuthError: the token is valid on no tenant (unknown, expired).
         """
-        try:
-            access = self._current_policy().check(peer, token, tenant_id, _utc_now())
-        except ForbiddenError:
-            return False
-        return access.allows(Role.SUBSCRIBE)
+        policy = self._current_policy()
+        presented = hash_token(token).encode()
+        now = _utc_now()
+        admin, readable, known, expired = False, set(), False, None
+        for tenant_id, grants in [(None, policy.admins), *policy.tenant_grants.items()]:
+            for grant in grants:
+                # Every grant compared, none skipped on a match (as the policy does).
+                if grant.token_hash is None or not hmac.compare_digest(
+                        grant.token_hash.encode(), presented):
+                    continue
+                if grant.expires is not None and grant.expires <= now:
+                    expired = grant
+                    continue
+                known = True
+                if tenant_id is None:
+                    admin = True
+                elif Role.SUBSCRIBE.value in expand_roles(grant.roles):
+                    readable.add(tenant_id)
+        if not known:
+            raise AuthError("the token is not valid on this daemon" if expired is None
+                            else f"the token expired at {expired.expires.isoformat()}")
+        return admin, frozenset(readable)
 
     def refuse(self, peer: Peer, token: bytes, tenant_id: int) -> WebError:
         """A bad token's refusal, counted and rate limited by the gate as a Hello's."""
@@ -321,10 +350,8 @@ def tail_subscribe(query: dict[str, str], oldest: int, next_sequence: int) -> Su
 class WebApp:
     """The page's handlers, for service/http.py (returns None for paths it does not serve)."""
 
-    def __init__(self, daemon, *, tls: bool, loopback: bool):
+    def __init__(self, daemon):
         self.access = DaemonAccess(daemon)
-        self.tls = tls
-        self.loopback = loopback
         self.failures = FailureCounter()
         self.static = _load_static()
 
@@ -368,13 +395,15 @@ class WebApp:
         """Opened tenants this token may subscribe to, by id.
 
         Raises:
-            WebError: 401 (or 429-like AUTH_FAILED) if the token is valid on no tenant.
+            WebError: 401 if the token is valid on no tenant (counted and rate
+                limited by the gate as a bad Hello).
         """
         try:
-            return [tenant for tenant_id, tenant in sorted(self.access.tenants().items())
-                    if self.access.may_subscribe(peer, token, tenant_id)]
+            admin, readable = self.access.readable_tenants(token)
         except AuthError:
             raise self.access.refuse(peer, token, 0) from None
+        return [tenant for tenant_id, tenant in sorted(self.access.tenants().items())
+                if admin or tenant_id in readable]
 
     def _tenant_list(self, request: Request) -> StreamResponse:
         self._check_transport(request)
@@ -388,21 +417,25 @@ class WebApp:
                 except WebError as error:  # revoked by a reload
                     await write(sse("refused", {"status": error.status, "message": str(error)}))
                     return
+                budget = [WEB_FAILURE_SCAN_TICK_RECORD_COUNT_MAX]
                 await write(sse("tenants", {"time": trio.current_time(),
-                                            "tenants": [self._summary(t) for t in visible]}))
+                                            "tenants": [self._summary(t, budget)
+                                                        for t in visible]}))
                 await trio.sleep(WEB_TICK_S)  # the list's refresh period
 
         return StreamResponse(stream)
 
-    def _summary(self, tenant) -> dict:
+    def _summary(self, tenant, budget: list[int]) -> dict:
         ring = tenant.ring
-        failures = self.failures.update(tenant)
+        failures, read = self.failures.update(tenant, budget[0])
+        budget[0] -= read
         kept = ring.next_sequence - ring.oldest_sequence
         return {"id": tenant.tenant_id, "name": self.access.tenant_name(tenant.tenant_id),
                 "next": ring.next_sequence, "oldest": ring.oldest_sequence,
                 "capacity": ring.capacity, "fill": kept / ring.capacity,
                 "subscribers": self.access.subscribers(tenant.tenant_id),
-                "failures": failures.count, "failures_exact": failures.exact}
+                "failures": failures.count, "failures_exact": failures.exact,
+                "failures_behind": ring.next_sequence - failures.scanned_to}
 
     # -- one tenant's tail --------------------------------------------------------------
 

@@ -187,7 +187,8 @@ function tenantsPage() {
       row.cells[6].textContent = tenant.next;
       row.cells[6].className = "next";
       row.cells[7].textContent = tenant.subscribers;
-      row.cells[8].textContent = tenant.failures + (tenant.failures_exact ? "" : "+");
+      row.cells[8].textContent = tenant.failures + (tenant.failures_exact ? "" : "+") +
+        (tenant.failures_behind ? ` (${tenant.failures_behind} to count)` : "");
       row.cells[8].className = "failures";
     }
     for (const row of [...body.rows]) if (!seen.has(row.dataset.tenant)) row.remove();

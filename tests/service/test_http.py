@@ -31,6 +31,7 @@ from tests.service.conftest import DaemonProcess, RecordFactory, short_socket_di
 
 TIMEOUT_S = 30.0  # hang guard for the real-daemon tests
 TOKEN_A, TOKEN_B = "rt_web_reader_a", "rt_web_reader_b"
+TOKEN_ADMIN = "rt_web_admin"
 
 
 # -- an in-process server over a real socket --------------------------------------------
@@ -235,6 +236,7 @@ def token_hash(token: str) -> str:
 
 WEB_CONFIG = f"""
     create_tenants = true
+    admins = [{{ token = "{token_hash(TOKEN_ADMIN)}" }}]
     [tenants.7]
     name = "trainer"
     capacity = 1024
@@ -250,8 +252,9 @@ def web_daemon(tmp_path):
     """Factory: a `ringtail serve --http HOST:0` process with tenants 7 (token A) and 8 (B)."""
     started = []
 
-    def start(listen: str = "127.0.0.1:0", extra: str = "") -> tuple[DaemonProcess, str]:
-        config = write_config(tmp_path, extra + WEB_CONFIG)
+    def start(listen: str = "127.0.0.1:0", extra: str = "",
+              tables: str = "") -> tuple[DaemonProcess, str]:
+        config = write_config(tmp_path, extra + WEB_CONFIG + tables)
         process = DaemonProcess(os.fspath(tmp_path / "data"),
                                 os.path.join(short_socket_dir(tmp_path), "web.sock"),
                                 {"config": config, "http": listen, "io": "threads"},
@@ -364,6 +367,12 @@ def test_the_web_api_wants_a_bearer_token_and_the_subscribe_role(web_daemon):
     # The list shows tenant 7 only.
     status, headers, body = http_request(url, "/api/tenants", token=TOKEN_A, read_bytes=200)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = stream_events(url, "/api/tenants", TOKEN_B,
+                           lambda events: any(name == "tenants" for name, _ in events))
+    assert [tenant["id"] for tenant in events[0][1]["tenants"]] == [8]
+    events = stream_events(url, "/api/tenants", TOKEN_ADMIN,
+                           lambda events: any(name == "tenants" for name, _ in events))
+    assert [tenant["id"] for tenant in events[0][1]["tenants"]] == [7, 8]
     # The pages themselves hold no data and need no token.
     status, headers, body = http_request(url, "/tenants/8")
     assert status == 200 and b"app.js" in body
@@ -388,6 +397,30 @@ def test_the_tenant_list_shows_only_readable_tenants_with_failures_seen(web_daem
         "trainer", 40, 0, 1024)
     assert tenant["failures"] == failures and tenant["failures_exact"] is True
     assert tenant["fill"] == pytest.approx(40 / 1024)
+
+
+def test_the_failure_count_of_a_busy_tenant_catches_up_within_its_read_bound(web_daemon):
+    from ringtail.service.web import WEB_FAILURE_SCAN_RECORD_COUNT_MAX
+    total = WEB_FAILURE_SCAN_RECORD_COUNT_MAX + 3000
+    process, url = web_daemon(tables=f"""
+        [tenants.9]
+        capacity = {64 * 1024}
+        grants = [{{ token = "{token_hash(TOKEN_A)}", roles = ["subscribe"] }}]
+    """)
+    factory = RecordFactory(9, seed=4)
+    records = [factory.slot_record() for _ in range(total)]
+    failures = sum(record.has_failure_evidence for record in records)
+    data = b"".join(record.encode() for record in records)
+    trio.run(publish, process.socket_path, 9, [data[i:i + 64 * 4096]
+                                               for i in range(0, len(data), 64 * 4096)])
+    events = stream_events(url, "/api/tenants", TOKEN_A, lambda events: any(
+        tenant["id"] == 9 and tenant["failures_behind"] == 0
+        for name, payload in events if name == "tenants" for tenant in payload["tenants"]))
+    counts = [(tenant["failures"], tenant["failures_behind"])
+              for name, payload in events if name == "tenants"
+              for tenant in payload["tenants"] if tenant["id"] == 9]
+    assert counts[0][1] == total - WEB_FAILURE_SCAN_RECORD_COUNT_MAX  # one bounded read
+    assert counts[-1] == (failures, 0)
 
 
 def test_a_tail_stream_is_history_then_filtered_records(web_daemon):
