@@ -515,3 +515,32 @@ def test_http_listen_and_its_alias_metrics_listen(tmp_path):
         ServeConfig(http_listen="127.0.0.1:1", metrics_listen="127.0.0.1:2").validate()
     with pytest.raises(ConfigError, match=r"http_listen = 'nonsense'; write HOST:PORT"):
         ServeConfig(http_listen="nonsense").validate()
+
+
+def test_a_reload_that_revokes_the_token_ends_its_tail(web_daemon, tmp_path):
+    import signal
+    process, url = web_daemon()
+    trio.run(publish, process.socket_path, 7, [RecordFactory(7).records(2)])
+    import http.client
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT_S)
+    try:
+        connection.request("GET", "/api/tenants/7/records",
+                           headers={"Authorization": f"Bearer {TOKEN_A}"})
+        response = connection.getresponse()
+        data = b""
+        while not rows_through(1)(parse_events(data)):
+            data += response.read1(65536)
+        # Tenant 7's grant moves to token B; the config is re-read on SIGHUP.
+        write_config(tmp_path, WEB_CONFIG.replace(token_hash(TOKEN_A), token_hash(TOKEN_B)))
+        process.send_signal(signal.SIGHUP)
+        while chunk := response.read1(65536):  # the stream ends after its refusal
+            data += chunk
+    finally:
+        connection.close()
+    refusals = [payload for name, payload in parse_events(data) if name == "refused"]
+    assert len(refusals) == 1 and refusals[0]["status"] in (401, 403), refusals
+    process.wait_for_stderr("reloaded config")
+    status, _, _ = http_request(url, "/api/tenants/7/records", token=TOKEN_A)
+    assert status == 401
