@@ -10,6 +10,8 @@ shutdown sets the stop signal.
 connection handling, gate, subscriptions, tenants, the daemon's own reloads)
 into one `DaemonStatistics`, which the metrics collector reads.
 
+Signals are handled from the first instruction of `serve` (SIGHUP during
+start-up recovery is applied once the rings are open, never fatal).
 Shutdown on SIGTERM/SIGINT: stop accepting, stop reading new frames, let every
 queued batch be written and acknowledged (or reported failed), send every open
 connection a fatal Error SHUTTING_DOWN (docs/PROTOCOL.md section 6.1), close
@@ -50,6 +52,10 @@ SHUTDOWN_GRACE_S = 30.0
 # Settings a SIGHUP cannot change (a reload that does logs a warning line).
 RESTART_ONLY_SETTINGS = ("data_dir", "socket", "socket_mode", "socket_group", "io",
                          "tcp_listen", "tcp_plaintext", "metrics_listen", "http_listen")
+
+# SIGTERM and SIGINT: orderly stop; SIGHUP: reload (HANDLED_SIGNALS are
+# handled from the first instruction of `Daemon.serve`).
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 assert SHUTDOWN_GRACE_S > 0
 
@@ -109,6 +115,7 @@ class Daemon:
         self._accept_scope = trio.CancelScope()
         self._reloads = 0
         self._reload_failures = 0
+        self._signals = None  # the signal receiver `serve` opens first
 
     def shutdown(self) -> None:
         """Stop accepting and reading; queued batches still get acknowledged."""
@@ -137,6 +144,16 @@ class Daemon:
             OSError: a listener cannot bind (the message names it and the fix).
             BackendUnavailableError: `io = "uring"` and the io_uring probe failed.
         """
+        # The first thing: from here SIGTERM, SIGINT and SIGHUP are never
+        # fatal (issue 9, item 11). Those that come during start-up (the
+        # probe, recovering every ring: seconds) wait in the receiver and
+        # are acted on once the rings are open: a reload applies then, a
+        # stop begins at once after "ready".
+        with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+            self._signals = signals
+            await self._serve_with_http(task_status)
+
+    async def _serve_with_http(self, task_status) -> None:
         if not self.config.http_address:
             await self._serve(task_status=task_status)
             return
@@ -241,10 +258,9 @@ class Daemon:
 
     async def _watch_signals(self, scope: trio.CancelScope, *,
                              task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
-                                              signal.SIGHUP) as signals:
+        with scope:
             task_status.started()
-            async for signum in signals:
+            async for signum in self._signals:
                 log.info("received %s", signal.Signals(signum).name)
                 if signum == signal.SIGHUP:
                     self.reload()
