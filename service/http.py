@@ -234,6 +234,9 @@ class HttpServer:
                  *, loopback: bool = True):
         self.handlers = handlers
         self.ssl_context = ssl_context
+        # The context for a new connection (serve_http swaps in one that
+        # follows reloads); TLS itself is on or off for the listener's life.
+        self.current_ssl_context = lambda: self.ssl_context
         self.loopback = loopback
         self.stats = HttpStatistics()
 
@@ -259,7 +262,7 @@ class HttpServer:
             peer_address = stream.socket.getpeername()[0]
             secure = self.ssl_context is not None or self.loopback
             if self.ssl_context is not None:
-                stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                stream = trio.SSLStream(stream, self.current_ssl_context(), server_side=True)
                 with trio.move_on_after(HTTP_REQUEST_TIMEOUT_S) as handshake:
                     await stream.do_handshake()
                 if handshake.cancelled_caught:  # too slow: nothing to answer to
@@ -498,10 +501,30 @@ class _Connection:
 
 async def serve_http(daemon, sock: socket.socket, ssl_context: ssl.SSLContext | None = None,
                      *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the health routes and the web page on `sock` (taken over) until cancelled."""
+    """Serve the health routes and the web page on `sock` (taken over) until cancelled.
+
+    With TLS, the certificate is re-read after a SIGHUP reload (the daemon's
+    config object changes), as the TCP listener's is: a renewed certificate
+    needs no restart.
+    """
     from ringtail.service.web import WebApp  # web imports this module's types
 
     loopback = is_loopback(sock.getsockname()[0])
-    web = WebApp(daemon)
-    server = HttpServer([HealthRoutes(daemon), web], ssl_context, loopback=loopback)
+    server = HttpServer([HealthRoutes(daemon), WebApp(daemon)], ssl_context, loopback=loopback)
+    if ssl_context is not None:
+        listen = daemon.config.http_address
+        loaded_from = daemon.config
+
+        def current_context() -> ssl.SSLContext:
+            nonlocal loaded_from
+            config = daemon.config
+            if config is not loaded_from:
+                loaded_from = config
+                try:
+                    server.ssl_context = http_ssl_context(config, listen) or server.ssl_context
+                except ConfigError as error:  # the reload checked these files already
+                    log.error("HTTP listener keeps its certificate: %s", error)
+            return server.ssl_context
+
+        server.current_ssl_context = current_context
     await server.serve(sock, task_status=task_status)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import ssl
 
@@ -501,6 +502,22 @@ def test_off_loopback_the_api_needs_tls_and_gets_the_daemons_certificate(web_dae
     status, _, body = http_request(f"https://127.0.0.1:{port}", "/api/tenants", token=TOKEN_A,
                                    context=context, read_bytes=100)
     assert status == 200 and body.startswith(b"event: tenants")
+    # A renewed certificate (another CA here, to tell them apart) is served
+    # after a SIGHUP, as on the TCP listener: no restart.
+    renewed = make_pki(tmp_path / "renewed")
+    write_config(tmp_path, f"""
+        tcp_listen = "127.0.0.1:0"
+        tls_cert = "{renewed.server_cert}"
+        tls_key = "{renewed.server_key}"
+    """ + WEB_CONFIG)
+    process.send_signal(signal.SIGHUP)
+    process.wait_for_stderr("reloaded config")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        http_request(f"https://127.0.0.1:{port}", "/healthz", context=context)
+    context = ssl.create_default_context(cafile=renewed.ca)
+    context.check_hostname = False
+    status, _, body = http_request(f"https://127.0.0.1:{port}", "/healthz", context=context)
+    assert (status, body) == (200, b"ok\n")
 
 
 def test_http_listen_and_its_alias_metrics_listen(tmp_path):
@@ -518,7 +535,6 @@ def test_http_listen_and_its_alias_metrics_listen(tmp_path):
 
 
 def test_a_reload_that_revokes_the_token_ends_its_tail(web_daemon, tmp_path):
-    import signal
     process, url = web_daemon()
     trio.run(publish, process.socket_path, 7, [RecordFactory(7).records(2)])
     import http.client
