@@ -20,18 +20,16 @@ import trio
 
 from ringtail.ioring import RingError, SlotRecord
 from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.service.commandline import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE,
+                                          SOCKET_ENVIRONMENT_VARIABLE,
+                                          TOKEN_ENVIRONMENT_VARIABLE, CommandError, connect,
+                                          open_client, print_table, progress_bar)
 from ringtail.service.config import (DEFAULT_CAPACITY_RECORD_COUNT, DEFAULT_DATA_DIR,
                                      DEFAULT_SOCKET, ConfigError, ServeConfig, load_config,
                                      resolve_paths)
 from ringtail.service.fleet import STREAM_NAME_DEFAULT, STREAM_REPLICAS_DEFAULT
 from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX, RECORD_INDEX_NONE, End, Gap, Records
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-# Client commands find the daemon here unless --socket says otherwise (the
-# Kubernetes sidecar example sets it in the worker's environment).
-SOCKET_ENVIRONMENT_VARIABLE = "RINGTAIL_SOCKET"
-# --token's default: a token on the command line is visible in `ps`.
-TOKEN_ENVIRONMENT_VARIABLE = "RINGTAIL_TOKEN"
 
 
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +44,6 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="the client certificate's private key (PEM)")
     parser.add_argument("--plaintext", action="store_true",
                         help="no TLS (the daemon allows it on loopback only)")
-
-
-class CommandError(Exception):
-    """An operational failure to report in one line, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,42 +270,6 @@ def command_token(args) -> int:
 # -- clients ----------------------------------------------------------------------
 
 
-async def connect(socket_path: str, tenant_id: int):
-    """A connected Client, or a CommandError that names the socket and the fix."""
-    from ringtail.service.client import Client
-    try:
-        return await Client.connect(socket_path, tenant_id)
-    except OSError as error:  # no such file, connection refused, permission denied
-        raise CommandError(
-            f"cannot reach the ringtail daemon at {socket_path}: "
-            f"{error.strerror or error}; is `ringtail serve` running there? "
-            "(pass its socket with --socket)") from error
-
-
-async def open_client(args, tenant_id: int):
-    """A Client for publish/tail: over TCP with --connect, else the Unix socket."""
-    if not getattr(args, "connect", None):
-        return await connect(args.socket, tenant_id)
-    from ringtail.service.client import Client, client_ssl_context
-    from ringtail.service.config import parse_host_port
-    host, port = parse_host_port(args.connect, "--connect")
-    if not args.token:
-        raise CommandError(f"--connect needs a token: pass --token or set "
-                           f"${TOKEN_ENVIRONMENT_VARIABLE}")
-    context = None
-    if not args.plaintext:
-        try:
-            context = client_ssl_context(args.ca, args.cert, args.key)
-        except (OSError, ValueError) as error:
-            raise CommandError(f"cannot load the TLS files (--ca, --cert, --key): {error}") from error
-    try:
-        return await Client.connect_tcp(host, port, tenant_id, token=args.token,
-                                        ssl_context=context, plaintext=args.plaintext)
-    except OSError as error:
-        raise CommandError(f"cannot reach the ringtail daemon at {args.connect}: "
-                           f"{error.strerror or error}") from error
-
-
 def read_stdin_records() -> bytes:
     data = sys.stdin.buffer.read()
     if len(data) % RECORD_SIZE_BYTES:
@@ -454,12 +412,6 @@ def ring_paths(path: str) -> list[str]:
     return [path]
 
 
-def print_table(rows: list[tuple[str, str]]) -> None:
-    width = max(len(key) for key, _ in rows)
-    for key, value in rows:
-        print(f"{key.ljust(width)}  {value}")
-
-
 def command_inspect(args) -> int:
     from ringtail.ioring.scan import inspect_ring
     from ringtail.ioring.snapshot import is_snapshot_file
@@ -505,20 +457,6 @@ def command_verify(args) -> int:
     if len(paths) > 1:
         print(f"{len(paths)} rings: {len(paths) - failed} passed, {failed} failed")
     return EXIT_FAILURE if failed else EXIT_OK
-
-
-def progress_bar(label: str):
-    """A progress callback that draws a bar on a terminal, and nothing otherwise."""
-    if not sys.stdout.isatty():
-        return None
-
-    def draw(done: int, total: int) -> None:
-        fraction = done / total if total else 1.0
-        filled = int(fraction * 30)
-        end = "\n" if done >= total else ""
-        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%}",
-              end=end, file=sys.stderr, flush=True)
-    return draw
 
 
 def command_import_vrrl(args) -> int:

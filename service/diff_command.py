@@ -165,7 +165,7 @@ def command_diff(args) -> int:
     import json
     import sys
 
-    from ringtail.service.cli import (
+    from ringtail.service.commandline import (
         EXIT_FAILURE,
         EXIT_OK,
         EXIT_USAGE,

@@ -37,7 +37,7 @@ async def take_snapshot(client, out_path: str, progress=None) -> tuple[int, int,
         CommandError: the ring evicted records before they were read.
         RingtailError: the daemon refused the subscription or went away.
     """
-    from ringtail.service.cli import CommandError
+    from ringtail.service.commandline import CommandError
     from ringtail.service.protocol import End, Gap, Records
     welcome = client.welcome
     first, cut = welcome.oldest_sequence, welcome.next_sequence
@@ -87,7 +87,7 @@ async def take_snapshot(client, out_path: str, progress=None) -> tuple[int, int,
 
 
 def command_snapshot(args) -> int:
-    from ringtail.service.cli import EXIT_OK, CommandError, connect, progress_bar
+    from ringtail.service.commandline import EXIT_OK, CommandError, connect, progress_bar
     from ringtail.service.client import RingtailError
     draw = progress_bar("snapshot")
 
@@ -108,7 +108,7 @@ def command_snapshot(args) -> int:
 
 def command_restore(args) -> int:
     from ringtail.ioring.restore import restore_snapshot
-    from ringtail.service.cli import EXIT_OK, EXIT_USAGE, progress_bar
+    from ringtail.service.commandline import EXIT_OK, EXIT_USAGE, progress_bar
     from ringtail.service.tenants import ring_file_name
     if args.tenant < 0 or args.tenant > 0xFFFF_FFFF or args.capacity < 1:
         print("ringtail restore: --tenant must be a u32 and --capacity positive",
@@ -137,7 +137,7 @@ def command_restore(args) -> int:
 def command_inspect_snapshot(args) -> int:
     """`ringtail inspect FILE` for a snapshot: its header, as a table (no chunk is read)."""
     from ringtail.ioring.snapshot import inspect_snapshot
-    from ringtail.service.cli import EXIT_OK, print_table
+    from ringtail.service.commandline import EXIT_OK, print_table
     print_table(inspect_snapshot(args.path).rows())
     return EXIT_OK
 
@@ -145,7 +145,7 @@ def command_inspect_snapshot(args) -> int:
 def command_verify_snapshot(args) -> int:
     """`ringtail verify FILE` for a snapshot: every chunk, the trailer, the file checksum."""
     from ringtail.ioring.snapshot import SnapshotCorruptError, verify_snapshot
-    from ringtail.service.cli import EXIT_FAILURE, EXIT_OK, progress_bar
+    from ringtail.service.commandline import EXIT_FAILURE, EXIT_OK, progress_bar
     try:
         info = verify_snapshot(args.path, progress_bar(f"verify {os.path.basename(args.path)}"))
     except SnapshotCorruptError as error:
