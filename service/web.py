@@ -53,7 +53,8 @@ from ringtail.ioring.record import RECORD_DTYPE, failure_class_name
 from ringtail.service.auth import AuthError, Peer, Role, expand_roles, hash_token
 from ringtail.service.gate import Refused
 from ringtail.service.http import Request, Response, StreamResponse, Writer
-from ringtail.service.protocol import End, ErrorCode, Gap, Hello, ProtocolError, StartKind, Subscribe
+from ringtail.service.protocol import (TOKEN_SIZE_BYTES_MAX, End, ErrorCode, Gap, Hello,
+                                       ProtocolError, StartKind, Subscribe)
 from ringtail.service.subscribers import RecordFilter, run_subscription
 
 log = logging.getLogger("ringtail.web")
@@ -303,7 +304,12 @@ def _bearer(request: Request) -> bytes:
     if scheme.lower() != "bearer" or not token.strip():
         raise WebError(401, "send the token as 'Authorization: Bearer <token>' (the page "
                             "asks for it); tokens never go in URLs")
-    return token.strip().encode()
+    token = token.strip().encode()
+    if len(token) > TOKEN_SIZE_BYTES_MAX:
+        raise WebError(401, f"the token is {len(token)} bytes, over TOKEN_SIZE_BYTES_MAX "
+                            f"({TOKEN_SIZE_BYTES_MAX}); paste the token `ringtail token new` "
+                            "printed")
+    return token
 
 
 def _uint(query: dict[str, str], name: str, default: int, maximum: int) -> int:

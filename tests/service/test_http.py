@@ -360,6 +360,9 @@ def test_the_web_api_wants_a_bearer_token_and_the_subscribe_role(web_daemon):
     assert status == 401 and headers["www-authenticate"].startswith("Bearer")
     status, _, body = http_request(url, "/api/tenants", token="rt_not_a_token")
     assert status == 401 and b"not valid" in body
+    for path in ("/api/tenants", "/api/tenants/7/records"):
+        status, _, body = http_request(url, path, token="x" * 300)
+        assert status == 401 and b"TOKEN_SIZE_BYTES_MAX" in body
     # Tenant 8 with token A: refused whether or not it exists; 9 is not open.
     status, _, body = http_request(url, "/api/tenants/8/records", token=TOKEN_A)
     assert status == 403 and b"tenant 8" in body
@@ -560,3 +563,17 @@ def test_a_reload_that_revokes_the_token_ends_its_tail(web_daemon, tmp_path):
     process.wait_for_stderr("reloaded config")
     status, _, _ = http_request(url, "/api/tenants/7/records", token=TOKEN_A)
     assert status == 401
+
+
+def test_bad_tokens_count_toward_the_same_limit_as_bad_hellos(web_daemon):
+    from ringtail.service.auth import AUTH_FAILURE_COUNT_MAX
+    process, url = web_daemon()
+    trio.run(publish, process.socket_path, 7, [RecordFactory(7).records(1)])
+    for _ in range(AUTH_FAILURE_COUNT_MAX):
+        status, _, body = http_request(url, "/api/tenants", token="rt_guess")
+        assert status == 401 and b"not valid" in body
+    # This address is now refused unchecked, a valid token included, as on TCP.
+    status, _, body = http_request(url, "/api/tenants/7/records", token=TOKEN_A)
+    assert status == 401 and b"too many failed authentications" in body
+    metrics = http_request(url, "/metrics")[2].decode()
+    assert 'reason="bad_credentials"' in metrics and 'reason="rate_limited"' in metrics
