@@ -316,7 +316,7 @@ def _uint(query: dict[str, str], name: str, default: int, maximum: int) -> int:
     value = query.get(name, "")
     if value == "":
         return default
-    if not value.isdigit() or int(value) > maximum:
+    if not (value.isascii() and value.isdigit()) or int(value) > maximum:
         raise WebError(400, f"{name} = {value[:40]!r} is not an integer in 0..{maximum}")
     return int(value)
 
@@ -333,7 +333,7 @@ def tail_subscribe(query: dict[str, str], oldest: int, next_sequence: int) -> Su
                             "(WEB_QUERY_SIZE_MAX); filter on fewer opcodes")
     opcodes = []
     for item in filter(None, (part.strip() for part in opcodes_text.split(","))):
-        if not item.isdigit():
+        if not (item.isascii() and item.isdigit()):
             raise WebError(400, f"opcodes: {item[:40]!r} is not an integer; write e.g. 1,2,7")
         opcodes.append(int(item))
     if "from" in query:

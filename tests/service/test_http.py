@@ -449,8 +449,12 @@ def test_a_tail_stream_is_history_then_filtered_records(web_daemon):
     tail("history=30&failure_only=1", [i for i, r in enumerate(records) if r.has_failure_evidence])
     tail("history=4", [26, 27, 28, 29])
     tail("from=25", [25, 26, 27, 28, 29])  # a resume: from there on, nothing before
-    status, _, body = http_request(url, "/api/tenants/7/records?opcodes=x", token=TOKEN_A)
-    assert status == 400 and b"opcodes" in body
+    for query, name in (("opcodes=x", b"opcodes"), ("opcodes=%C2%B2", b"opcodes"),
+                        ("epoch_min=%C2%B2", b"epoch_min"), ("epoch_max=-1", b"epoch_max"),
+                        ("epoch_min=5&epoch_max=4", b"epoch_min 5 > epoch_max 4"),
+                        ("opcodes=4294967296", b"opcodes")):
+        status, _, body = http_request(url, f"/api/tenants/7/records?{query}", token=TOKEN_A)
+        assert status == 400 and name in body, (query, status, body)
     status, _, body = http_request(url, f"/api/tenants/7/records?history="
                                         f"{WEB_HISTORY_RECORD_COUNT_MAX + 1}", token=TOKEN_A)
     assert status == 400 and b"history" in body
