@@ -321,3 +321,30 @@ def test_records_per_second_and_a_gap_after_pause_and_eviction(browser, web_daem
     assert sequences == list(range(sequences[0], 503 + 3 * 2048))
     assert sequences[0] > last
     screenshot(browser, tmp_path)
+
+
+def test_a_gap_is_shown_as_a_gap_row(browser, web_daemon, tmp_path):
+    factory = RecordFactory(7, seed=15)  # opcodes 0..15
+    publish(web_daemon, 7, [factory.slot_record() for _ in range(100)])
+    open_tail(browser, web_daemon.url, 7, TOKEN_A)
+    wait(browser, row_count_is(100), "the history did not show")
+    # A filter nothing passes, so no record row pushes the gap row out.
+    browser.find_element("id", "filter-opcodes").send_keys("99")
+    browser.find_element("id", "filter-apply").click()
+    wait(browser, row_count_is(0), "the filter was not applied")
+    wait(browser, status_is("live"), "the filtered tail did not go live")
+    browser.find_element("id", "pause").click()
+    wait(browser, status_is("paused"), "the page did not pause")
+    for _ in range(3):  # the ring holds 4,096: sequences below 6,144 + 100 - 4,096 go
+        publish(web_daemon, 7, [factory.slot_record() for _ in range(2048)])
+    browser.find_element("id", "pause").click()
+    wait(browser, lambda d: d.find_elements("css selector", "#records tr.gap"),
+         "no gap row after resuming past evicted records")
+    gap = browser.find_element("css selector", "#records tr.gap")
+    first, last = int(gap.get_attribute("data-gap-first")), int(gap.get_attribute("data-gap-last"))
+    assert first == 0  # the filtered stream started at the ring's oldest (100 < 500 back)
+    next_sequence = 100 + 3 * 2048
+    assert next_sequence - 4096 <= last + 1 < next_sequence  # a ring retains at most its capacity
+    assert gap.text.startswith(f"gap: {last - first + 1} records lost ({first}..{last})")
+    assert record_rows(browser) == []
+    screenshot(browser, tmp_path)
