@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from ringtail.ioring.errors import RingFormatError
-from ringtail.ioring.format import Layout
+from ringtail.ioring.format import CHUNK_RECORD_COUNT, Layout
 from ringtail.ioring.record import SlotRecord
 from ringtail.ioring.ring import open_ring
 from ringtail.service.client import Client, RingtailError
@@ -215,9 +215,10 @@ async def publish_then_damage(server, tenant_id: int, capacity: int, sequence: i
 
 
 async def test_replay_over_damaged_records_is_an_error_naming_the_file_never_data(daemon):
-    """A flipped byte inside the retained range: replaying over it is refused
-    (STORAGE_FAILED naming the ring file) and sends none of that read; records
-    past the damaged read still replay, and publishing goes on."""
+    """A flipped byte inside the retained range: a replay over it sends every
+    verified record before the damaged chunk and then STORAGE_FAILED naming the
+    ring file (issue 9, item 6), never the damaged chunk; records past the
+    damaged read still replay, and publishing goes on."""
     capacity = 8192
     server = daemon(capacity=capacity)
     data = await publish_then_damage(server, 8, capacity, 2000)
@@ -236,7 +237,8 @@ async def test_replay_over_damaged_records_is_an_error_naming_the_file_never_dat
                                      f"{server.run_stderr}")
         assert failure.code == ErrorCode.STORAGE_FAILED
         assert server.ring_path(8) in failure.message
-        assert received == [], "nothing of the damaged read may be sent"
+        damaged_chunk_first = 2000 // CHUNK_RECORD_COUNT * CHUNK_RECORD_COUNT
+        assert b"".join(event.records for event in received) == data[:damaged_chunk_first * 64]
 
         tail = await read_all(server.socket_path, 8, StartKind.SEQUENCE, 4096)
         assert tail.data == data[4096 * 64:]
