@@ -25,7 +25,7 @@ from ringtail.service.client import Client
 from ringtail.service.http import (HTTP_BODY_SIZE_BYTES_MAX, HTTP_CONNECTION_COUNT_MAX,
                                    HTTP_HEAD_SIZE_BYTES_MAX, HTTP_KEEP_ALIVE_TIMEOUT_S,
                                    HTTP_REQUEST_TIMEOUT_S, HTTP_SEND_STALL_TIMEOUT_S, HttpServer,
-                                   Response, StreamResponse, text)
+                                   StreamResponse, text)
 from ringtail.service.web import WEB_HISTORY_RECORD_COUNT_MAX
 from tests.service.certificates import make_pki
 from tests.service.conftest import DaemonProcess, RecordFactory, short_socket_dir, write_config

@@ -58,7 +58,7 @@ CONFIG = f"""
 
 @pytest.fixture
 def browser():
-    """A headless Chromium; fails (never skips) when chromium, chromedriver or selenium is missing."""
+    """A headless Chromium; fails (never skips) without chromium, chromedriver or selenium."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
     if missing:
         pytest.fail(f"{' and '.join(missing)} not found: run `make test-tools` (installs "
@@ -289,7 +289,8 @@ def test_records_per_second_and_a_gap_after_pause_and_eviction(browser, web_daem
     publish(web_daemon, 7, [factory.slot_record() for _ in range(3)])
     browser.get(f"{web_daemon.url}/")
     enter_token(browser, TOKEN_A)
-    wait(browser, lambda d: d.find_elements("css selector", 'tr[data-tenant="7"] svg.spark polyline'),
+    spark = 'tr[data-tenant="7"] svg.spark polyline'
+    wait(browser, lambda d: d.find_elements("css selector", spark),
          "tenant 7's sparkline was not drawn")
     assert sparkline_peak(browser, 7) == 0  # nothing published while watched
     publish(web_daemon, 7, [factory.slot_record() for _ in range(500)])
