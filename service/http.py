@@ -499,18 +499,18 @@ class _Connection:
                 pass
 
 
-async def serve_http(daemon, sock: socket.socket, ssl_context: ssl.SSLContext | None = None,
-                     *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the health routes and the web page on `sock` (taken over) until cancelled.
+async def serve_http(daemon, sock: socket.socket, ssl_context: ssl.SSLContext | None,
+                     routes: list, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `routes` (tried in order: the health routes, then the web page) on
+    `sock` (taken over) until cancelled. The caller builds the routes, so this
+    module knows none of the pages it serves (web.py imports it, not the reverse).
 
     With TLS, the certificate is re-read after a SIGHUP reload (the daemon's
     config object changes), as the TCP listener's is: a renewed certificate
     needs no restart.
     """
-    from ringtail.service.web import WebApp  # web imports this module's types
-
     loopback = is_loopback(sock.getsockname()[0])
-    server = HttpServer([HealthRoutes(daemon), WebApp(daemon)], ssl_context, loopback=loopback)
+    server = HttpServer(routes, ssl_context, loopback=loopback)
     if ssl_context is not None:
         listen = daemon.config.http_address
         loaded_from = daemon.config

@@ -43,6 +43,7 @@ from ringtail.service.quotas import Clock, TrioClock
 from ringtail.service.ship_process import supervise_ship
 from ringtail.service.subscribers import SubscriptionCounters, SubscriptionStatistics
 from ringtail.service.tenants import RegistryStatistics, TenantRegistry
+from ringtail.service.web import WebApp
 
 log = logging.getLogger("ringtail.server")
 
@@ -162,7 +163,8 @@ class Daemon:
         url = http.listener_url(sock, tls=ssl_context is not None)
         failure = None
         async with trio.open_nursery() as nursery:
-            await nursery.start(http.serve_http, self, sock, ssl_context)
+            await nursery.start(http.serve_http, self, sock, ssl_context,
+                                [http.HealthRoutes(self), WebApp(self)])
             self.metrics_url = url
             log.info("metrics listening on %s (/metrics, /healthz, /readyz; web page /)", url)
             try:
