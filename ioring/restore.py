@@ -21,22 +21,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import secrets
-import time
 from collections.abc import Callable
 
 from ringtail.ioring.errors import RingFormatError
-from ringtail.ioring.files import fsync_directory, write_file_atomically
+from ringtail.ioring.files import fsync_directory
 from ringtail.ioring.format import (
     CHUNK_RECORD_COUNT,
-    HEADER_COPY_OFFSETS,
-    Header,
-    Layout,
     capacity_problem,
 )
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.ioring.recovery import read_header
-from ringtail.ioring.ring import is_locked_by_writer, open_ring
+from ringtail.ioring.ring import create_ring_file, is_locked_by_writer, open_ring
 from ringtail.ioring.snapshot import (
     SnapshotFormatError,
     SnapshotInfo,
@@ -95,23 +90,6 @@ def check_target(ring_path: str, tenant_id: int) -> None:
             "another tenant id"))
 
 
-def _create_ring_at(path: str, capacity: int, tenant_id: int, first_sequence: int) -> None:
-    """An empty ring whose cursor (oldest and next sequence) is `first_sequence`."""
-    layout = Layout(capacity)
-    header = Header(generation=1, capacity=capacity, oldest_sequence=first_sequence,
-                    next_sequence=first_sequence, batch_first_sequence=first_sequence,
-                    tenant_id=tenant_id, created_ns=time.time_ns(),
-                    file_id=int.from_bytes(secrets.token_bytes(8), "little"))
-
-    def fill(fd: int) -> None:
-        os.posix_fallocate(fd, 0, layout.file_size_bytes)
-        for generation in (0, 1):
-            copy = dataclasses.replace(header, generation=generation)
-            os.pwrite(fd, copy.encode(), HEADER_COPY_OFFSETS[copy.copy_index])
-
-    write_file_atomically(path, fill, replace=True)
-
-
 def restore_snapshot(snapshot_path: str, ring_path: str, tenant_id: int, capacity_min: int,
                      *, io: str = "threads",
                      progress: Callable[[str, int, int], None] | None = None) -> RestoreReport:
@@ -148,7 +126,7 @@ def restore_snapshot(snapshot_path: str, ring_path: str, tenant_id: int, capacit
         os.unlink(temporary)  # left by a restore that crashed: never a ring
     done = False
     try:
-        _create_ring_at(temporary, capacity, tenant_id, header.first_sequence)
+        create_ring_file(temporary, capacity, tenant_id, first_sequence=header.first_sequence)
         with open_ring(temporary, tenant_id=tenant_id, io=io, sync="none") as ring:
             step = ring.batch_record_count_max * RECORD_SIZE_BYTES
             for first, records in iter_snapshot_chunks(snapshot_path, stage("restore")):

@@ -421,8 +421,12 @@ def make_data_directory(path: str) -> None:
             "(or data_dir in the config) at a directory, or move it away") from None
 
 
-def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
+def create_ring_file(path: str, capacity: int, tenant_id: int, *,
+                     first_sequence: int = 0) -> None:
     """Write a new, empty ring file atomically (`<path>.creating`, fsync, link).
+
+    `first_sequence` is its cursor (oldest and next sequence): 0 for a new
+    tenant; a snapshot's first sequence for a restore (ioring/restore.py).
 
     Raises:
         RingFormatError: the capacity is out of bounds.
@@ -432,8 +436,9 @@ def create_ring_file(path: str, capacity: int, tenant_id: int) -> None:
     if problem:
         raise RingFormatError(path, problem)
     layout = Layout(capacity)
-    header = Header(generation=1, capacity=capacity, oldest_sequence=0, next_sequence=0,
-                    batch_first_sequence=0, tenant_id=tenant_id, created_ns=time.time_ns(),
+    header = Header(generation=1, capacity=capacity, oldest_sequence=first_sequence,
+                    next_sequence=first_sequence, batch_first_sequence=first_sequence,
+                    tenant_id=tenant_id, created_ns=time.time_ns(),
                     file_id=int.from_bytes(secrets.token_bytes(8), "little"))
 
     def fill(fd: int) -> None:
