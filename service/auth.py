@@ -137,6 +137,10 @@ class Access:
 
     roles: frozenset[str]
     credential: str  # for logs: "uid 1000", "token sha256:ab12...", "socket mode"
+    # The soonest expiry of the grants that matched (None: none expires). At
+    # that time a connection admitted with these credentials is checked again
+    # and ended if they no longer hold (service/gate.py, `watch_expiry`).
+    expires: datetime.datetime | None = None
 
     def allows(self, role: Role) -> bool:
         return role.value in self.roles
@@ -175,6 +179,7 @@ class AccessPolicy:
         credentials: list[str] = []
         known = False
         expired: Grant | None = None
+        soonest: datetime.datetime | None = None  # of the grants that matched
         for tenant, grants in self._scopes():
             for grant in grants:
                 matched = self._matches(grant, peer, presented)
@@ -184,6 +189,8 @@ class AccessPolicy:
                     expired = grant
                     continue
                 known = True
+                if grant.expires is not None and (soonest is None or grant.expires < soonest):
+                    soonest = grant.expires
                 if tenant is None or tenant == tenant_id:
                     roles |= (expand_roles(grant.roles) if tenant is not None
                               else frozenset(ROLE_NAMES))
@@ -205,7 +212,7 @@ class AccessPolicy:
         if not roles:
             raise ForbiddenError(f"these credentials grant nothing on tenant {tenant_id}; "
                                  "use the tenant's own credentials or an admin's")
-        return Access(frozenset(roles), ", ".join(credentials))
+        return Access(frozenset(roles), ", ".join(credentials), soonest)
 
     def _scopes(self):
         yield None, self.admins

@@ -164,6 +164,13 @@ class ConnectionHandler:
         self.peer = peer or Peer("unix")
         self.admission: Admission | None = None  # once the gate admitted the Hello
         self.close_reason: tuple[ErrorCode, str] | None = None  # set by a reload
+        # A fatal Error owed to the peer, sent once every batch already read is
+        # answered (issue 9, item 9): see fail_after_replies().
+        self.fatal: Error | None = None
+        self.peer_closed = False  # EOF: the peer sends nothing more (maybe a half-close)
+        self.subscription_follow = False  # the subscription follows (no End)
+        self.subscription_done: trio.Event | None = None  # set when it has ended
+        self.stop_cut_replay = False  # shutdown ended a replay after the peer's EOF
         self.connection = protocol.Connection(protocol.SERVER)
         self.send_lock = trio.Lock()
         self.receive_scope = trio.CancelScope()
@@ -249,7 +256,7 @@ class ConnectionHandler:
             return
         if self.close_reason is not None:  # a reload revoked this connection
             await self.send_error(*self.close_reason)
-        elif stop.is_set and self.receive_scope.cancelled_caught:
+        elif stop.is_set and (self.receive_scope.cancelled_caught or self.stop_cut_replay):
             # Shutdown stopped the reading and every queued batch was answered:
             # say so, so the peer can tell an orderly stop from a crash (a
             # connection that ends without an Error frame). A peer that closed
@@ -268,11 +275,34 @@ class ConnectionHandler:
             CONNECTION_UNACKED_BATCH_COUNT_MAX)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.reply_loop, receive_replies)
+            # Credentials that expire end the connection then (issue 9, item 8).
+            expiry = trio.CancelScope()
+            nursery.start_soon(self._watch_expiry, expiry)
             with self.session.stop.cancelling(self.receive_scope), self.receive_scope, \
                     send_replies:
                 await self.receive_loop(nursery, send_replies)
+            if self.peer_closed and self.fatal is None and not self.subscription_follow:
+                # A half-close ends only the peer's sending side (issue 9, item
+                # 10): a replay runs to its End (docs/PROTOCOL.md section 1).
+                await self._subscription_ended()
+            expiry.cancel()
             # Replies drain (acks for every queued batch); a subscription ends.
             self.end_subscription()
+        if self.fatal is not None:  # after every answer it was owed
+            await self.send(self.fatal)
+
+    async def _watch_expiry(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.gate.watch_expiry(self.admission)
+
+    async def _subscription_ended(self) -> None:
+        """Wait until the subscription (if any) ends by itself; shutdown cuts it."""
+        if self.subscription_done is None:
+            return
+        waiting = trio.CancelScope()
+        with self.session.stop.cancelling(waiting), waiting:
+            await self.subscription_done.wait()
+        self.stop_cut_replay = waiting.cancelled_caught
 
     async def tls_handshake(self) -> bool:
         """Complete TLS first (inside the handshake deadline); False if it failed."""
@@ -329,9 +359,10 @@ class ConnectionHandler:
                 if not error.fatal:  # a malformed batch: no whole records to count
                     await self.refuse_batch(replies, error, 0)
                     continue
-                await self.protocol_error(error)
+                self.protocol_error_after_replies(error)
                 return
             if event is CLOSED:
+                self.peer_closed = True
                 return
             try:
                 if isinstance(event, Publish):
@@ -349,16 +380,32 @@ class ConnectionHandler:
                 elif isinstance(event, Subscribe):
                     self.gate.admit_subscribe(self.admission)
                     self.subscription_scope = trio.CancelScope()
+                    self.subscription_follow = event.follow
+                    self.subscription_done = trio.Event()
                     nursery.start_soon(self.subscribe, event)
                 elif isinstance(event, Ping):
                     await self.send(Pong(event.nonce))
             except Refused as refusal:  # FORBIDDEN: the credentials lack the role
-                await self.send_error(refusal.code, refusal.message)
+                self.fail_after_replies(refusal.code, refusal.message)
                 return
 
     async def protocol_error(self, error: RemoteProtocolError) -> None:
+        """Send the fatal Error for `error` now (nothing is owed yet: the handshake)."""
         self.counters._protocol_errors += 1
         await self.send(Error.from_protocol_error(error))
+
+    def protocol_error_after_replies(self, error: RemoteProtocolError) -> None:
+        self.counters._protocol_errors += 1
+        self.fatal = self.fatal or Error.from_protocol_error(error)
+        self.receive_scope.cancel()
+
+    def fail_after_replies(self, code: ErrorCode, message: str) -> None:
+        """End the connection with a fatal Error(code, message) once every batch
+        already read has its answer (an Ack the client would otherwise never
+        see, and resend: issue 9, item 9): stop reading now; session_loop
+        sends it after the replies drained and the subscription ended."""
+        self.fatal = self.fatal or Error(int(code), message[:protocol.ERROR_MESSAGE_SIZE_BYTES_MAX])
+        self.receive_scope.cancel()
 
     async def reply_loop(self, replies) -> None:
         """Answer each batch in request order once it is durable (or refused).
@@ -408,8 +455,9 @@ class ConnectionHandler:
             with self.gate.subscriber_slot(self.tenant.tenant_id):
                 await self._run_subscription(event)
         except Refused as refusal:  # TOO_MANY_SUBSCRIBERS (raised before it started)
-            await self.send_error(refusal.code, refusal.message)
-            self.receive_scope.cancel()
+            self.fail_after_replies(refusal.code, refusal.message)
+        finally:
+            self.subscription_done.set()
 
     async def _run_subscription(self, event: Subscribe) -> None:
         tenant = self.tenant
@@ -420,12 +468,11 @@ class ConnectionHandler:
                     functools.partial(self._subscription_write, self.send_records),
                     self.session.subscriptions)
         except RemoteProtocolError as error:  # BAD_SUBSCRIBE found against the ring
-            await self.protocol_error(error)
-            self.receive_scope.cancel()
+            self.protocol_error_after_replies(error)
         except RingCorruptError as error:
+            # Every verified record before the damage was sent (subscribers.py).
             log.error("tenant %d: %s", tenant.tenant_id, error)
-            await self.send_error(ErrorCode.STORAGE_FAILED, f"replay stopped: {error}")
-            self.receive_scope.cancel()
+            self.fail_after_replies(ErrorCode.STORAGE_FAILED, f"replay stopped: {error}")
 
 
 async def serve_connection(session: Session, stream: trio.abc.Stream, peer: Peer) -> None:

@@ -9,7 +9,8 @@ connection's life where the handler (service/connection.py) asks:
    the access policy (service/auth.py), opens the tenant (service/tenants.py)
    and holds one of the tenant's `connections_max` slots; a SIGHUP
    (`reconfigure`) re-checks every admitted connection and calls `revoke` on
-   those no longer allowed;
+   those no longer allowed, and so does `watch_expiry` when the credentials
+   a connection was admitted with expire;
 3. a Publish: `admit_publish(admission, publish)` checks the role, holds the
    batch to the tenant's records-per-second quota (waits in quota_mode
    "slow", refuses QUOTA_EXCEEDED in "reject") and checks its records
@@ -38,8 +39,11 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import math
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping
+
+import trio
 
 from ringtail.ioring import RingError
 from ringtail.ioring.record import RECORD_FAULT_MAGIC, RECORD_MAGIC, RECORD_SIZE_BYTES, check_records
@@ -165,6 +169,9 @@ class Admission:
         self.access = access
         self.revoke = revoke  # called by a reload that no longer allows it
         self.subscribed = False
+        # Set when a re-check replaces `access` (a reload): `watch_expiry` then
+        # waits for the new credentials' expiry.
+        self.access_changed = trio.Event()
 
 
 class Gate:
@@ -381,7 +388,7 @@ class Gate:
             state.update(self._quota_settings(tenant_id))
         return sum(self._recheck(admission, removed) for admission in list(self._admitted))
 
-    def _recheck(self, admission: Admission, removed: set[int]) -> bool:
+    def _recheck(self, admission: Admission, removed: set[int], why: str = "a reload") -> bool:
         tenant_id = admission.tenant.tenant_id
         if tenant_id in removed:
             admission.revoke(ErrorCode.UNKNOWN_TENANT,
@@ -390,16 +397,41 @@ class Gate:
         try:
             access = self._policy.check(admission.peer, admission.token, tenant_id, _utc_now())
         except AuthError as error:
-            admission.revoke(ErrorCode.AUTH_FAILED, f"credentials revoked by a reload: {error}")
+            admission.revoke(ErrorCode.AUTH_FAILED, f"credentials revoked by {why}: {error}")
             return True
         except ForbiddenError as error:
-            admission.revoke(ErrorCode.FORBIDDEN, f"role revoked by a reload: {error}")
+            admission.revoke(ErrorCode.FORBIDDEN, f"role revoked by {why}: {error}")
             return True
         if admission.subscribed and not access.allows(Role.SUBSCRIBE):
-            admission.revoke(ErrorCode.FORBIDDEN, "role subscribe revoked by a reload")
+            admission.revoke(ErrorCode.FORBIDDEN, f"role subscribe revoked by {why}")
             return True
         admission.access = access
+        admission.access_changed.set()
         return False
+
+    # -- expiry ------------------------------------------------------------------------
+
+    async def watch_expiry(self, admission: Admission) -> None:
+        """End `admission` when the credentials it holds expire (issue 9, item 8).
+
+        At the soonest expiry of the grants that admitted it (Access.expires),
+        the connection is checked again as a reload checks it, and revoked
+        (AUTH_FAILED "the token expired at ...", or FORBIDDEN if an expired
+        grant gave a role it uses) if they no longer hold; a reload that
+        changes its access restarts the wait. Returns once it revoked;
+        otherwise runs until cancelled (the connection ended).
+        """
+        while True:
+            admission.access_changed = changed = trio.Event()
+            expires = admission.access.expires
+            delay_s = (math.inf if expires is None
+                       else max(0.0, (expires - _utc_now()).total_seconds()))
+            with trio.move_on_after(delay_s):
+                await changed.wait()
+            if changed.is_set():
+                continue  # a reload re-checked it: wait for the new expiry
+            if self._recheck(admission, set(), why="their expiry"):
+                return
 
     # -- statistics --------------------------------------------------------------------
 

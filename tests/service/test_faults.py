@@ -18,21 +18,28 @@ line), and every wait is bounded by a timeout that fails the test.
 
 from __future__ import annotations
 
+import datetime
 import os
 import select
 import signal
+import struct
+import subprocess
 
 import numpy
+import pytest
 import trio
 
 from ringtail.ioring import open_ring
 from ringtail.ioring.format import CHUNK_RECORD_COUNT
-from ringtail.ioring.scan import inspect_ring
 from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
+from ringtail.ioring.scan import inspect_ring
+from ringtail.service.auth import hash_token, new_token
 from ringtail.service.client import Client
-from ringtail.service.protocol import (End, Error, ErrorCode, Records, StartKind, Subscribe,
-                                       encode_event)
-from tests.service.conftest import RawPeer, RecordFactory, frame_records, write_config
+from ringtail.service.errors import RingtailError
+from ringtail.service.protocol import (Ack, End, Error, ErrorCode, Hello, Publish, Records,
+                                       StartKind, Subscribe, Welcome, encode_event)
+from tests.service.conftest import (RINGTAIL, RawPeer, RecordFactory, frame_records, read_all,
+                                   tcp_port, write_config)
 
 TIMEOUT_S = 60.0  # any wait here fails the test past this (never a speed assertion)
 
@@ -185,3 +192,201 @@ async def test_sighup_during_start_up_recovery_is_applied_once_ready(daemon, tmp
             ack = await client.publish(RecordFactory(STARTUP_RING_COUNT - 1).records(1))
         assert ack.first_sequence == 0
     assert server.stop() == 0
+
+
+# -- item 9 ------------------------------------------------------------------------------
+
+PIPELINED_BATCH_COUNT = 20
+PIPELINED_BATCH_RECORD_COUNT = 100
+
+
+async def test_a_fatal_protocol_error_comes_after_the_acks_of_every_batch_read(daemon):
+    # sync="batch": each batch waits for its fdatasync, so acks are still due
+    # when the bad frame right behind them is read.
+    server = daemon(capacity=8192, sync="batch", io="threads")
+    factory = RecordFactory(1)
+    batches = [factory.records(PIPELINED_BATCH_RECORD_COUNT)
+               for _ in range(PIPELINED_BATCH_COUNT)]
+    unknown_frame = struct.pack("<IHH", 0, 0xEEEE, 0)  # a frame type no version knows
+    with trio.fail_after(TIMEOUT_S):
+        peer = await RawPeer.connect(server.socket_path)
+        await peer.hello(1)
+        await peer.send(b"".join(encode_event(Publish(batch_id, batch))
+                                 for batch_id, batch in enumerate(batches, 1)) + unknown_frame)
+        frames = await peer.frames_until_closed()
+        await peer.aclose()
+        stored = await read_all(server.socket_path, 1)
+    acks = [frame for frame in frames if isinstance(frame, Ack)]
+    # Every batch read before the bad frame is stored, and acknowledged, in
+    # order, before the fatal Error: a client resends none of them.
+    assert len(stored.records) == PIPELINED_BATCH_COUNT * PIPELINED_BATCH_RECORD_COUNT
+    assert [ack.batch_id for ack in acks] == list(range(1, PIPELINED_BATCH_COUNT + 1))
+    assert frames[:-1] == acks
+    assert isinstance(frames[-1], Error) and frames[-1].code == ErrorCode.UNKNOWN_FRAME_TYPE
+
+
+# -- item 10 -----------------------------------------------------------------------------
+
+
+async def test_a_subscriber_that_half_closes_still_gets_its_records_and_end(daemon):
+    server = daemon(capacity=4096, sync="none", io="threads")
+    records = RecordFactory(1).records(1000)
+    with trio.fail_after(TIMEOUT_S):
+        async with await Client.connect(server.socket_path, 1) as publisher:
+            await publisher.publish(records)
+        peer = await RawPeer.connect(server.socket_path)
+        await peer.hello(1)
+        await peer.send(encode_event(Subscribe(StartKind.OLDEST)))
+        await peer.stream.send_eof()  # shutdown(SHUT_WR): we send nothing more
+        frames = await peer.frames_until_closed()
+        await peer.aclose()
+    received = [pair for frame in frames if isinstance(frame, Records)
+                for pair in frame_records(frame)]
+    assert [s for s, _ in received] == list(range(1000))
+    assert b"".join(r for _, r in received) == records
+    assert frames[-1] == End(1000)
+
+
+# -- item 7 ------------------------------------------------------------------------------
+
+# Records a backed-up follower has yet to take when its subscription is ended:
+# 12.8 MB, far more than the socket buffers hold, so the daemon is blocked in
+# a send when the stop comes.
+BACKLOG_RECORD_COUNT = 200_000
+
+
+async def backed_up_follower(socket_path: str, tenant_id: int) -> tuple[RawPeer, int]:
+    """A follower that took one frame of a long replay and then stops reading;
+    and the sequence it expects next."""
+    peer = await RawPeer.connect(socket_path)
+    await peer.hello(tenant_id)
+    await peer.send(encode_event(Subscribe(StartKind.OLDEST, follow=True)))
+    first = await peer.read_frame()
+    assert isinstance(first, Records) and first.first_sequence == 0
+    return peer, first.record_count
+
+
+async def whole_frames_then(peer: RawPeer) -> tuple[list[int], Error]:
+    """Read to EOF (RawPeer fails on EOF inside a frame); the sequences of every
+    record after the first frame, and the last frame, which must be an Error."""
+    frames = await peer.frames_until_closed()
+    await peer.aclose()
+    sequences = [s for frame in frames if isinstance(frame, Records)
+                 for s, _ in frame_records(frame)]
+    assert all(isinstance(frame, Records) for frame in frames[:-1]), frames[-1]
+    assert isinstance(frames[-1], Error), frames[-1]
+    return sequences, frames[-1]
+
+
+async def test_sigterm_ends_a_backed_up_follower_between_frames(daemon, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    await trio.to_thread.run_sync(lambda: write_ring(
+        os.fspath(data_dir / "tenant-1.ring"), 1, BACKLOG_RECORD_COUNT, capacity=1 << 18))
+    server = daemon(sync="none", io="threads", data_dir=os.fspath(data_dir))
+    with trio.fail_after(TIMEOUT_S):
+        peer, expected = await backed_up_follower(server.socket_path, 1)
+        tail = await trio.lowlevel.open_process(
+            [RINGTAIL, "tail", "--socket", server.socket_path, "--tenant", "1", "--follow",
+             "--format", "raw"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # The tail's first bytes: it is following; we read nothing more of it,
+        # so it blocks on its stdout and stops reading its socket.
+        assert await tail.stdout.receive_some(RECORD_SIZE_BYTES)
+        server.send_signal(signal.SIGTERM)
+        await server.await_stderr("shutting down")
+        sequences, error = await whole_frames_then(peer)
+        assert error.code == ErrorCode.SHUTTING_DOWN
+        assert sequences == list(range(expected, expected + len(sequences)))
+        # `ringtail tail --follow`: every record it got, then one line, exit 1.
+        output, messages = await drain(tail)
+        assert await tail.wait() == 1
+        assert len(output) % RECORD_SIZE_BYTES == 0
+        assert "Traceback" not in messages
+        assert len(messages.strip().splitlines()) == 1, messages
+        assert "shutting down" in messages
+    assert server.wait() == 0
+
+
+async def drain(process: trio.Process) -> tuple[bytes, str]:
+    """Everything `process` writes to stdout and stderr, until it closes both."""
+    output, messages = bytearray(), bytearray()
+
+    async def read(stream, into: bytearray) -> None:
+        while data := await stream.receive_some(1 << 20):
+            into += data
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, process.stdout, output)
+        nursery.start_soon(read, process.stderr, messages)
+    return bytes(output), messages.decode()
+
+
+async def test_a_reload_that_removes_the_tenant_ends_a_backed_up_follower_between_frames(
+        daemon, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    await trio.to_thread.run_sync(lambda: write_ring(
+        os.fspath(data_dir / "tenant-2.ring"), 2, BACKLOG_RECORD_COUNT, capacity=1 << 18))
+    tenants = "create_tenants = false\n[tenants.1]\n[tenants.2]\n"
+    config = write_config(tmp_path, tenants)
+    server = daemon(sync="none", io="threads", data_dir=os.fspath(data_dir), config=config)
+    with trio.fail_after(TIMEOUT_S):
+        peer, expected = await backed_up_follower(server.socket_path, 2)
+        write_config(tmp_path, "create_tenants = false\n[tenants.1]\n")
+        server.send_signal(signal.SIGHUP)
+        await server.await_stderr("reloaded config")
+        sequences, error = await whole_frames_then(peer)
+        assert error.code == ErrorCode.UNKNOWN_TENANT
+        assert sequences == list(range(expected, expected + len(sequences)))
+
+
+# -- item 8 ------------------------------------------------------------------------------
+
+# Seconds from now the expiring token is valid for: long enough for the test to
+# connect, subscribe and see a live record before it expires.
+TOKEN_LIFETIME_S = 3.0
+EXPIRING_TOKEN, PUBLISHER_TOKEN = new_token(), new_token()
+
+
+async def test_a_token_expiry_ends_its_live_connections_with_auth_failed(daemon, tmp_path):
+    expires = (datetime.datetime.now(datetime.timezone.utc)
+               + datetime.timedelta(seconds=TOKEN_LIFETIME_S)).replace(microsecond=0)
+    config = write_config(tmp_path, f"""
+        tcp_listen = "127.0.0.1:0"
+        tcp_plaintext = true
+        [tenants.1]
+        grants = [
+          {{ token = "{hash_token(EXPIRING_TOKEN)}", roles = ["publish", "subscribe"], expires = {expires.strftime("%Y-%m-%dT%H:%M:%SZ")} }},
+          {{ token = "{hash_token(PUBLISHER_TOKEN)}", roles = ["publish"] }},
+        ]
+        """)
+    server = daemon(sync="none", io="threads", config=config)
+    port = tcp_port(server)
+    factory = RecordFactory(1)
+    with trio.fail_after(TIMEOUT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        follower = RawPeer(stream)
+        await follower.send(encode_event(Hello(1, EXPIRING_TOKEN.encode(), "faults")))
+        assert isinstance(await follower.read_frame(), Welcome)
+        await follower.send(encode_event(Subscribe(StartKind.LATEST, follow=True)))
+        idle_publisher = await Client.connect_tcp("127.0.0.1", port, 1, token=EXPIRING_TOKEN,
+                                                  plaintext=True)
+        async with await Client.connect_tcp("127.0.0.1", port, 1, token=PUBLISHER_TOKEN,
+                                            plaintext=True) as publisher:
+            await publisher.publish(factory.records(1))
+            live = await follower.read_frame()
+            assert isinstance(live, Records) and live.first_sequence == 0  # following
+            # At the expiry, the follower is ended: whole frames, then AUTH_FAILED.
+            ended = await follower.read_frame()
+            assert datetime.datetime.now(datetime.timezone.utc) >= expires
+            assert isinstance(ended, Error) and ended.code == ErrorCode.AUTH_FAILED, ended
+            assert "expired" in ended.message
+            assert await follower.read_frame() is None  # closed
+            # Records published after the expiry never reach it; and the other
+            # connection that used the token was ended too.
+            await publisher.publish(factory.records(1))
+            with pytest.raises(RingtailError) as refused:
+                await idle_publisher.publish(factory.records(1))
+            assert refused.value.code == ErrorCode.AUTH_FAILED
+        await idle_publisher.aclose()
+        await follower.aclose()
