@@ -223,7 +223,8 @@ def command_serve(args) -> int:
         from ringtail.service.limits import describe_limits
         config = serve_config(args)
         print(describe_limits(max([config.capacity, *(tenant.capacity for tenant in
-                                                       config.tenants.values())])))
+                                                       config.tenants.values())]),
+                              config.connection_limits))
         return EXIT_OK
     # A native crash (SIGSEGV, SIGILL, SIGBUS, SIGABRT) prints every thread's
     # Python stack to the log before the process dies: never a silent exit.

@@ -17,6 +17,12 @@ Example (every key optional; see deploy/ringtail.example.toml)::
     tls_cert = "/etc/ringtail/server.pem"
     tls_key = "/etc/ringtail/server.key"
 
+    unix_connections_max = 1024      # connection limits (docs/OPERATIONS.md, "Sizing"):
+    tcp_connections_max = 256        #   each may be lowered, never raised
+    peer_unauthenticated_max = 64
+    peer_tenant_creations_max = 256
+    idle_timeout_s = 300.0
+
     [tenants.7]
     name = "trainer"
     capacity = 65536
@@ -47,6 +53,10 @@ from ringtail.ioring import IO_CHOICES, SYNC_CHOICES
 from ringtail.ioring.format import capacity_problem
 from ringtail.service.auth import (ROLE_NAMES, TOKEN_HASH_PATTERN, TOKEN_PREFIX, UNIX_AUTH_CHOICES,
                                    AccessPolicy, Grant)
+from ringtail.service.gate import (CONNECTION_IDLE_TIMEOUT_S, CONNECTION_LIMIT_CEILINGS,
+                                   PEER_TENANT_CREATION_COUNT_MAX, PEER_UNAUTHENTICATED_COUNT_MAX,
+                                   TCP_CONNECTION_COUNT_MAX, UNIX_CONNECTION_COUNT_MAX,
+                                   ConnectionLimits)
 from ringtail.service.quotas import (QUOTA_MODES, RECORDS_PER_SECOND_MAX, TENANT_CONNECTION_COUNT_MAX,
                                      TENANT_SUBSCRIBER_COUNT_MAX, QuotaSettings)
 from ringtail.service.ship_process import ShipConfigError, ShipSettings, ship_settings
@@ -91,6 +101,17 @@ class ServeConfig:
     # The [ship] table: `ringtail ship` run by the daemon as a child process
     # (service/ship_process.py); None (the embedded default): no shipping.
     ship: ShipSettings | None = None
+    # Connection limits (service/gate.py, where each constant says why): a
+    # config may lower each, never raise it.
+    unix_connections_max: int = UNIX_CONNECTION_COUNT_MAX
+    tcp_connections_max: int = TCP_CONNECTION_COUNT_MAX
+    peer_unauthenticated_max: int = PEER_UNAUTHENTICATED_COUNT_MAX
+    peer_tenant_creations_max: int = PEER_TENANT_CREATION_COUNT_MAX
+    idle_timeout_s: float = CONNECTION_IDLE_TIMEOUT_S
+
+    @property
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(**{key: getattr(self, key) for key in CONNECTION_LIMIT_CEILINGS})
 
     @property
     def http_address(self) -> str:
@@ -116,6 +137,9 @@ class ServeConfig:
                                   f"metrics_listen = {self.metrics_listen!r} differ; set one")
         self._validate_access(source)
         self._validate_tcp(source)
+        problem = self.connection_limits.problem()
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
         return self
 
     def _validate_access(self, source: str) -> None:
@@ -180,8 +204,10 @@ _TOP_KEYS = {"data_dir": str, "socket": str, "socket_mode": str, "sync": str, "i
              "capacity": int, "create_tenants": bool, "tenants": dict,
              "metrics_listen": str, "http_listen": str,
              "socket_group": str, "unix_auth": str, "admins": list, "tcp_listen": str,
-             "tcp_plaintext": bool, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
-             "ship": dict}
+             "tcp_plaintext": bool, "tls_cert": str, "tls_key": str, "tls_client_ca": str, "ship": dict,
+             "unix_connections_max": int, "tcp_connections_max": int,
+             "peer_unauthenticated_max": int, "peer_tenant_creations_max": int,
+             "idle_timeout_s": (int, float)}
 _TENANT_KEYS = {"capacity": int, "sync": str, "name": str, "grants": list,
                 "records_per_second": int, "burst_records": int, "quota_mode": str,
                 "connections_max": int, "subscribers_max": int}
@@ -216,6 +242,8 @@ def load_config(path: str, base: ServeConfig | None = None) -> ServeConfig:
     if "admins" in document:
         values["admins"] = tuple(_grant(path, f"admins[{index}]", table, admin=True)
                                  for index, table in enumerate(document["admins"]))
+    if "idle_timeout_s" in values:
+        values["idle_timeout_s"] = float(values["idle_timeout_s"])
     if "ship" in document:
         try:
             values["ship"] = ship_settings(document["ship"])
@@ -354,8 +382,10 @@ def _check_keys(path: str, prefix: str, table: dict, allowed: dict) -> None:
         if key not in allowed:
             raise ConfigError(f"{path}: unknown key {prefix}{key}; known keys: "
                               f"{', '.join(sorted(allowed))}")
-        if not isinstance(value, allowed[key]) or (allowed[key] is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: {prefix}{key} must be {allowed[key].__name__}, "
+        kinds = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
+        if not isinstance(value, kinds) or (int in kinds and isinstance(value, bool)):
+            names = " or ".join(kind.__name__ for kind in kinds)
+            raise ConfigError(f"{path}: {prefix}{key} must be {names}, "
                               f"got {type(value).__name__} {value!r}")
 
 

@@ -24,8 +24,17 @@ Error(SHUTTING_DOWN) and closes, so the peer can tell an orderly stop from a
 crash (docs/PROTOCOL.md 6.1).
 
 `serve_connection(session, stream, peer)` runs one accepted connection to
-its end: the daemon-wide connection slot, the handler, and the accounting of
+its end: the listener's connection slot, the handler, and the accounting of
 how it ended (`HandlerCounters.statistics()`).
+
+Bounds against hostile peers (issue 9, items 1-3): every accepted
+connection, over a cap or not, is refused or has sent its Hello within
+HANDSHAKE_TIMEOUT_S of the accept, TLS handshake included, and shutdown cuts
+both short; a welcomed connection with nothing in flight and no subscription
+is closed after the gate's idle timeout; what a connection holds of publish
+batches read and not yet answered is bounded in bytes
+(CONNECTION_UNACKED_SIZE_BYTES_MAX) and in batches, and the receive loop
+stops reading while it is at the bound.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from ringtail.ioring import RingCorruptError
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service import protocol
 from ringtail.service.auth import Peer
-from ringtail.service.gate import Admission, Gate, Refused
+from ringtail.service.gate import Admission, ConnectionSlot, Gate, Refused
 from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
                                        ProtocolError, Publish, RemoteProtocolError, Subscribe,
                                        Welcome)
@@ -54,12 +63,22 @@ log = logging.getLogger("ringtail.server")
 # Answers (acks, batch errors) sent in one write when several are decided at
 # once; bounds that write to 256 x 40 B = 10 KiB.
 REPLY_COALESCE_COUNT_MAX = 256
-# Seconds a new connection has to send its Hello.
+# Seconds a new connection has, from its accept, to finish the TLS handshake
+# (TCP) and send its Hello; a refused connection gets its Error within the same.
 HANDSHAKE_TIMEOUT_S = 10.0
-# Publish batches a connection may have queued but not yet acknowledged; past
-# it the receive loop stops reading (backpressure). 64 x 256 KiB max = 16 MiB
-# worst case per connection, bounded further by the writer's pending bound.
+# Publish batches a connection may have read but not yet answered (queued,
+# being written, or answered while its peer reads nothing); past it the
+# receive loop stops reading (backpressure). Bounds small batches; bytes are
+# bounded by CONNECTION_UNACKED_SIZE_BYTES_MAX.
 CONNECTION_UNACKED_BATCH_COUNT_MAX = 64
+# Bytes of publish records a connection may hold read but not yet answered
+# (the same batches, counted in bytes): four full batches, enough to keep a
+# group commit fed from one publisher. Past it the receive loop reads nothing
+# more until an answer is sent, so a publisher that never reads its acks pins
+# at most this (plus one parsed batch and its receive buffer), and it is
+# freed as its answers go out or when it leaves. Memory: 1 MiB per
+# connection at worst (service/limits.py sums it).
+CONNECTION_UNACKED_SIZE_BYTES_MAX = 4 * protocol.PUBLISH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES
 RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
 # Seconds a subscription ended by shutdown or a reload may still take to finish
 # the frame it is writing (a Records frame is at most 294,924 B), so its peer
@@ -69,6 +88,8 @@ FRAME_FINISH_TIMEOUT_S = 5.0
 
 assert HANDSHAKE_TIMEOUT_S > 0
 assert FRAME_FINISH_TIMEOUT_S > 0
+# A full publish batch always fits when nothing is unanswered.
+assert CONNECTION_UNACKED_SIZE_BYTES_MAX >= protocol.PUBLISH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES
 
 
 
@@ -180,6 +201,14 @@ class ConnectionHandler:
         self.send_incomplete = False
         self.subscription_writing = False  # the subscription task is in one of its sends
         self.subscription_ending = False  # end_subscription() came while it was
+        self.slot: ConnectionSlot | None = None  # the gate's hold, from serve_connection
+        self.subscription_running = False  # a subscription task is running (not idle)
+        # Publish batches read and not yet answered, and their record bytes
+        # (CONNECTION_UNACKED_BATCH_COUNT_MAX, CONNECTION_UNACKED_SIZE_BYTES_MAX);
+        # `reply_room` is set each time an answer frees some.
+        self.unanswered_count = 0
+        self.unanswered_size_bytes = 0
+        self.reply_room = trio.Event()
 
     @property
     def tenant(self):
@@ -219,11 +248,15 @@ class ConnectionHandler:
             data = await self.stream.receive_some(RECEIVE_SIZE_BYTES)
             self.connection.receive_data(data)
 
-    async def run(self) -> None:
+    async def run(self, handshake_deadline: float | None = None) -> None:
+        """Handshake (by `handshake_deadline`, default HANDSHAKE_TIMEOUT_S from
+        now), admission, then the session until either side ends it."""
         stop = self.session.stop
+        if handshake_deadline is None:
+            handshake_deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
         # Shutdown cancels the handshake too: a peer that never says Hello must
         # not hold the daemon's exit for HANDSHAKE_TIMEOUT_S.
-        handshake = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
+        handshake = trio.CancelScope(deadline=handshake_deadline)
         hello = failure = None
         with stop.cancelling(handshake), handshake:
             if not await self.tls_handshake():
@@ -247,6 +280,8 @@ class ConnectionHandler:
             return
         if hello is CLOSED or not isinstance(hello, Hello):
             return
+        if self.slot is not None:
+            self.slot.hello_received()
         try:
             with self.gate.admit(self.peer, hello, self.revoke) as admission:
                 self.admission = admission
@@ -351,12 +386,48 @@ class ConnectionHandler:
         self.counters._count_rejected(self.tenant.tenant_id, error.code, record_count)
         await replies.send((error.batch_id, None, error))
 
+    async def _next_event_or_idle(self):
+        """next_event(), or None once the connection was idle for the gate's
+        idle timeout: no frame, nothing unanswered and no subscription."""
+        idle_timeout_s = self.gate.limits().idle_timeout_s
+        while True:
+            with trio.move_on_after(idle_timeout_s):
+                return await self.next_event()  # cancelled before any byte is taken: safe
+            if not (self.subscription_running or self.unanswered_count):
+                return None
+
+    async def _reply_room(self, size_bytes: int) -> None:
+        """Wait until one more answer (for `size_bytes` of records) fits the
+        connection's bounds; then count it. Unshielded: shutdown may cut it."""
+        while self.unanswered_count >= CONNECTION_UNACKED_BATCH_COUNT_MAX or (
+                self.unanswered_size_bytes and
+                self.unanswered_size_bytes + size_bytes > CONNECTION_UNACKED_SIZE_BYTES_MAX):
+            if self.reply_room.is_set():
+                self.reply_room = trio.Event()
+            await self.reply_room.wait()
+        self.unanswered_count += 1
+        self.unanswered_size_bytes += size_bytes
+
+    def _answered(self, size_bytes: int) -> None:
+        self.unanswered_count -= 1
+        self.unanswered_size_bytes -= size_bytes
+        self.reply_room.set()
+
     async def receive_loop(self, nursery: trio.Nursery, replies) -> None:
         while True:
             try:
-                event = await self.next_event()
+                event = await self._next_event_or_idle()
+                if event is None:
+                    idle_timeout_s = self.gate.limits().idle_timeout_s
+                    await self.send_error(
+                        ErrorCode.IDLE_TIMEOUT,
+                        f"no Publish, Subscribe or Ping for {idle_timeout_s:g} s "
+                        "(CONNECTION_IDLE_TIMEOUT_S or idle_timeout_s) and nothing in flight; "
+                        "send a Ping now and then to keep a connection open, or reconnect")
+                    return
             except RemoteProtocolError as error:
                 if not error.fatal:  # a malformed batch: no whole records to count
+                    await self._reply_room(0)
                     await self.refuse_batch(replies, error, 0)
                     continue
                 self.protocol_error_after_replies(error)
@@ -368,6 +439,10 @@ class ConnectionHandler:
                 if isinstance(event, Publish):
                     # Unshielded: shutdown may cut a wait for the quota.
                     refusal = await self.gate.admit_publish(self.admission, event)
+                    # Backpressure: read nothing more until this batch's answer
+                    # fits (unshielded: a batch shutdown cuts here gets no
+                    # answer and was not stored).
+                    await self._reply_room(0 if refusal is not None else len(event.records))
                     # A batch read off the socket is answered (and, if admitted,
                     # queued) even if shutdown starts meanwhile.
                     with trio.CancelScope(shield=True):
@@ -380,6 +455,7 @@ class ConnectionHandler:
                 elif isinstance(event, Subscribe):
                     self.gate.admit_subscribe(self.admission)
                     self.subscription_scope = trio.CancelScope()
+                    self.subscription_running = True
                     self.subscription_follow = event.follow
                     self.subscription_done = trio.Event()
                     nursery.start_soon(self.subscribe, event)
@@ -388,6 +464,17 @@ class ConnectionHandler:
             except Refused as refusal:  # FORBIDDEN: the credentials lack the role
                 self.fail_after_replies(refusal.code, refusal.message)
                 return
+
+    async def refuse(self, refusal: Refused, deadline: float) -> None:
+        """Answer a connection the gate refused with its Error, by `deadline`
+        (a TLS peer must finish its handshake first) and not past the start of
+        shutdown; with REFUSAL_COUNT_MAX answers under way, close it unanswered."""
+        with self.gate.refusal_slot(self.peer.transport) as answering:
+            if not answering:
+                return
+            scope = trio.CancelScope(deadline=deadline)
+            with self.session.stop.cancelling(scope), scope:
+                await self.send_error(refusal.code, refusal.message)
 
     async def protocol_error(self, error: RemoteProtocolError) -> None:
         """Send the fatal Error for `error` now (nothing is owed yet: the handshake)."""
@@ -430,10 +517,13 @@ class ConnectionHandler:
                 await self._send_events(events)
 
     async def _reply_event(self, item):
+        """The answer to one batch; from here the connection holds none of its records."""
         batch_id, request, error = item
         if error is not None:
+            self._answered(0)
             return Error(int(error.code), error.message, batch_id, error.record_index)
         await request.done.wait()
+        self._answered(len(request.records))
         if request.error is not None:
             message = f"batch {batch_id} is not durable: {request.error}"
             # Cut at the frame's byte limit, not 256 characters (issue 9, item 18).
@@ -457,6 +547,7 @@ class ConnectionHandler:
         except Refused as refusal:  # TOO_MANY_SUBSCRIBERS (raised before it started)
             self.fail_after_replies(refusal.code, refusal.message)
         finally:
+            self.subscription_running = False
             self.subscription_done.set()
 
     async def _run_subscription(self, event: Subscribe) -> None:
@@ -482,12 +573,15 @@ async def serve_connection(session: Session, stream: trio.abc.Stream, peer: Peer
     closed stream) and a bug of the handler (logged) end this connection only.
     """
     handler = ConnectionHandler(session, stream, peer)
+    # From the accept: the Hello (TLS handshake included), or a refusal's Error.
+    deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
     try:
         try:
-            with session.gate.connection_slot():
-                await handler.run()
-        except Refused as refusal:  # TOO_MANY_CONNECTIONS, daemon-wide
-            await handler.send_error(refusal.code, refusal.message)
+            with session.gate.connection_slot(peer) as slot:
+                handler.slot = slot
+                await handler.run(deadline)
+        except Refused as refusal:  # TOO_MANY_CONNECTIONS: the listener's or the peer's cap
+            await handler.refuse(refusal, deadline)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
         # The peer went away. except*: the handler's own nursery (reply
         # loop, subscription) raises these inside an ExceptionGroup, and one

@@ -3,11 +3,17 @@
 Every admission decision of the daemon is made here, at the points of a
 connection's life where the handler (service/connection.py) asks:
 
-1. accepted: `connection_slot()` holds one of CONNECTION_COUNT_MAX daemon-wide
-   slots for as long as the connection is open;
+1. accepted: `connection_slot(peer)` holds one of its listener's slots (Unix
+   and TCP have their own caps, so a TCP flood never locks out local
+   publishers) for as long as the connection is open, and one of the peer's
+   PEER_UNAUTHENTICATED_COUNT_MAX pre-Hello slots until its Hello arrives; a
+   refused connection is answered under `refusal_slot(transport)` (a bounded
+   number at once, within the handshake timeout; the rest are closed at once);
 2. a Hello: `admit(peer, hello, revoke)` checks the auth-failure limiter and
-   the access policy (service/auth.py), opens the tenant (service/tenants.py)
-   and holds one of the tenant's `connections_max` slots; a SIGHUP
+   the access policy (service/auth.py), opens the tenant (service/tenants.py;
+   a peer creates at most `peer_tenant_creations_max` tenants) and holds one
+   of the tenant's slots on that listener (its `connections_max`, and never
+   more than half the listener's); a SIGHUP
    (`reconfigure`) re-checks every admitted connection and calls `revoke` on
    those no longer allowed, and so does `watch_expiry` when the credentials
    a connection was admitted with expire;
@@ -51,13 +57,55 @@ from ringtail.service.auth import (AUTH_FAILURE_COUNT_MAX, AUTH_FAILURE_WINDOW_S
                                    AuthError, AuthFailureLimiter, ForbiddenError, Peer, Role)
 from ringtail.service.protocol import ErrorCode, Hello, ProtocolError, Publish
 from ringtail.service.quotas import TENANT_SUBSCRIBER_COUNT_MAX, Clock, QuotaSettings, TokenBucket
-from ringtail.service.tenants import Tenant, TenantLimitError, TenantRegistry, UnknownTenantError
+from ringtail.service.tenants import (TENANT_COUNT_MAX, Tenant, TenantLimitError, TenantRegistry,
+                                      UnknownTenantError)
 
 log = logging.getLogger("ringtail.server")
 
-# Connections at once, daemon-wide (each costs two small tasks and up to one
-# frame of buffered input, RECEIVE_BUFFER_BYTES_MAX; service/limits.py sums it).
-CONNECTION_COUNT_MAX = 1024
+# Connections at once on the Unix socket: the local publishers and
+# subscribers a sidecar serves. Each costs two small tasks, up to
+# RECEIVE_BUFFER_BYTES_MAX of buffered input and what it has unacknowledged
+# (service/limits.py sums it). Config `unix_connections_max` may lower it.
+UNIX_CONNECTION_COUNT_MAX = 1024
+# Connections at once on the TCP listener (remote tailing, mostly): a cap of
+# its own, so silent or hostile TCP peers can never take the slots local
+# publishers need. A TLS connection costs ~50 KiB more (OpenSSL's buffers).
+# Config `tcp_connections_max` may lower it.
+TCP_CONNECTION_COUNT_MAX = 256
+# Every connection at once, both listeners: what the memory bound and the
+# file-descriptor budget (deploy/ringtail.service LimitNOFILE) count.
+CONNECTION_COUNT_MAX = UNIX_CONNECTION_COUNT_MAX + TCP_CONNECTION_COUNT_MAX
+# Connections of one peer (a uid on the Unix socket, an IP address on TCP)
+# that have not sent their Hello yet. A well-behaved client sends it at once,
+# so a peer holds a few at a time; a peer that connects and stays silent (or
+# recycles connections that fail authentication) is held to this many, and
+# each is closed after HANDSHAKE_TIMEOUT_S (service/connection.py). Config
+# `peer_unauthenticated_max` may lower it.
+PEER_UNAUTHENTICATED_COUNT_MAX = 64
+# Refused connections (over a cap) answered at once, per listener. Answering
+# means a fatal Error frame, after the TLS handshake on TCP, within
+# HANDSHAKE_TIMEOUT_S of the accept: a silent peer holds a descriptor until
+# then. Past this many, a refused connection is closed at once with no Error
+# frame (its peer sees EOF and retries with backoff), so a flood of connects
+# past every cap holds at most this many descriptors per listener.
+REFUSAL_COUNT_MAX = 32
+# A tenant's connections on one listener are at most the listener's cap
+# divided by this, whatever its `connections_max`: one tenant (or 1,024 idle
+# connections of it) can never take every slot of a listener.
+TENANT_LISTENER_SHARE_DIVISOR = 2
+# Tenants one peer (uid / address) may create on first use (create_tenants =
+# true). Each costs a ring file of its full size on disk (posix_fallocate,
+# docs/FORMAT.md), about `capacity` bytes of memory and three descriptors, and
+# TENANT_COUNT_MAX is daemon-wide, so one peer may take a quarter of it.
+# Tenants that already have a ring file or a [tenants.N] table are not
+# creations. Config `peer_tenant_creations_max` may lower it.
+PEER_TENANT_CREATION_COUNT_MAX = TENANT_COUNT_MAX // 4
+# Seconds a welcomed connection may go without a Publish, a Subscribe or a
+# Ping (answered with a Pong) while it has nothing in flight and no
+# subscription running; then it gets a fatal Error(IDLE_TIMEOUT) and its slot
+# is freed. Long enough for any client that pings or publishes now and then;
+# the Publisher reconnects by itself. Config `idle_timeout_s` may lower it.
+CONNECTION_IDLE_TIMEOUT_S = 300.0
 # Subscribers per tenant (each holds one replay read, 256 KiB, at most);
 # a tenant's `subscribers_max` may lower it (service/quotas.py).
 SUBSCRIBER_COUNT_MAX = TENANT_SUBSCRIBER_COUNT_MAX
@@ -75,6 +123,47 @@ REASON_FORBIDDEN = "forbidden"  # valid credentials, nothing granted on the tena
 
 assert AUTH_FAILURE_SERIES_COUNT_MAX > 0
 assert SUBSCRIBER_COUNT_MAX <= CONNECTION_COUNT_MAX
+# One peer's silent connections never fill a listener, nor do one tenant's.
+assert PEER_UNAUTHENTICATED_COUNT_MAX < min(UNIX_CONNECTION_COUNT_MAX, TCP_CONNECTION_COUNT_MAX)
+assert TENANT_LISTENER_SHARE_DIVISOR >= 2
+assert 1 <= PEER_TENANT_CREATION_COUNT_MAX < TENANT_COUNT_MAX
+assert REFUSAL_COUNT_MAX >= 1 and CONNECTION_IDLE_TIMEOUT_S > 0
+
+TRANSPORTS = ("unix", "tcp")
+# Config key -> (the constant it may not exceed, that constant's name): every
+# connection limit a config may set, for its check and for `serve --limits`.
+CONNECTION_LIMIT_CEILINGS = {
+    "unix_connections_max": (UNIX_CONNECTION_COUNT_MAX, "UNIX_CONNECTION_COUNT_MAX"),
+    "tcp_connections_max": (TCP_CONNECTION_COUNT_MAX, "TCP_CONNECTION_COUNT_MAX"),
+    "peer_unauthenticated_max": (PEER_UNAUTHENTICATED_COUNT_MAX, "PEER_UNAUTHENTICATED_COUNT_MAX"),
+    "peer_tenant_creations_max": (PEER_TENANT_CREATION_COUNT_MAX, "PEER_TENANT_CREATION_COUNT_MAX"),
+    "idle_timeout_s": (CONNECTION_IDLE_TIMEOUT_S, "CONNECTION_IDLE_TIMEOUT_S"),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """The connection limits a config sets (service/config.py): each may be
+    lowered from its constant above, never raised."""
+
+    unix_connections_max: int = UNIX_CONNECTION_COUNT_MAX
+    tcp_connections_max: int = TCP_CONNECTION_COUNT_MAX
+    peer_unauthenticated_max: int = PEER_UNAUTHENTICATED_COUNT_MAX
+    peer_tenant_creations_max: int = PEER_TENANT_CREATION_COUNT_MAX
+    idle_timeout_s: float = CONNECTION_IDLE_TIMEOUT_S
+
+    def listener_max(self, transport: str) -> int:
+        return self.unix_connections_max if transport == "unix" else self.tcp_connections_max
+
+    def problem(self) -> str | None:
+        """What is wrong with these values ("KEY = VALUE; use ..."), or None."""
+        for key, (ceiling, name) in CONNECTION_LIMIT_CEILINGS.items():
+            value = getattr(self, key)
+            low = 0.001 if isinstance(ceiling, float) else 1
+            if not low <= value <= ceiling:
+                return (f"{key} = {value}; use {low} to {ceiling} ({name}; a config may lower "
+                        "a limit, never raise it)")
+        return None
 
 
 class Refused(Exception):
@@ -84,6 +173,22 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ConnectionSlot:
+    """One accepted connection's hold on the gate (see Gate.connection_slot):
+    `hello_received()` gives back the peer's pre-Hello slot."""
+
+    def __init__(self, gate: "Gate", peer_key: str):
+        self._gate = gate
+        self._peer_key = peer_key
+        self._unauthenticated = True
+
+    def hello_received(self) -> None:
+        """The Hello arrived: the connection no longer counts as unauthenticated (idempotent)."""
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self._gate._release_unauthenticated(self._peer_key)
 
 
 def publish_problem(records: bytes, tenant_id: int) -> tuple[ErrorCode, int, str] | None:
@@ -114,7 +219,10 @@ class TenantGateStatistics:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GateStatistics:
-    connections_open: int  # daemon-wide slots held
+    connections_open: int  # daemon-wide slots held (both listeners)
+    connections_by_listener: Mapping[str, int]  # "unix" / "tcp" -> slots held
+    unauthenticated: int  # connections that have not sent their Hello yet
+    refusals_unanswered: int  # refused connections closed with no Error (REFUSAL_COUNT_MAX)
     # Refused Hellos by (tenant label, reason), folded past AUTH_FAILURE_SERIES_COUNT_MAX.
     auth_failures: Mapping[tuple[str, str], int]
     auth_failure_reasons: Mapping[str, int]  # the same refusals by reason alone (never folded)
@@ -140,6 +248,7 @@ class _TenantState:
         self.settings = settings
         self.bucket = self._bucket(settings)
         self.connections = 0
+        self.by_listener = dict.fromkeys(TRANSPORTS, 0)  # the same connections by transport
         self.subscribers = 0
         self.records_delayed = 0
 
@@ -182,15 +291,27 @@ class Gate:
     """
 
     def __init__(self, policy: AccessPolicy, registry: TenantRegistry,
-                 quota_settings: Callable[[int], QuotaSettings], clock: Clock):
+                 quota_settings: Callable[[int], QuotaSettings], clock: Clock,
+                 limits: Callable[[], ConnectionLimits] = ConnectionLimits):
+        """`limits()` gives the current ConnectionLimits (read at each decision,
+        so a reload applies to new connections)."""
         self._policy = policy
         self._registry = registry
         self._quota_settings = quota_settings
         self._clock = clock
+        self.limits = limits
         self._limiter = AuthFailureLimiter()
         self._tenants: dict[int, _TenantState] = {}  # bounded by TENANT_COUNT_MAX
         self._admitted: set[Admission] = set()  # bounded by CONNECTION_COUNT_MAX
-        self._connections_open = 0
+        self._open = dict.fromkeys(TRANSPORTS, 0)  # slots held per listener
+        # Peer key -> its connections without a Hello yet (keys with a count
+        # only: at most CONNECTION_COUNT_MAX keys).
+        self._unauthenticated: dict[str, int] = {}
+        self._refusing = dict.fromkeys(TRANSPORTS, 0)  # refusals being answered
+        self._refusals_unanswered = 0
+        # Peer key -> tenants it created (keys with a count only: each created
+        # a tenant, so at most TENANT_COUNT_MAX keys).
+        self._created: dict[str, int] = {}
         self._auth_failures: dict[tuple[str, str], int] = {}
         self._auth_failure_reasons: dict[str, int] = {}  # the REASON_* set
         self._role_refusals = 0
@@ -198,21 +319,62 @@ class Gate:
     # -- accepted ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def connection_slot(self) -> Iterator[None]:
-        """One of CONNECTION_COUNT_MAX slots while the connection is open.
+    def connection_slot(self, peer: Peer | None = None) -> Iterator[ConnectionSlot]:
+        """One of the peer's listener's slots while the connection is open, and
+        one of the peer's pre-Hello slots until `slot.hello_received()`.
 
         Raises:
-            Refused: TOO_MANY_CONNECTIONS, every slot is held.
+            Refused: TOO_MANY_CONNECTIONS: the listener's slots are all held, or
+                the peer has PEER_UNAUTHENTICATED_COUNT_MAX connections without
+                a Hello. Answer it under `refusal_slot()`.
         """
-        if self._connections_open >= CONNECTION_COUNT_MAX:
+        peer = peer or Peer("unix")
+        limits = self.limits()
+        transport = peer.transport
+        limit = limits.listener_max(transport)
+        if self._open[transport] >= limit:
+            name = "UNIX_CONNECTION_COUNT_MAX" if transport == "unix" else "TCP_CONNECTION_COUNT_MAX"
             raise Refused(ErrorCode.TOO_MANY_CONNECTIONS,
-                          f"{CONNECTION_COUNT_MAX} connections are open (CONNECTION_COUNT_MAX); "
-                          "close idle connections and retry with backoff")
-        self._connections_open += 1
+                          f"{limit} connections are open on the {transport} listener ({name} "
+                          f"or {transport}_connections_max); close idle connections and retry "
+                          "with backoff")
+        key = peer.limiter_key
+        waiting = self._unauthenticated.get(key, 0)
+        if waiting >= limits.peer_unauthenticated_max:
+            raise Refused(ErrorCode.TOO_MANY_CONNECTIONS,
+                          f"{key} has {waiting} connections that sent no Hello yet "
+                          "(PEER_UNAUTHENTICATED_COUNT_MAX or peer_unauthenticated_max); send "
+                          "Hello right after connecting, and retry with backoff")
+        self._open[transport] += 1
+        self._unauthenticated[key] = waiting + 1
+        slot = ConnectionSlot(self, key)
         try:
-            yield
+            yield slot
         finally:
-            self._connections_open -= 1
+            self._open[transport] -= 1
+            slot.hello_received()
+
+    def _release_unauthenticated(self, key: str) -> None:
+        count = self._unauthenticated[key] - 1
+        if count:
+            self._unauthenticated[key] = count
+        else:
+            del self._unauthenticated[key]
+
+    @contextlib.contextmanager
+    def refusal_slot(self, transport: str) -> Iterator[bool]:
+        """While a refused connection is answered: True, one of REFUSAL_COUNT_MAX
+        answers of its listener is held; False, too many are being answered:
+        close it now without an Error (counted)."""
+        if self._refusing[transport] >= REFUSAL_COUNT_MAX:
+            self._refusals_unanswered += 1
+            yield False
+            return
+        self._refusing[transport] += 1
+        try:
+            yield True
+        finally:
+            self._refusing[transport] -= 1
 
     # -- a Hello -----------------------------------------------------------------------
 
@@ -228,21 +390,31 @@ class Gate:
                 TOO_MANY_CONNECTIONS; the message names the cause and what to do.
         """
         access = self._authenticate(peer, hello)
-        tenant = self._open_tenant(hello.tenant_id)
+        tenant = self._open_tenant(peer, hello.tenant_id)
         state = self._tenant_state(hello.tenant_id)
-        limit = state.settings.connections_max
-        if state.connections >= limit:
+        transport = peer.transport
+        share = self.limits().listener_max(transport) // TENANT_LISTENER_SHARE_DIVISOR
+        if state.connections >= state.settings.connections_max:
             raise Refused(ErrorCode.TOO_MANY_CONNECTIONS,
-                          f"tenant {hello.tenant_id} has {limit} connections open (its "
-                          "connections_max); close idle connections and retry with backoff")
+                          f"tenant {hello.tenant_id} has {state.settings.connections_max} "
+                          "connections open (its connections_max); close idle connections "
+                          "and retry with backoff")
+        if state.by_listener[transport] >= share:
+            raise Refused(ErrorCode.TOO_MANY_CONNECTIONS,
+                          f"tenant {hello.tenant_id} has {share} connections open on the "
+                          f"{transport} listener, the most one tenant may hold (its cap / "
+                          "TENANT_LISTENER_SHARE_DIVISOR); close idle connections and retry "
+                          "with backoff")
         # No await from the checks to here: a reload sees every admitted connection.
         admission = Admission(peer, hello.token, tenant, access, revoke)
         state.connections += 1
+        state.by_listener[transport] += 1
         self._admitted.add(admission)
         try:
             yield admission
         finally:
             state.connections -= 1
+            state.by_listener[transport] -= 1
             self._admitted.discard(admission)
 
     def _authenticate(self, peer: Peer, hello: Hello) -> Access:
@@ -265,15 +437,30 @@ class Gate:
             self._count_auth_failure(hello.tenant_id, REASON_FORBIDDEN)
             raise Refused(ErrorCode.FORBIDDEN, str(error)) from None
 
-    def _open_tenant(self, tenant_id: int) -> Tenant:
+    def _open_tenant(self, peer: Peer, tenant_id: int) -> Tenant:
+        creates = self._registry.would_create(tenant_id)
+        key = peer.limiter_key
+        if creates:
+            created, limit = self._created.get(key, 0), self.limits().peer_tenant_creations_max
+            if created >= limit:
+                raise Refused(ErrorCode.UNKNOWN_TENANT,
+                              f"tenant {tenant_id} does not exist and {key} has created "
+                              f"{created} tenants (PEER_TENANT_CREATION_COUNT_MAX or "
+                              "peer_tenant_creations_max); use an existing tenant, or configure "
+                              f"[tenants.{tenant_id}] and reload")
         try:
-            return self._registry.get(tenant_id)
+            tenant = self._registry.get(tenant_id)
         except (UnknownTenantError, TenantLimitError) as error:
             raise Refused(ErrorCode.UNKNOWN_TENANT, str(error)) from None
         except (RingError, OSError) as error:  # OSError: creating the file (ENOSPC, EACCES)
             log.error("tenant %d cannot be opened: %s", tenant_id, error)
             raise Refused(ErrorCode.TENANT_UNAVAILABLE,
                           f"tenant {tenant_id}'s ring cannot be opened: {error}") from None
+        if creates:
+            self._created[key] = self._created.get(key, 0) + 1
+            log.info("tenant %d created on first use by %s (%d of its %d)", tenant_id, key,
+                     self._created[key], self.limits().peer_tenant_creations_max)
+        return tenant
 
     def _tenant_state(self, tenant_id: int) -> _TenantState:
         state = self._tenants.get(tenant_id)
@@ -437,7 +624,8 @@ class Gate:
 
     def statistics(self) -> GateStatistics:
         return GateStatistics(
-            self._connections_open,
+            sum(self._open.values()), MappingProxyType(dict(self._open)),
+            sum(self._unauthenticated.values()), self._refusals_unanswered,
             MappingProxyType(dict(self._auth_failures)),
             MappingProxyType(dict(self._auth_failure_reasons)), self._role_refusals,
             MappingProxyType({tenant_id: state.statistics()

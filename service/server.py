@@ -35,6 +35,7 @@ from ringtail.service.config import ConfigError, ServeConfig
 from ringtail.service.connection import (HandlerCounters, HandlerStatistics, Session, StopSignal,
                                          serve_connection)
 from ringtail.service.gate import Gate, GateStatistics
+from ringtail.service.limits import return_freed_buffers_promptly
 from ringtail.service.listeners import (Acceptor, ListenerStatistics, bind_tcp_listener,
                                         bind_unix_listener, server_ssl_context, tcp_address,
                                         tcp_peer, unix_peer)
@@ -102,7 +103,8 @@ class Daemon:
                                        settings=config.tenants)
         # Admission: auth, connection and subscriber caps, quotas, record checks.
         self.gate = Gate(config.access_policy(), self.registry,
-                         lambda tenant_id: self.config.tenant_quota(tenant_id), self.clock)
+                         lambda tenant_id: self.config.tenant_quota(tenant_id), self.clock,
+                         lambda: self.config.connection_limits)
         self.subscriptions = SubscriptionCounters()  # for in-process subscribers too
         self.stop = StopSignal()
         # All a connection handler gets (service/connection.py).
@@ -180,6 +182,7 @@ class Daemon:
             raise failure
 
     async def _serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        return_freed_buffers_promptly()  # a connection's batches leave with it (limits.py)
         # The socket first: it is what tells a second daemon that this one is
         # alive, so a refused `serve` never opens (and recovers) live rings.
         listener = await bind_unix_listener(self.config.socket, self.config.socket_mode,

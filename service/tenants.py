@@ -34,6 +34,24 @@ def ring_file_name(tenant_id: int) -> str:
     return f"tenant-{tenant_id}.ring"
 
 
+# Tenant ids a log line lists at most (a data dir may hold thousands of files).
+LOG_ID_COUNT_MAX = 32
+
+
+def _id_ranges(ids: list[int]) -> str:
+    """Sorted ids as "1-5, 9, 12-40", cut after LOG_ID_COUNT_MAX ranges."""
+    ranges: list[list[int]] = []
+    for tenant_id in sorted(ids):
+        if ranges and tenant_id == ranges[-1][1] + 1:
+            ranges[-1][1] = tenant_id
+        else:
+            ranges.append([tenant_id, tenant_id])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges[:LOG_ID_COUNT_MAX])
+    if len(ranges) > LOG_ID_COUNT_MAX:
+        text += f", ... ({len(ranges) - LOG_ID_COUNT_MAX} more ranges)"
+    return text
+
+
 class UnknownTenantError(Exception):
     """The tenant does not exist and may not be created here."""
 
@@ -100,18 +118,35 @@ class TenantRegistry:
         self.tenants: dict[int, Tenant] = {}
         self.removed: set[int] = set()  # configured tenants a reload took out
         self.unavailable: dict[int, str] = {}  # tenant id -> why its ring did not open
+        # Ring files open_existing() left closed: TENANT_COUNT_MAX rings were open.
+        self.skipped: list[int] = []
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
 
     def open_existing(self) -> None:
-        """Open (recover) every ring file in the data dir and every configured tenant."""
+        """Open (recover) every configured tenant, then every other ring file in
+        the data dir, up to TENANT_COUNT_MAX open rings.
+
+        Rings past the limit are not opened: one log line names how many and
+        which (`skipped`), and their tenants are refused UNKNOWN_TENANT until
+        fewer rings are open at a start; the daemon serves the others.
+        """
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        ids = set(self.settings)
-        for name in sorted(os.listdir(self.data_dir)):
+        found = set()
+        for name in os.listdir(self.data_dir):
             match = RING_FILE_PATTERN.match(name)
             if match:
-                ids.add(int(match.group(1)))
-        for tenant_id in sorted(ids):
+                found.add(int(match.group(1)))
+        # Configured tenants first: the config names what must be served.
+        order = sorted(self.settings) + sorted(found - set(self.settings))
+        for index, tenant_id in enumerate(order):
+            if len(self.tenants) >= TENANT_COUNT_MAX:
+                self.skipped = order[index:]
+                log.error("%d ring files not opened: TENANT_COUNT_MAX (%d) tenants are open; "
+                          "skipped tenants %s; move unused ring files out of %s or run "
+                          "another daemon for them", len(self.skipped), TENANT_COUNT_MAX,
+                          _id_ranges(self.skipped), self.data_dir)
+                return
             try:
                 self._open(tenant_id)
             except (RingError, OSError) as error:
@@ -138,6 +173,16 @@ class TenantRegistry:
             self._nursery.start_soon(tenant.writer.run)
         return tenant
 
+    def would_create(self, tenant_id: int) -> bool:
+        """True if `get(tenant_id)` would create a new ring (a tenant neither
+        open, configured, unavailable nor on disk), False otherwise."""
+        if tenant_id in self.tenants or tenant_id in self.settings or \
+                tenant_id in self.unavailable or tenant_id in self.removed:
+            return False
+        if not self.create_on_first_use:
+            return False
+        return not os.path.exists(os.path.join(self.data_dir, ring_file_name(tenant_id)))
+
     def get(self, tenant_id: int, create: bool = True) -> Tenant:
         """The tenant, opened or (embedded default) created on first use.
 
@@ -152,6 +197,11 @@ class TenantRegistry:
         tenant = self.tenants.get(tenant_id)
         if tenant is not None:
             return tenant
+        if tenant_id in self.skipped and len(self.tenants) >= TENANT_COUNT_MAX:
+            raise TenantLimitError(
+                f"tenant {tenant_id}'s ring file was not opened at start: {TENANT_COUNT_MAX} "
+                "tenants are open (TENANT_COUNT_MAX); move unused ring files out of the data "
+                "dir and restart, or run another daemon for it")
         known = tenant_id in self.settings or tenant_id in self.unavailable
         if not known and not (create and self.create_on_first_use):
             raise UnknownTenantError(

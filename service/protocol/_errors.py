@@ -45,6 +45,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 21
     TENANT_UNAVAILABLE = 22
     CONNECTION_LOST = 23
+    IDLE_TIMEOUT = 24
 
     @property
     def fatal(self) -> bool:
@@ -135,6 +136,10 @@ ERROR_CODE_INFO: dict[ErrorCode, ErrorCodeInfo] = {
               " Error frame (the daemon was killed or crashed, or the network broke)",
         "check that the daemon is running and read its log (journalctl -u ringtail, or the"
         " stderr of `ringtail serve`); reconnect with backoff and resend unacknowledged batches"),
+    _E.IDLE_TIMEOUT: ErrorCodeInfo(
+        True, "a welcomed connection sent no Publish, Subscribe or Ping for the daemon's idle"
+              " timeout (CONNECTION_IDLE_TIMEOUT_S) with nothing in flight",
+        "send a Ping now and then on a connection kept open; reconnect"),
 }
 assert set(ERROR_CODE_INFO) == set(ErrorCode)
 

@@ -16,8 +16,9 @@ import pytest
 
 from ringtail.service.auth import (AUTH_FAILURE_COUNT_MAX, AccessPolicy, Grant, Peer, Role,
                                    hash_token, new_token)
-from ringtail.service.gate import (AUTH_FAILURE_SERIES_COUNT_MAX, CONNECTION_COUNT_MAX,
-                                   SUBSCRIBER_COUNT_MAX, Gate, Refused)
+from ringtail.service.gate import (AUTH_FAILURE_SERIES_COUNT_MAX, PEER_UNAUTHENTICATED_COUNT_MAX,
+                                   REFUSAL_COUNT_MAX, SUBSCRIBER_COUNT_MAX,
+                                   TCP_CONNECTION_COUNT_MAX, ConnectionLimits, Gate, Refused)
 from ringtail.service.protocol import ErrorCode, Hello, ProtocolError, Publish
 from ringtail.service.quotas import QuotaSettings, TrioClock
 from ringtail.service.tenants import TenantRegistry, TenantSettings
@@ -137,16 +138,74 @@ async def test_connection_slots_are_given_back_on_every_way_out(make_gated):
     assert gated.gate.statistics().tenants[TENANT].connections == 0
 
 
-async def test_the_daemon_wide_connection_cap(gated):
+async def test_each_listener_has_its_own_cap_and_a_peer_its_pre_hello_cap(gated):
+    """Unix and TCP slots are counted apart (a TCP flood never takes a local
+    publisher's slot); one peer's connections without a Hello are capped, and
+    a Hello gives that slot back while the listener's slot stays held."""
     with contextlib.ExitStack() as held:
-        for _ in range(CONNECTION_COUNT_MAX):
-            held.enter_context(gated.gate.connection_slot())
-        refusal = refused(gated.gate.connection_slot())
+        for index in range(TCP_CONNECTION_COUNT_MAX):  # many addresses, each under its cap
+            held.enter_context(gated.gate.connection_slot(Peer("tcp", address=f"10.2.0.{index}")))
+        refusal = refused(gated.gate.connection_slot(Peer("tcp", address="10.3.0.1")))
         assert refusal.code == ErrorCode.TOO_MANY_CONNECTIONS
-        assert "CONNECTION_COUNT_MAX" in refusal.message
-        assert gated.gate.statistics().connections_open == CONNECTION_COUNT_MAX
+        assert "TCP_CONNECTION_COUNT_MAX" in refusal.message
+        with gated.gate.connection_slot(Peer("unix", uid=1000)):  # the Unix socket is not full
+            assert gated.gate.statistics().connections_by_listener == {
+                "unix": 1, "tcp": TCP_CONNECTION_COUNT_MAX}
+    local = Peer("unix", uid=1000)
+    with contextlib.ExitStack() as held:
+        slots = [held.enter_context(gated.gate.connection_slot(local))
+                 for _ in range(PEER_UNAUTHENTICATED_COUNT_MAX)]
+        refusal = refused(gated.gate.connection_slot(local))
+        assert "uid 1000" in refusal.message and "PEER_UNAUTHENTICATED_COUNT_MAX" in refusal.message
+        with gated.gate.connection_slot(Peer("unix", uid=1001)):  # another uid is not held back
+            pass
+        slots[0].hello_received()
+        slots[0].hello_received()  # idempotent
+        with gated.gate.connection_slot(local):  # its pre-Hello slot came back
+            assert gated.gate.statistics().unauthenticated == PEER_UNAUTHENTICATED_COUNT_MAX
     statistics = gated.gate.statistics()
-    assert statistics.connections_open == 0
+    assert statistics.connections_open == 0 and statistics.unauthenticated == 0
+
+
+async def test_refusals_answered_at_once_are_bounded_per_listener(gated):
+    with contextlib.ExitStack() as held:
+        answering = [held.enter_context(gated.gate.refusal_slot("tcp"))
+                     for _ in range(REFUSAL_COUNT_MAX)]
+        assert all(answering)
+        with gated.gate.refusal_slot("tcp") as answered:
+            assert not answered  # closed at once, no Error
+        with gated.gate.refusal_slot("unix") as answered:
+            assert answered
+    with gated.gate.refusal_slot("tcp") as answered:
+        assert answered
+    assert gated.gate.statistics().refusals_unanswered == 1
+
+
+async def test_a_tenant_holds_at_most_its_share_of_a_listener(make_gated):
+    gated = make_gated()
+    gated.gate.limits = lambda: ConnectionLimits(tcp_connections_max=4)
+    with gated.admit(address="10.0.0.1"), gated.admit(address="10.0.0.2"):
+        refusal = refused(gated.admit(address="10.0.0.3"))
+        assert refusal.code == ErrorCode.TOO_MANY_CONNECTIONS
+        assert "2 connections open on the tcp listener" in refusal.message
+        with gated.gate.admit(Peer("unix"), Hello(TENANT, b"", "gate-test"), lambda *a: None):
+            pass  # the Unix listener's share is apart
+
+
+async def test_tenant_creation_is_capped_per_peer(gated):
+    gated.gate.limits = lambda: ConnectionLimits(peer_tenant_creations_max=2)
+    local, other = Peer("unix", uid=1000), Peer("unix", uid=1001)
+    for tenant_id in (100, 101):
+        with gated.gate.admit(local, Hello(tenant_id, b"", "gate-test"), lambda *a: None):
+            pass
+    refusal = refused(gated.gate.admit(local, Hello(102, b"", "gate-test"), lambda *a: None))
+    assert refusal.code == ErrorCode.UNKNOWN_TENANT
+    assert "uid 1000 has created 2 tenants" in refusal.message
+    assert not os.path.exists(os.path.join(gated.registry.data_dir, "tenant-102.ring"))
+    with gated.gate.admit(local, Hello(100, b"", "gate-test"), lambda *a: None):
+        pass  # an existing tenant is not a creation
+    with gated.gate.admit(other, Hello(102, b"", "gate-test"), lambda *a: None):
+        pass  # another peer has its own count
 
 
 # -- publish and subscribe -------------------------------------------------------------

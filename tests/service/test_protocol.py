@@ -189,8 +189,8 @@ def test_wire_numbers_never_change():
              " BAD_RECORD_SIZE BAD_RECORD_MAGIC WRONG_TENANT HELLO_REQUIRED UNEXPECTED_FRAME"
              " AUTH_FAILED FORBIDDEN QUOTA_EXCEEDED BATCH_TOO_LARGE UNKNOWN_TENANT STORAGE_FAILED"
              " SHUTTING_DOWN BAD_SUBSCRIBE HANDSHAKE_TIMEOUT TOO_MANY_CONNECTIONS"
-             " TOO_MANY_SUBSCRIBERS INTERNAL TENANT_UNAVAILABLE CONNECTION_LOST").split()
-    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 24)))
+             " TOO_MANY_SUBSCRIBERS INTERNAL TENANT_UNAVAILABLE CONNECTION_LOST IDLE_TIMEOUT").split()
+    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 25)))
     frame_types = "HELLO WELCOME PUBLISH ACK SUBSCRIBE RECORDS GAP END ERROR PING PONG".split()
     assert [(t.name, int(t)) for t in FrameType] == list(zip(frame_types, range(1, 12)))
     assert [int(kind) for kind in StartKind] == [0, 1, 2, 3]
