@@ -19,7 +19,7 @@ Example (every key optional; see deploy/ringtail.example.toml)::
 
     unix_connections_max = 1024      # connection limits (docs/OPERATIONS.md, "Sizing"):
     tcp_connections_max = 256        #   each may be lowered, never raised
-    peer_unauthenticated_max = 64
+    peer_unauthenticated_max = 128
     peer_tenant_creations_max = 256
     idle_timeout_s = 300.0
 

@@ -79,9 +79,11 @@ CONNECTION_COUNT_MAX = UNIX_CONNECTION_COUNT_MAX + TCP_CONNECTION_COUNT_MAX
 # that have not sent their Hello yet. A well-behaved client sends it at once,
 # so a peer holds a few at a time; a peer that connects and stays silent (or
 # recycles connections that fail authentication) is held to this many, and
-# each is closed after HANDSHAKE_TIMEOUT_S (service/connection.py). Config
-# `peer_unauthenticated_max` may lower it.
-PEER_UNAUTHENTICATED_COUNT_MAX = 64
+# each is closed after HANDSHAKE_TIMEOUT_S (service/connection.py). Half the
+# TCP cap: room for a burst of workers starting at once on one host (the
+# daemon may accept them all before it reads the first Hello), never a whole
+# listener. Config `peer_unauthenticated_max` may lower it.
+PEER_UNAUTHENTICATED_COUNT_MAX = 128
 # Refused connections (over a cap) answered at once, per listener. Answering
 # means a fatal Error frame, after the TLS handshake on TCP, within
 # HANDSHAKE_TIMEOUT_S of the accept: a silent peer holds a descriptor until
@@ -124,7 +126,8 @@ REASON_FORBIDDEN = "forbidden"  # valid credentials, nothing granted on the tena
 assert AUTH_FAILURE_SERIES_COUNT_MAX > 0
 assert SUBSCRIBER_COUNT_MAX <= CONNECTION_COUNT_MAX
 # One peer's silent connections never fill a listener, nor do one tenant's.
-assert PEER_UNAUTHENTICATED_COUNT_MAX < min(UNIX_CONNECTION_COUNT_MAX, TCP_CONNECTION_COUNT_MAX)
+assert PEER_UNAUTHENTICATED_COUNT_MAX <= min(UNIX_CONNECTION_COUNT_MAX,
+                                          TCP_CONNECTION_COUNT_MAX) // 2
 assert TENANT_LISTENER_SHARE_DIVISOR >= 2
 assert 1 <= PEER_TENANT_CREATION_COUNT_MAX < TENANT_COUNT_MAX
 assert REFUSAL_COUNT_MAX >= 1 and CONNECTION_IDLE_TIMEOUT_S > 0

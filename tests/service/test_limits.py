@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service import limits
 from ringtail.service.batcher import PENDING_RECORD_COUNT_MAX
+from ringtail.service.config import ConfigError, load_config
 from ringtail.service.connection import CONNECTION_UNACKED_SIZE_BYTES_MAX
 from ringtail.service.gate import (CONNECTION_COUNT_MAX, CONNECTION_LIMIT_CEILINGS,
                                    ConnectionLimits)
@@ -70,3 +73,17 @@ def test_serve_limits_prints_every_connection_limit_as_configured(tmp_path):
 
 def test_the_daemon_returns_freed_batches_to_the_system():
     assert limits.return_freed_buffers_promptly()  # glibc here: mallopt exists and took it
+
+
+def test_a_config_may_lower_a_connection_limit_never_raise_it(tmp_path):
+    lowered = load_config(write_config(tmp_path, "unix_connections_max = 64\nidle_timeout_s = 30\n"))
+    assert lowered.connection_limits == ConnectionLimits(unix_connections_max=64,
+                                                         idle_timeout_s=30.0)
+    for text, message in (("unix_connections_max = 5000", "unix_connections_max = 5000; use 1 "
+                           "to 1024 (UNIX_CONNECTION_COUNT_MAX; a config may lower a limit, "
+                           "never raise it)"),
+                          ("idle_timeout_s = 0", "idle_timeout_s = 0.0; use 0.001 to 300.0"),
+                          ("peer_unauthenticated_max = true", "must be int, got bool")):
+        with pytest.raises(ConfigError) as caught:
+            load_config(write_config(tmp_path, text + "\n"))
+        assert message in str(caught.value)
