@@ -68,9 +68,11 @@ assert PEER_TENANT_CREATION_COUNT_MAX < TENANT_COUNT_MAX
 _PUBLISH_BATCH_SIZE_BYTES = PUBLISH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES
 _RECORDS_FRAME_SIZE_BYTES = 12 + RECORDS_FRAME_RECORD_COUNT_MAX * (8 + RECORD_SIZE_BYTES)
 # The daemon with no connection and no tenant: CPython, Trio, the libraries
-# and the allocator's pools (measured idle RSS ~48 MiB on CPython 3.11, and
-# ~40 MiB more that glibc keeps for reuse after a load has come and gone).
-DAEMON_BASE_SIZE_BYTES = 96 << 20
+# (measured idle RSS ~48 MiB on CPython 3.11) and the small blocks the
+# allocators (pymalloc, glibc) keep for reuse once a load has come and gone:
+# measured ~40 MiB after 64 publishers that never read their acks left (the
+# same after three such rounds: reused, not leaked), ~80 MiB after 128.
+DAEMON_BASE_SIZE_BYTES = 128 << 20
 # One connection's own objects beyond its buffers: its tasks, stream, codec
 # state and, on TCP, OpenSSL's state and buffers (measured ~100 KiB for a
 # TLS connection, far less on the Unix socket).
