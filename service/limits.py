@@ -74,8 +74,9 @@ _RECORDS_FRAME_SIZE_BYTES = 12 + RECORDS_FRAME_RECORD_COUNT_MAX * (8 + RECORD_SI
 # same after three such rounds: reused, not leaked), ~80 MiB after 128.
 DAEMON_BASE_SIZE_BYTES = 128 << 20
 # One connection's own objects beyond its buffers: its tasks, stream, codec
-# state and, on TCP, OpenSSL's state and buffers (measured ~100 KiB for a
-# TLS connection, far less on the Unix socket).
+# state and, on TCP, OpenSSL's state and buffers (measured RSS: ~51 KiB for a
+# TLS connection waiting in its handshake, ~12 KiB for a welcomed idle Unix
+# one; the rest is room for OpenSSL's record buffers once data flows).
 CONNECTION_OBJECTS_SIZE_BYTES = 128 << 10
 # glibc malloc: allocations from this size up are mmapped, so a freed publish
 # batch (256 KiB) or receive buffer goes back to the system at once, instead

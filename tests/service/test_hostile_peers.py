@@ -112,7 +112,7 @@ async def test_silent_tcp_connects_past_the_cap_are_closed_in_time_and_never_loc
     process = await trio.to_thread.run_sync(lambda: daemon(config=config, sync="none",
                                                            io="threads"))
     port, pid = tcp_port(process), process.pid
-    idle_descriptors = open_descriptor_count(pid)
+    idle_descriptors, idle_rss = open_descriptor_count(pid), rss_bytes(pid)
     streams = []
     with trio.fail_after(TIMEOUT_S):
         for index in range(SILENT_ADDRESS_COUNT * SILENT_CONNECTS_PER_ADDRESS):
@@ -139,6 +139,7 @@ async def test_silent_tcp_connects_past_the_cap_are_closed_in_time_and_never_loc
         with trio.fail_after(TIMEOUT_S):
             await past_every_cap_closed.wait()
         assert open_descriptor_count(pid) <= idle_descriptors + held + OTHER_DESCRIPTOR_COUNT_MAX
+        assert rss_bytes(pid) - idle_rss <= held * limits.CONNECTION_OBJECTS_SIZE_BYTES
         # The TCP flood never takes a local publisher's slot.
         with trio.fail_after(TIMEOUT_S):
             ack = await publish_one(process.socket_path, 1)
