@@ -283,6 +283,7 @@ class ConnectionHandler:
         if self.slot is not None:
             self.slot.hello_received()
         try:
+            await self.gate.prepare(self.peer, hello)  # opens a ring off the event loop
             with self.gate.admit(self.peer, hello, self.revoke) as admission:
                 self.admission = admission
                 await self.session_loop(hello)  # raises no Refused: handled inside

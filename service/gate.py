@@ -460,10 +460,45 @@ class Gate:
             raise Refused(ErrorCode.TENANT_UNAVAILABLE,
                           f"tenant {tenant_id}'s ring cannot be opened: {error}") from None
         if creates:
-            self._created[key] = self._created.get(key, 0) + 1
-            log.info("tenant %d created on first use by %s (%d of its %d)", tenant_id, key,
-                     self._created[key], self.limits().peer_tenant_creations_max)
+            self._count_creation(key, tenant_id)
         return tenant
+
+    def _count_creation(self, key: str, tenant_id: int) -> None:
+        self._created[key] = self._created.get(key, 0) + 1
+        log.info("tenant %d created on first use by %s (%d of its %d)", tenant_id, key,
+                 self._created[key], self.limits().peer_tenant_creations_max)
+
+    async def prepare(self, peer: Peer, hello: Hello) -> None:
+        """Before `admit`: open the Hello's tenant on a worker thread if admit()
+        would open (or create) it on the event loop (issue 9, item 5), so
+        admit() finds it open. Only for a Hello admit() would get as far as
+        opening: credentials that pass (nothing is counted or limited here:
+        admit() checks them again and counts) and a creation within the
+        peer's cap (counted here when it happens, as admit() would).
+
+        Raises:
+            Refused: TENANT_UNAVAILABLE, the ring cannot be opened or created.
+        """
+        tenant_id, key = hello.tenant_id, peer.limiter_key
+        if not self._registry.would_open(tenant_id):
+            return
+        if self._limiter.retry_after_s(key, self._clock.now()) is not None:
+            return
+        try:
+            self._policy.check(peer, hello.token, tenant_id, _utc_now())
+        except (AuthError, ForbiddenError):
+            return  # admit() refuses it, and counts the failure
+        creates = self._registry.would_create(tenant_id)
+        if creates and self._created.get(key, 0) >= self.limits().peer_tenant_creations_max:
+            return  # admit() refuses it
+        try:
+            opened = await self._registry.open_on_thread(tenant_id)
+        except (RingError, OSError) as error:  # OSError: creating the file (ENOSPC, EACCES)
+            log.error("tenant %d cannot be opened: %s", tenant_id, error)
+            raise Refused(ErrorCode.TENANT_UNAVAILABLE,
+                          f"tenant {tenant_id}'s ring cannot be opened: {error}") from None
+        if opened and creates:
+            self._count_creation(key, tenant_id)
 
     def _tenant_state(self, tenant_id: int) -> _TenantState:
         state = self._tenants.get(tenant_id)

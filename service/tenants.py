@@ -8,6 +8,7 @@ directory), so one tenant filling its ring never evicts another's records.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -122,6 +123,9 @@ class TenantRegistry:
         self.skipped: list[int] = []
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
+        # Tenant id -> set once its ring, being opened on a worker thread, is
+        # open or failed (open_on_thread). Bounded by the connections at once.
+        self._opening: dict[int, trio.Event] = {}
 
     def open_existing(self) -> None:
         """Open (recover) every configured tenant, then every other ring file in
@@ -209,6 +213,57 @@ class TenantRegistry:
         tenant = self._open(tenant_id)
         self.unavailable.pop(tenant_id, None)
         return tenant
+
+    def would_open(self, tenant_id: int) -> bool:
+        """True if `get(tenant_id)` would open (or create) a ring now; False if
+        it is open already or get() would refuse it."""
+        if tenant_id in self.tenants or tenant_id in self.removed:
+            return False
+        if len(self.tenants) >= TENANT_COUNT_MAX:
+            return False
+        known = tenant_id in self.settings or tenant_id in self.unavailable
+        return known or self.create_on_first_use
+
+    async def open_on_thread(self, tenant_id: int) -> bool:
+        """Open (or create) the tenant's ring on a worker thread, where get()
+        would open it on the event loop: recovery reads the file and a creation
+        allocates it whole and fsyncs it, milliseconds to seconds that no
+        other tenant may wait for (issue 9, item 5). get() then finds it open.
+
+        True if this call opened it; False if there was nothing to open here
+        (open already, or get() would refuse it) or another call opened it.
+
+        Raises:
+            RingError, OSError: the ring cannot be opened or created (as get()
+                would raise).
+        """
+        opening = self._opening.get(tenant_id)
+        if opening is not None:  # another Hello is opening it: wait for that one
+            await opening.wait()
+            return False
+        if not self.would_open(tenant_id):
+            return False
+        settings = self.settings.get(tenant_id, self.default)
+        path = os.path.join(self.data_dir, ring_file_name(tenant_id))
+        self._opening[tenant_id] = opening = trio.Event()
+        try:
+            ring = await trio.to_thread.run_sync(functools.partial(
+                open_ring, path, capacity=settings.capacity, tenant_id=tenant_id, io=self.io,
+                sync=settings.sync))
+        finally:
+            del self._opening[tenant_id]
+            opening.set()
+        if not self.would_open(tenant_id):  # a reload removed it meanwhile, or the cap filled
+            ring.close()
+            return False
+        log.info("tenant %d: %s; io=%s sync=%s capacity=%d", tenant_id,
+                 ring.recovery_report.summary(), ring.backend, ring.sync, ring.capacity)
+        tenant = Tenant(tenant_id, ring)
+        self.tenants[tenant_id] = tenant
+        if self._nursery is not None:
+            self._nursery.start_soon(tenant.writer.run)
+        self.unavailable.pop(tenant_id, None)
+        return True
 
     def reconfigure(self, settings: dict[int, TenantSettings], default: TenantSettings,
                     create_on_first_use: bool) -> tuple[set[int], set[int]]:

@@ -28,6 +28,7 @@ import subprocess
 import numpy
 import pytest
 import trio
+import trio.testing
 
 from ringtail.ioring import open_ring
 from ringtail.ioring.format import CHUNK_RECORD_COUNT
@@ -35,11 +36,14 @@ from ringtail.ioring.record import RECORD_DTYPE, RECORD_MAGIC, RECORD_SIZE_BYTES
 from ringtail.ioring.scan import inspect_ring
 from ringtail.service.auth import hash_token, new_token
 from ringtail.service.client import Client
+from ringtail.service.config import ServeConfig
+from ringtail.service.connection import ConnectionHandler
 from ringtail.service.errors import RingtailError
 from ringtail.service.protocol import (Ack, End, Error, ErrorCode, Hello, Publish, Records,
                                        StartKind, Subscribe, Welcome, encode_event)
+from ringtail.service.server import Daemon
 from tests.service.conftest import (RINGTAIL, RawPeer, RecordFactory, frame_records, read_all,
-                                   tcp_port, write_config)
+                                   short_socket_dir, tcp_port, write_config)
 
 TIMEOUT_S = 60.0  # any wait here fails the test past this (never a speed assertion)
 
@@ -390,3 +394,41 @@ async def test_a_token_expiry_ends_its_live_connections_with_auth_failed(daemon,
             assert refused.value.code == ErrorCode.AUTH_FAILED
         await idle_publisher.aclose()
         await follower.aclose()
+
+
+# -- item 5: ring opening --------------------------------------------------------------------
+
+
+async def test_a_hello_opens_its_ring_while_other_tenants_are_served(tmp_path):
+    """In-process (the daemon's own Session, a ConnectionHandler on a memory
+    stream, real ring files; another tenant over the real Unix socket): a
+    Hello's tenant ring (2 M records to recover) is opened on a worker thread,
+    so the loop is free meanwhile, and the other tenant is served."""
+    data_dir = tmp_path / "data"
+    socket_path = os.path.join(short_socket_dir(tmp_path), "open.sock")
+    server = Daemon(ServeConfig(data_dir=os.fspath(data_dir), socket=socket_path,
+                                io="threads", sync="none", capacity=1024))
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            # Placed after the start, so the first Hello opens it.
+            await trio.to_thread.run_sync(lambda: write_ring(
+                os.fspath(data_dir / "tenant-1.ring"), 1, REPLAY_RECORD_COUNT,
+                capacity=1 << 21))
+            async with await Client.connect(socket_path, 2) as other:
+                peer_stream, handler_stream = trio.testing.memory_stream_pair()
+                handler = ConnectionHandler(server.session, handler_stream)
+                nursery.start_soon(handler.run)
+                peer = RawPeer(peer_stream)
+                await peer.send(encode_event(Hello(1, b"", "faults")))
+                # Every task waits: the handler on the thread opening the ring
+                # (before, the open ran on the loop, so it was done by now).
+                await trio.testing.wait_all_tasks_blocked()
+                assert 1 not in server.registry.tenants, "the ring was opened on the loop"
+                ack = await other.publish(RecordFactory(2).records(1))
+                assert ack.first_sequence == 0
+                welcome = await peer.read_frame()
+                assert isinstance(welcome, Welcome) and welcome.next_sequence == \
+                    REPLAY_RECORD_COUNT
+                await peer.aclose()
+            server.shutdown()
