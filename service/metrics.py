@@ -138,11 +138,22 @@ def _connection_families(connections):
 def _gate_families(gate):
     yield GaugeMetricFamily("ringtail_connections_open", "Client connections open now",
                             value=gate.connections_open)
+    by_listener = _gauge("ringtail_listener_connections_open",
+                         "Client connections open now, by listener (unix, tcp)", ["listener"])
+    for listener in sorted(gate.connections_by_listener):
+        by_listener.add_metric([listener], gate.connections_by_listener[listener])
+    yield by_listener
+    yield GaugeMetricFamily("ringtail_connections_unauthenticated",
+                            "Connections that have not sent their Hello yet",
+                            value=gate.unauthenticated)
     yield from _counters((
         ("ringtail_auth_rate_limited", gate.auth_rate_limited,
          "Hellos refused unchecked: the peer had too many recent auth failures"),
         ("ringtail_forbidden", gate.forbidden,
-         "Requests refused FORBIDDEN: valid credentials without the role")))
+         "Requests refused FORBIDDEN: valid credentials without the role"),
+        ("ringtail_refusals_unanswered", gate.refusals_unanswered,
+         "Refused connections closed without an Error frame (REFUSAL_COUNT_MAX refusals "
+         "were already being answered on that listener)")))
     auth_failures = _counter("ringtail_auth_failures", "Failed authentications",
                              ["tenant", "reason"])
     for key in sorted(gate.auth_failures):
