@@ -270,7 +270,8 @@ class DaemonAccess:
     @contextlib.contextmanager
     def subscription(self, peer: Peer, token: bytes, tenant_id: int, revoke):
         """Admit a tail as the gate admits a connection's Hello and Subscribe, and
-        hold a subscriber slot; `revoke(code, message)` if a reload disallows it.
+        hold a subscriber slot; yields the Admission; `revoke(code, message)` if
+        a reload disallows it or its token expires (`Gate.watch_expiry`).
 
         Raises:
             WebError: the gate's refusal (401, 403, 404, 503).
@@ -284,7 +285,7 @@ class DaemonAccess:
                 stack.enter_context(gate.subscriber_slot(tenant_id))
             except Refused as error:
                 raise refusal(error) from None
-            yield admission.tenant
+            yield admission
 
     @property
     def counters(self):
@@ -453,7 +454,8 @@ class WebApp:
                                 "to it since it started); the list at / shows those that are")
         revoked = _Revocation()
         stack = contextlib.ExitStack()
-        tenant = stack.enter_context(self.access.subscription(peer, token, tenant_id, revoked))
+        admission = stack.enter_context(self.access.subscription(peer, token, tenant_id, revoked))
+        tenant = admission.tenant
         try:
             ring = tenant.ring
             subscribe = tail_subscribe(request.query, ring.oldest_sequence, ring.next_sequence)
@@ -504,6 +506,8 @@ class WebApp:
                 if revoked.message is not None:  # a reload came before the hello went
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(tick)
+                # Its token's expiry ends it then, as a connection (issue 9, item 8).
+                nursery.start_soon(self.access.daemon.gate.watch_expiry, admission)
                 try:
                     await run_subscription(tenant, subscribe, send_event, send_records,
                                            self.access.counters)

@@ -432,3 +432,35 @@ async def test_a_hello_opens_its_ring_while_other_tenants_are_served(tmp_path):
                     REPLAY_RECORD_COUNT
                 await peer.aclose()
             server.shutdown()
+
+
+async def test_a_token_expiry_ends_its_web_tail(daemon, tmp_path):
+    """The web page's tail (service/web.py) is admitted as a connection is, and
+    its token's expiry ends it the same way: a `refused` event, then the end."""
+    expires = (datetime.datetime.now(datetime.timezone.utc)
+               + datetime.timedelta(seconds=TOKEN_LIFETIME_S)).replace(microsecond=0)
+    config = write_config(tmp_path, f"""
+        http_listen = "127.0.0.1:0"
+        [tenants.7]
+        capacity = 1024
+        grants = [
+          {{ token = "{hash_token(EXPIRING_TOKEN)}", roles = ["subscribe"], expires = {expires.strftime("%Y-%m-%dT%H:%M:%SZ")} }},
+        ]
+        """)
+    server = daemon(sync="none", io="threads", config=config)
+    host, port = server.run_stderr.split("metrics listening on http://", 1)[1].split()[0] \
+        .rsplit(":", 1)
+    with trio.fail_after(TIMEOUT_S):
+        async with await Client.connect(server.socket_path, 7) as publisher:
+            await publisher.publish(RecordFactory(7).records(1))
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(f"GET /api/tenants/7/records HTTP/1.1\r\nHost: {host}\r\n"
+                              f"Authorization: Bearer {EXPIRING_TOKEN}\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):  # the stream ends after its refusal
+            data += chunk
+        await stream.aclose()
+    assert datetime.datetime.now(datetime.timezone.utc) >= expires
+    assert b"event: records" in data  # it was tailing
+    refused = data[data.index(b"event: refused"):].split(b"\n\n")[0]
+    assert b"expired" in refused and b'"status":401' in refused, refused
