@@ -119,6 +119,7 @@ class Daemon:
         self._reloads = 0
         self._reload_failures = 0
         self._signals = None  # the signal receiver `serve` opens first
+        self._reload_added: set[int] = set()  # tenants the last reload added
 
     def shutdown(self) -> None:
         """Stop accepting and reading; queued batches still get acknowledged."""
@@ -268,7 +269,10 @@ class Daemon:
             async for signum in self._signals:
                 log.info("received %s", signal.Signals(signum).name)
                 if signum == signal.SIGHUP:
-                    self.reload()
+                    if self.reload():
+                        # Its new tenants' rings: opened (created) on worker
+                        # threads, never on the loop (issue 9, item 5).
+                        await self.registry.open_on_threads(self._reload_added)
                 else:
                     self.shutdown()
 
@@ -279,6 +283,9 @@ class Daemon:
         credentials still hold are untouched; the others get a fatal Error
         (AUTH_FAILED, FORBIDDEN, or UNKNOWN_TENANT for a removed tenant).
         Listener, data-dir and io settings take effect at the next start.
+        Added tenants' rings are not opened here (that may take seconds):
+        the signal watcher opens them on worker threads right after, and a
+        Hello for one before that opens it the same way.
         """
         if self.reload_config is None:
             log.error("reload refused: the daemon was started without --config; "
@@ -300,7 +307,8 @@ class Daemon:
         self.config = new
         self.ssl_context = ssl_context
         added, removed = self.registry.reconfigure(new.tenants, new.default_tenant,
-                                                   new.create_tenants)
+                                                   new.create_tenants, open_added=False)
+        self._reload_added = added  # opened by the caller (_watch_signals), off the loop
         closed = self.gate.reconfigure(new.access_policy(), removed)  # quotas: self.config
         self._reloads += 1
         log.info("reloaded config: tenants added %s, removed %s; %d connections closed "

@@ -266,10 +266,12 @@ class TenantRegistry:
         return True
 
     def reconfigure(self, settings: dict[int, TenantSettings], default: TenantSettings,
-                    create_on_first_use: bool) -> tuple[set[int], set[int]]:
+                    create_on_first_use: bool, open_added: bool = True
+                    ) -> tuple[set[int], set[int]]:
         """Apply a reloaded config: (added, removed) tenant ids.
 
-        New tenants' rings are opened (created) now, as at start-up; a
+        New tenants' rings are opened (created) now, as at start-up (with
+        `open_added` False, by the caller: `open_on_threads(added)`); a
         removed tenant is refused from now on (its ring stays open until
         exit, its file stays on disk). Capacity and sync of a ring already
         open take effect at the next start.
@@ -280,7 +282,7 @@ class TenantRegistry:
         self.default = default
         self.create_on_first_use = create_on_first_use
         self.removed = (self.removed | removed) - set(settings)
-        for tenant_id in sorted(added):
+        for tenant_id in sorted(added) if open_added else ():
             if tenant_id in self.tenants:
                 continue
             try:
@@ -289,6 +291,21 @@ class TenantRegistry:
                 self.unavailable[tenant_id] = str(error)
                 log.error("tenant %d unavailable: %s", tenant_id, error)
         return added, removed
+
+    async def open_on_threads(self, tenant_ids) -> None:
+        """Open (create) these tenants' rings, each on a worker thread (a
+        reload's added tenants); one that cannot be opened is unavailable, as
+        at start-up."""
+        for tenant_id in sorted(tenant_ids):
+            try:
+                if tenant_id not in self.tenants and len(self.tenants) >= TENANT_COUNT_MAX:
+                    raise TenantLimitError(
+                        f"{TENANT_COUNT_MAX} tenants are open (TENANT_COUNT_MAX); "
+                        "remove unused tenants or run another daemon")
+                await self.open_on_thread(tenant_id)
+            except (RingError, OSError, TenantLimitError) as error:
+                self.unavailable[tenant_id] = str(error)
+                log.error("tenant %d unavailable: %s", tenant_id, error)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run every writer until `close()`; then close the rings."""
