@@ -10,6 +10,7 @@ tools (`verify`, `inspect`) alike.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy
@@ -91,12 +92,19 @@ class ChunkTable:
 
 
 def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
-                  first_sequence: int, count: int, oldest: int, next_sequence: int) -> bytes:
+                  first_sequence: int, count: int, oldest: int, next_sequence: int,
+                  cached_only: bool = False) -> bytes:
     """Records [first_sequence, first_sequence + count), each chunk verified.
+
+    `cached_only`: read only what the page cache holds (preadv RWF_NOWAIT),
+    never waiting for the disk; for a caller on an event loop. The records
+    then come as a bytearray (read into once, not copied again).
 
     Raises:
         RingRangeError: part of the range is not retained.
         RingCorruptError: a chunk failed its checks; names the file and offset.
+        BlockingIOError: `cached_only` and part of the range is not in the page
+            cache (or the file system cannot tell): read it where waiting is fine.
     """
     if count <= 0 or first_sequence < oldest or first_sequence + count > next_sequence:
         raise RingRangeError(first_sequence, count, oldest, next_sequence)
@@ -114,7 +122,7 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
         run_end = min((chunk + run) * CHUNK_RECORD_COUNT, next_sequence)
         offset = layout.record_offset(run_start)
         size = (run_end - run_start) * RECORD_SIZE_BYTES
-        data = os.pread(fd, size, offset)
+        data = _read_cached(fd, size, offset) if cached_only else os.pread(fd, size, offset)
         if len(data) != size:
             raise RingCorruptError(path, offset + len(data),
                                    f"file ends inside the data region (read {len(data)} of {size} bytes)")
@@ -124,7 +132,25 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
         take = (min(end, run_end) - max(first_sequence, run_start)) * RECORD_SIZE_BYTES
         pieces.append(view[skip:skip + take] if skip or take != size else data)
         chunk += run
-    return pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
+    # One whole run is returned as read (bytes, or the bytearray of a cached-only read).
+    return pieces[0] if len(pieces) == 1 and not isinstance(pieces[0], memoryview) \
+        else b"".join(pieces)
+
+
+def _read_cached(fd: int, size: int, offset: int) -> bytearray:
+    """`size` bytes at `offset` if the page cache holds them all, else
+    BlockingIOError (RWF_NOWAIT: no disk wait; a short read means part of it
+    is not cached)."""
+    data = bytearray(size)
+    try:
+        got = os.preadv(fd, [data], offset, os.RWF_NOWAIT)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            raise BlockingIOError(errno.EAGAIN, "not all in the page cache") from None
+        raise
+    if got != size:
+        raise BlockingIOError(errno.EAGAIN, f"{got} of {size} bytes in the page cache")
+    return data
 
 
 def verify_run(path: str, table: ChunkTable, file_id: int, chunk: int, run: int,

@@ -273,17 +273,22 @@ class RingFile:
 
     # -- reading -----------------------------------------------------------------
 
-    def read(self, first_sequence: int, count: int) -> bytes:
+    def read(self, first_sequence: int, count: int, cached_only: bool = False) -> bytes:
         """Committed records [first_sequence, first_sequence + count), verified.
+
+        `cached_only`: from the page cache only, never waiting for the disk
+        (for an event loop; see reader.read_verified); returns a bytearray.
 
         Raises:
             RingRangeError: part of the range is not retained.
             RingCorruptError: stored bytes failed their checks (names the offset).
+            BlockingIOError: `cached_only` and not all of it is in the page cache.
         """
         if self._closed:
             raise RingClosedError(f"{self.path}: ring is closed")
         return read_verified(self._fd, self.path, self._table, self._header.file_id,
-                             first_sequence, count, self.oldest_sequence, self.next_sequence)
+                             first_sequence, count, self.oldest_sequence, self.next_sequence,
+                             cached_only)
 
     def file_ranges(self, first_sequence: int, count: int) -> list[tuple[int, int]]:
         """(offset, size) file ranges holding these records, in order (at most two)."""

@@ -36,16 +36,16 @@ subscriber (a web page's event stream) alike::
   `SubscriptionStatistics`.
 - `RecordFilter` selects records by opcode, epoch range and failure.
 
-Nothing of a replay runs long on the event loop (issue 9, item 5): each
-read (a pread and its BLAKE3 checks, up to REPLAY_READ_RECORD_COUNT_MAX
-records) runs on a worker thread, unless it is at most
-REPLAY_INLINE_RECORD_COUNT_MAX records (cheaper than the hand-off), and
-every read is followed by a checkpoint, so a filter that passes nothing still lets every other tenant's
-writer, acks and handshakes run between reads. A read on a thread races the
-tenant's writer (which runs on the loop): a chunk the writer evicts or
-extends meanwhile fails its check there. Such a failure is never reported
-from the thread: the failing chunk is read again on the loop, where the ring
-cannot move, and only a failure there is damage.
+Nothing of a replay waits for the disk or runs long on the event loop
+(issue 9, item 5): a read (at most REPLAY_READ_RECORD_COUNT_MAX records,
+~0.6 ms of pread and BLAKE3 checks here) runs on the loop only when the page
+cache holds all of it (preadv RWF_NOWAIT), else on a worker thread; and every
+read is followed by a checkpoint, so a filter that passes nothing still lets
+every other tenant's writer, acks and handshakes run between reads. A read on
+a thread races the tenant's writer (which runs on the loop): a chunk the
+writer evicts or extends meanwhile fails its check there. Such a failure is
+never reported from the thread: the failing chunk is read again on the loop,
+where the ring cannot move, and only a failure there is damage.
 
 Damage (docs/PROTOCOL.md 4.5): every verified record before the first chunk
 that fails its checks is delivered, then RingCorruptError (file and offset)
@@ -73,17 +73,11 @@ from ringtail.service.tenants import Tenant
 
 # Records read (and verified) per step: 4,096 x 64 B = 256 KiB per
 # subscriber in flight; large enough that replay costs no per-record Python.
-# A read of that size costs ~0.9 ms of CPU here (BLAKE3 + filter), plus any
-# disk wait: it runs on a worker thread (see the module docstring).
+# A read of that size from the page cache costs ~0.6 ms of CPU here (pread
+# and BLAKE3; a filter ~0.2 ms more): the most one step of a replay holds the
+# event loop. A read that would wait for the disk runs on a worker thread.
 REPLAY_READ_RECORD_COUNT_MAX = 4096
-# Reads of at most this many records stay on the loop: ~0.1 ms of CPU here
-# (measured 92 us for 512 records from the page cache), no more than handing
-# the read to a thread costs. They are a follower's reads at the tail, of
-# records this process has just written (in the page cache).
-REPLAY_INLINE_RECORD_COUNT_MAX = 512
 _TIMESTAMP_OFFSET = RECORD_DTYPE.fields["timestamp_ns"][1]
-
-assert 0 < REPLAY_INLINE_RECORD_COUNT_MAX <= REPLAY_READ_RECORD_COUNT_MAX
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -255,13 +249,17 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
         await trio.lowlevel.checkpoint()
 
 
-def _read_prefix(ring, first: int, count: int) -> tuple[bytes, int]:
-    """Verified records from `first` (on a worker thread, or inline for a
-    small read): all `count`, or those
-    before the first chunk that failed, and how many records that chunk asked
-    for (0: none failed). Evicted meanwhile: what was read before."""
+def _read_prefix(ring, first: int, count: int, cached_only: bool = False
+                 ) -> tuple[bytes, int]:
+    """Verified records from `first`: all `count`, or those before the first
+    chunk that failed, and how many records that chunk asked for (0: none
+    failed). Evicted meanwhile: what was read before.
+
+    Raises:
+        BlockingIOError: `cached_only` and not all of it is in the page cache.
+    """
     try:
-        return ring.read(first, count), 0
+        return ring.read(first, count, cached_only), 0
     except RingRangeError:
         return b"", 0
     except RingCorruptError:
@@ -271,7 +269,7 @@ def _read_prefix(ring, first: int, count: int) -> tuple[bytes, int]:
     while position < end:  # chunk by chunk: find the first that fails
         step = min(end, (position // CHUNK_RECORD_COUNT + 1) * CHUNK_RECORD_COUNT) - position
         try:
-            pieces.append(ring.read(position, step))
+            pieces.append(ring.read(position, step, cached_only))
         except RingRangeError:
             return b"".join(pieces), 0
         except RingCorruptError:
@@ -282,18 +280,19 @@ def _read_prefix(ring, first: int, count: int) -> tuple[bytes, int]:
 
 async def read_until_damage(ring, first: int, count: int
                             ) -> tuple[bytes, RingCorruptError | None]:
-    """Verified records [first, first + count) read on a worker thread (up to
-    REPLAY_INLINE_RECORD_COUNT_MAX: here), as far as they go: all of them, fewer (evicted meanwhile: the caller's next turn
-    sends a Gap), or those before a damaged chunk and its RingCorruptError
-    (file and offset).
+    """Verified records [first, first + count), read here when the page cache
+    holds them all (no disk wait), else on a worker thread, as far as they go:
+    all of them, fewer (evicted meanwhile: the caller's next turn sends a
+    Gap), or those before a damaged chunk and its RingCorruptError (file and
+    offset).
 
     A chunk that fails on the thread is read again here, on the loop, where
     the writer cannot move under it (one chunk, CHUNK_RECORD_COUNT records at
     most): only a failure here is damage.
     """
-    if count <= REPLAY_INLINE_RECORD_COUNT_MAX:
-        data, failed_count = _read_prefix(ring, first, count)
-    else:
+    try:
+        data, failed_count = _read_prefix(ring, first, count, cached_only=True)
+    except BlockingIOError:  # it would wait for the disk
         data, failed_count = await trio.to_thread.run_sync(_read_prefix, ring, first, count)
     if not failed_count:
         return data, None
