@@ -355,12 +355,13 @@ EXPIRING_TOKEN, PUBLISHER_TOKEN = new_token(), new_token()
 async def test_a_token_expiry_ends_its_live_connections_with_auth_failed(daemon, tmp_path):
     expires = (datetime.datetime.now(datetime.timezone.utc)
                + datetime.timedelta(seconds=TOKEN_LIFETIME_S)).replace(microsecond=0)
+    until = f"expires = {expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
     config = write_config(tmp_path, f"""
         tcp_listen = "127.0.0.1:0"
         tcp_plaintext = true
         [tenants.1]
         grants = [
-          {{ token = "{hash_token(EXPIRING_TOKEN)}", roles = ["publish", "subscribe"], expires = {expires.strftime("%Y-%m-%dT%H:%M:%SZ")} }},
+          {{ token = "{hash_token(EXPIRING_TOKEN)}", roles = ["publish", "subscribe"], {until} }},
           {{ token = "{hash_token(PUBLISHER_TOKEN)}", roles = ["publish"] }},
         ]
         """)
@@ -439,12 +440,13 @@ async def test_a_token_expiry_ends_its_web_tail(daemon, tmp_path):
     its token's expiry ends it the same way: a `refused` event, then the end."""
     expires = (datetime.datetime.now(datetime.timezone.utc)
                + datetime.timedelta(seconds=TOKEN_LIFETIME_S)).replace(microsecond=0)
+    until = f"expires = {expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
     config = write_config(tmp_path, f"""
         http_listen = "127.0.0.1:0"
         [tenants.7]
         capacity = 1024
         grants = [
-          {{ token = "{hash_token(EXPIRING_TOKEN)}", roles = ["subscribe"], expires = {expires.strftime("%Y-%m-%dT%H:%M:%SZ")} }},
+          {{ token = "{hash_token(EXPIRING_TOKEN)}", roles = ["subscribe"], {until} }},
         ]
         """)
     server = daemon(sync="none", io="threads", config=config)
