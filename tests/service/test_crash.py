@@ -186,10 +186,13 @@ async def check_ring(socket_path: str, history: History, *, exactly_acked: bool)
     return replay
 
 
+# Kill moments per case: sized for `make test` (about 10 minutes in all); the
+# soak case runs four times as many on io_uring with sync=batch.
 @pytest.mark.parametrize(("io", "sync", "moments"), [
-    ("uring", "batch", 24),
+    ("uring", "batch", 12),
     ("threads", "batch", 6),
     ("uring", "none", 6),
+    pytest.param("uring", "batch", 48, marks=pytest.mark.soak),
 ])
 async def test_every_acknowledged_record_survives_sigkill_at_random_moments(
         daemon, io, sync, moments):

@@ -316,7 +316,7 @@ async def test_the_handler_stops_reading_at_its_unanswered_byte_bound(in_process
 # `make test`, the second (the 128 connections) for `make soak`. Under
 # the old bound (64 batches of 256 KiB per connection) each pinned ~18 MiB,
 # far over the formula's figure.
-NEVER_READING_LOADS = [pytest.param(32, 4, id="32-connections"),
+NEVER_READING_LOADS = [pytest.param(16, 4, id="16-connections"),
                        pytest.param(128, 16, id="128-connections", marks=pytest.mark.soak)]
 # Samples of the daemon's RSS while the publishers push; the push ends when the
 # bytes sent stop growing for this many samples in a row (every publisher
