@@ -240,11 +240,15 @@ class HttpServer:
         self.loopback = loopback
         self.stats = HttpStatistics()
 
+    def statistics(self) -> HttpStatistics:
+        """A copy of the counters now (metrics only read it)."""
+        return dataclasses.replace(self.stats)
+
     async def serve(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept on `sock` (taken over) until cancelled."""
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with listener, trio.open_nursery() as nursery:
-            task_status.started()
+            task_status.started(self)
             while True:
                 try:
                     stream = await listener.accept()

@@ -81,6 +81,8 @@ class DaemonCollector(Collector):
         yield from _io_families(statistics.io_probe)
         yield from _tenant_families(statistics.tenants, statistics.gate)
         yield from _subscription_families(statistics.subscriptions, statistics.tenants)
+        if statistics.http is not None:
+            yield from _http_families(statistics.http)
 
 
 def _counters(rows):
@@ -159,6 +161,22 @@ def _gate_families(gate):
     for key in sorted(gate.auth_failures):
         auth_failures.add_metric(list(key), gate.auth_failures[key])
     yield auth_failures
+
+
+def _http_families(http):
+    yield GaugeMetricFamily("ringtail_http_connections_open",
+                            "HTTP connections open now (web pages, scrapers, probes)",
+                            value=http.connections)
+    yield from _counters((
+        ("ringtail_http_connections", http.connections_total, "HTTP connections accepted"),
+        ("ringtail_http_refused_busy", http.refused_busy,
+         "HTTP connections answered 503: HTTP_CONNECTION_COUNT_MAX were open"),
+        ("ringtail_http_bad_requests", http.bad_requests,
+         "HTTP requests answered 4xx: malformed, oversized or too slow"),
+        ("ringtail_http_stalled", http.stalled,
+         "HTTP connections dropped: a write stalled HTTP_SEND_STALL_TIMEOUT_S"),
+        ("ringtail_http_handler_errors", http.handler_errors,
+         "HTTP requests answered 500: a handler bug (that connection closed)")))
 
 
 def _io_families(probe):

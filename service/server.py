@@ -76,6 +76,7 @@ class DaemonStatistics:
     gate: GateStatistics
     subscriptions: SubscriptionStatistics
     tenants: RegistryStatistics
+    http: http.HttpStatistics | None = None  # the HTTP listener's, when one is configured
 
 
 class Daemon:
@@ -115,6 +116,7 @@ class Daemon:
         self.notifier = SystemdNotifier.from_environment()
         self.ready = False
         self.metrics_url: str | None = None  # "http://HOST:PORT" once listening
+        self._http_server: http.HttpServer | None = None  # its statistics() feed /metrics
         self._accept_scope = trio.CancelScope()
         self._reloads = 0
         self._reload_failures = 0
@@ -137,7 +139,8 @@ class Daemon:
             self.ready, self.io_probe, self.notifier.statistics().failed, self._reloads,
             self._reload_failures, self.acceptor.statistics(),
             self.session.counters.statistics(), self.gate.statistics(),
-            self.subscriptions.statistics(), self.registry.statistics())
+            self.subscriptions.statistics(), self.registry.statistics(),
+            None if self._http_server is None else self._http_server.statistics())
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until shutdown. The metrics listener (if configured) binds first,
@@ -166,8 +169,9 @@ class Daemon:
         url = http.listener_url(sock, tls=ssl_context is not None)
         failure = None
         async with trio.open_nursery() as nursery:
-            await nursery.start(http.serve_http, self, sock, ssl_context,
-                                [http.HealthRoutes(self), WebApp(self)])
+            self._http_server = await nursery.start(
+                http.serve_http, self, sock, ssl_context,
+                [http.HealthRoutes(self), WebApp(self)])
             self.metrics_url = url
             log.info("metrics listening on %s (/metrics, /healthz, /readyz; web page /)", url)
             try:

@@ -161,10 +161,16 @@ async def test_metrics_report_the_exact_workload(metrics_daemon, io):
     for quiet in ("ringtail_forbidden_total", "ringtail_tls_failures_total",
                   "ringtail_quota_refused_batches_total", "ringtail_reloads_total",
                   "ringtail_reload_failures_total", "ringtail_auth_rate_limited_total",
-                  "ringtail_refusals_unanswered_total", "ringtail_connections_unauthenticated"):
+                  "ringtail_refusals_unanswered_total", "ringtail_connections_unauthenticated",
+                  "ringtail_http_bad_requests_total", "ringtail_http_handler_errors_total",
+                  "ringtail_http_refused_busy_total", "ringtail_http_stalled_total"):
         assert value(found, quiet) == 0, quiet  # exported, and nothing of the kind happened
     assert value(found, "ringtail_listener_connections_open", listener="unix") == value(
         found, "ringtail_connections_open"), "every connection open is on the Unix listener"
+    # This scrape's own connection is open and counted by the HTTP listener.
+    assert value(found, "ringtail_http_connections_open") >= 1
+    assert value(found, "ringtail_http_connections_total") >= value(
+        found, "ringtail_http_connections_open")
     assert value(found, "ringtail_pending_records", **tenant) == 0
     # The backend each ring really got, as its "tenant 1:" log line says: the
     # one asked for, or for `auto` io_uring where this machine's probe passes
