@@ -46,6 +46,7 @@ import datetime
 import grp
 import ipaddress
 import os
+import ssl
 import socket
 import tomllib
 
@@ -340,6 +341,24 @@ def _quota(path: str, where: str, table: dict) -> QuotaSettings:
             raise ConfigError(f"{path}: {where}.{key} = {value}; use 1 to {limit} (a config "
                               "may lower a limit, never raise it)")
     return quota
+
+
+def server_tls_context(config: ServeConfig, listener: str) -> ssl.SSLContext:
+    """A TLS 1.2+ server context holding the daemon's certificate (tls_cert,
+    tls_key), for the TCP or the HTTP listener (named in the error).
+
+    Raises:
+        ConfigError: the certificate or key cannot be loaded.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"tls_cert {config.tls_cert} / tls_key {config.tls_key}: cannot "
+                          f"load for the {listener}: {error}; give a PEM certificate chain "
+                          "and its key") from error
+    return context
 
 
 def parse_host_port(text: str, where: str) -> tuple[str, int]:

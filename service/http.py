@@ -47,7 +47,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ringtail.service import metrics
-from ringtail.service.config import ConfigError, is_loopback, parse_host_port
+from ringtail.service.config import ConfigError, is_loopback, parse_host_port, server_tls_context
 
 log = logging.getLogger("ringtail.http")
 
@@ -200,15 +200,7 @@ def http_ssl_context(config, listen: str) -> ssl.SSLContext | None:
     host, _ = parse_host_port(listen, "http_listen")
     if is_loopback(host) or not config.tls_cert:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"tls_cert {config.tls_cert} / tls_key {config.tls_key}: cannot "
-                          f"load for the HTTP listener: {error}; give a PEM certificate "
-                          "chain and its key") from error
-    return context
+    return server_tls_context(config, "HTTP listener")
 
 
 def listener_url(sock: socket.socket, tls: bool = False) -> str:

@@ -22,7 +22,8 @@ from typing import Awaitable, Callable
 import trio
 
 from ringtail.service.auth import Peer, peer_credentials
-from ringtail.service.config import ConfigError, ServeConfig, is_loopback, parse_host_port, socket_group_id
+from ringtail.service.config import (ConfigError, ServeConfig, is_loopback, parse_host_port,
+                                     server_tls_context, socket_group_id)
 
 log = logging.getLogger("ringtail.server")
 
@@ -170,13 +171,7 @@ def server_ssl_context(config: ServeConfig) -> ssl.SSLContext | None:
     """
     if not config.tcp_listen or config.tcp_plaintext:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"tls_cert {config.tls_cert} / tls_key {config.tls_key}: cannot "
-                          f"load: {error}; give a PEM certificate chain and its key") from error
+    context = server_tls_context(config, "TCP listener")
     if config.tls_client_ca:
         try:
             context.load_verify_locations(cafile=config.tls_client_ca)
