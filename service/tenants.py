@@ -8,7 +8,6 @@ directory), so one tenant filling its ring never evicts another's records.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import re
@@ -165,10 +164,18 @@ class TenantRegistry:
             raise TenantLimitError(
                 f"{TENANT_COUNT_MAX} tenants are open (TENANT_COUNT_MAX); "
                 "remove unused tenants or run another daemon")
+        return self._install(tenant_id, self._open_ring(tenant_id))
+
+    def _open_ring(self, tenant_id: int) -> RingFile:
+        """Open (or create) the tenant's ring with its settings; blocking, so
+        on a worker thread unless the loop may wait (start-up)."""
         settings = self.settings.get(tenant_id, self.default)
         path = os.path.join(self.data_dir, ring_file_name(tenant_id))
-        ring = open_ring(path, capacity=settings.capacity, tenant_id=tenant_id,
+        return open_ring(path, capacity=settings.capacity, tenant_id=tenant_id,
                          io=self.io, sync=settings.sync)
+
+    def _install(self, tenant_id: int, ring: RingFile) -> Tenant:
+        """Serve an opened ring: log its recovery, register it, start its writer."""
         log.info("tenant %d: %s; io=%s sync=%s capacity=%d", tenant_id,
                  ring.recovery_report.summary(), ring.backend, ring.sync, ring.capacity)
         tenant = Tenant(tenant_id, ring)
@@ -243,25 +250,16 @@ class TenantRegistry:
             return False
         if not self.would_open(tenant_id):
             return False
-        settings = self.settings.get(tenant_id, self.default)
-        path = os.path.join(self.data_dir, ring_file_name(tenant_id))
         self._opening[tenant_id] = opening = trio.Event()
         try:
-            ring = await trio.to_thread.run_sync(functools.partial(
-                open_ring, path, capacity=settings.capacity, tenant_id=tenant_id, io=self.io,
-                sync=settings.sync))
+            ring = await trio.to_thread.run_sync(self._open_ring, tenant_id)
         finally:
             del self._opening[tenant_id]
             opening.set()
         if not self.would_open(tenant_id):  # a reload removed it meanwhile, or the cap filled
             ring.close()
             return False
-        log.info("tenant %d: %s; io=%s sync=%s capacity=%d", tenant_id,
-                 ring.recovery_report.summary(), ring.backend, ring.sync, ring.capacity)
-        tenant = Tenant(tenant_id, ring)
-        self.tenants[tenant_id] = tenant
-        if self._nursery is not None:
-            self._nursery.start_soon(tenant.writer.run)
+        self._install(tenant_id, ring)
         self.unavailable.pop(tenant_id, None)
         return True
 
