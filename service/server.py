@@ -103,9 +103,11 @@ class Daemon:
                                        create_on_first_use=config.create_tenants,
                                        settings=config.tenants)
         # Admission: auth, connection and subscriber caps, quotas, record checks.
+        self._limits_for: ServeConfig | None = None  # the config self._limits was built from
+        self._limits = config.connection_limits
         self.gate = Gate(config.access_policy(), self.registry,
                          lambda tenant_id: self.config.tenant_quota(tenant_id), self.clock,
-                         lambda: self.config.connection_limits)
+                         self._connection_limits)
         self.subscriptions = SubscriptionCounters()  # for in-process subscribers too
         self.stop = StopSignal()
         # All a connection handler gets (service/connection.py).
@@ -240,6 +242,15 @@ class Daemon:
             except FileNotFoundError:
                 pass
         log.info("ringtail stopped")
+
+    def _connection_limits(self):
+        """The config's ConnectionLimits, built once per config (a reload
+        replaces the config object): the gate and every connection's idle
+        check read it per frame."""
+        config = self.config
+        if config is not self._limits_for:
+            self._limits_for, self._limits = config, config.connection_limits
+        return self._limits
 
     async def _supervise_ship(self, scope: trio.CancelScope) -> None:
         """`ringtail ship` as a child (the config's [ship]), until the daemon stops."""
