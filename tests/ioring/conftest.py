@@ -53,3 +53,21 @@ def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:
         os.pwrite(fd, bytes([old[0] ^ mask]), offset)
     finally:
         os.close(fd)
+
+
+def read_bytes(path: str, size: int, offset: int) -> bytes:
+    """`size` bytes of a file at `offset` (inspect what is stored)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str, data: bytes, offset: int) -> None:
+    """Overwrite a file's bytes at `offset` in place (craft or damage what is stored)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)

@@ -31,7 +31,7 @@ from ringtail.ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT, 
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.ioring.ring import open_ring
 
-from .conftest import TENANT_ID, flip_byte, make_records
+from .conftest import TENANT_ID, flip_byte, make_records, read_bytes, write_bytes
 
 CAPACITY = 512
 LAYOUT = Layout(CAPACITY)
@@ -61,32 +61,16 @@ def written_ring(ring_path, io) -> str:
     return ring_path
 
 
-def _pread(path: str, size: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
-
-
-def _pwrite(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
 def _rewrite_header(path: str, copy: int, edit) -> None:
     """Apply `edit(bytearray)` to a header copy's checked bytes and re-seal it."""
     offset = HEADER_COPY_OFFSETS[copy]
-    body = bytearray(_pread(path, CHECKED_HEADER_SIZE, offset))
+    body = bytearray(read_bytes(path, CHECKED_HEADER_SIZE, offset))
     edit(body)
-    _pwrite(path, bytes(body) + checksum(bytes(body)), offset)
+    write_bytes(path, bytes(body) + checksum(bytes(body)), offset)
 
 
 def _newest_copy(path: str) -> int:
-    generations = [decode_header(_pread(path, HEADER_SIZE_BYTES, offset)).generation
+    generations = [decode_header(read_bytes(path, HEADER_SIZE_BYTES, offset)).generation
                    for offset in HEADER_COPY_OFFSETS]
     return generations.index(max(generations))
 
@@ -174,7 +158,7 @@ def _snapshot(path: str) -> bytes:
 
 
 def _restore(path: str, snapshot: bytes) -> None:
-    _pwrite(path, snapshot, 0)  # opening may have written (a new header, scrubs)
+    write_bytes(path, snapshot, 0)  # opening may have written (a new header, scrubs)
 
 
 @pytest.mark.parametrize("older_copy", [0, 1])
@@ -274,7 +258,7 @@ def test_an_unsupported_version_in_one_copy_falls_back_to_the_other(written_ring
 def test_a_clean_close_confirms_the_last_batch_so_damage_there_is_an_error_not_a_cut(
         ring_path, io):
     _write_ring(ring_path, io, sealed=True)
-    newest = decode_header(_pread(ring_path, HEADER_SIZE_BYTES,
+    newest = decode_header(read_bytes(ring_path, HEADER_SIZE_BYTES,
                                   HEADER_COPY_OFFSETS[_newest_copy(ring_path)]))
     assert newest.batch_first_sequence == newest.next_sequence == RECORD_COUNT
     # A full chunk of the last batch: reads refuse it, nothing is cut.
@@ -341,11 +325,11 @@ def test_damage_made_while_the_ring_is_open_is_refused_too(ring_path, io):
 
 
 def _entry_copy_of(path: str, chunk: int, count: int) -> int:
-    file_id = decode_header(_pread(path, HEADER_SIZE_BYTES, 0)).file_id
+    file_id = decode_header(read_bytes(path, HEADER_SIZE_BYTES, 0)).file_id
     first = chunk * CHUNK_RECORD_COUNT
-    records = _pread(path, count * RECORD_SIZE_BYTES, LAYOUT.record_offset(first))
+    records = read_bytes(path, count * RECORD_SIZE_BYTES, LAYOUT.record_offset(first))
     copies = [copy for copy in (0, 1) if entry_matches(
-        decode_entry(_pread(path, CHUNK_ENTRY_SIZE_BYTES, LAYOUT.entry_offset(copy, chunk))),
+        decode_entry(read_bytes(path, CHUNK_ENTRY_SIZE_BYTES, LAYOUT.entry_offset(copy, chunk))),
         file_id, first, records)]
     assert len(copies) == 1, copies
     return copies[0]
@@ -373,11 +357,11 @@ def test_a_flipped_byte_in_an_old_chunks_table_entry_is_refused_by_reads(written
 def test_a_chunk_copied_to_another_position_is_refused_as_misplaced(written_ring, io):
     # A misdirected write: chunk 1's records and both its entries land on chunk 2.
     size = CHUNK_RECORD_COUNT * RECORD_SIZE_BYTES
-    _pwrite(written_ring, _pread(written_ring, size, LAYOUT.record_offset(64)),
+    write_bytes(written_ring, read_bytes(written_ring, size, LAYOUT.record_offset(64)),
             LAYOUT.record_offset(OLD_CHUNK_FIRST))
     for copy in (0, 1):
-        entry = _pread(written_ring, CHUNK_ENTRY_SIZE_BYTES, LAYOUT.entry_offset(copy, 1))
-        _pwrite(written_ring, entry, LAYOUT.entry_offset(copy, OLD_CHUNK))
+        entry = read_bytes(written_ring, CHUNK_ENTRY_SIZE_BYTES, LAYOUT.entry_offset(copy, 1))
+        write_bytes(written_ring, entry, LAYOUT.entry_offset(copy, OLD_CHUNK))
     with open_ring(written_ring, tenant_id=TENANT_ID, io=io) as ring:
         _assert_only_the_old_chunk_is_refused(
             ring, written_ring,

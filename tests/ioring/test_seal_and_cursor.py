@@ -18,7 +18,6 @@ header copies carry a valid checksum.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
@@ -30,31 +29,16 @@ from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, HEA
 from ringtail.ioring.ring import open_ring
 from ringtail.ioring.scan import inspect_ring
 
-from .conftest import TENANT_ID, flip_byte, make_records
+from .conftest import TENANT_ID, flip_byte, make_records, read_bytes, write_bytes
 
 CAPACITY = 512  # 8 chunks; a batch holds at most (512 - 64) / 2 = 224 records
 LAYOUT = Layout(CAPACITY)
 OLDEST_OFFSET, BATCH_FIRST_OFFSET = 32, 48  # header fields (docs/FORMAT.md, "Header")
 
 
-def _pread(path: str, size: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
-
-
-def _pwrite(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
 def _headers(path: str):
-    return [decode_header(_pread(path, HEADER_SIZE_BYTES, offset)) for offset in HEADER_COPY_OFFSETS]
+    return [decode_header(read_bytes(path, HEADER_SIZE_BYTES, offset))
+            for offset in HEADER_COPY_OFFSETS]
 
 
 def _newest(path: str) -> int:
@@ -65,9 +49,9 @@ def _newest(path: str) -> int:
 def _set_u64(path: str, copy: int, field_offset: int, value: int) -> None:
     """Rewrite one u64 field of a header copy, with a valid checksum."""
     offset = HEADER_COPY_OFFSETS[copy]
-    body = bytearray(_pread(path, HEADER_SIZE_BYTES - 16, offset))
+    body = bytearray(read_bytes(path, HEADER_SIZE_BYTES - 16, offset))
     struct.pack_into("<Q", body, field_offset, value)
-    _pwrite(path, bytes(body) + checksum(bytes(body)), offset)
+    write_bytes(path, bytes(body) + checksum(bytes(body)), offset)
 
 
 def _write(path: str, io: str, batches) -> None:
@@ -182,10 +166,10 @@ def test_the_first_chain_after_a_seal_unseals_the_file_before_any_record(ring_pa
 
 def test_a_reopen_and_close_without_a_batch_leaves_the_seal_as_it_is(ring_path, io):
     _write(ring_path, io, [200, 200, 200])
-    before = _pread(ring_path, 2 * PAGE_SIZE_BYTES, 0)
+    before = read_bytes(ring_path, 2 * PAGE_SIZE_BYTES, 0)
     with open_ring(ring_path, tenant_id=TENANT_ID, io=io):
         pass
-    assert _pread(ring_path, 2 * PAGE_SIZE_BYTES, 0) == before
+    assert read_bytes(ring_path, 2 * PAGE_SIZE_BYTES, 0) == before
 
 
 def test_a_batch_in_flight_after_a_reopen_of_a_sealed_ring_is_still_an_eviction(ring_path, io):
@@ -193,14 +177,14 @@ def test_a_batch_in_flight_after_a_reopen_of_a_sealed_ring_is_still_an_eviction(
     chains: list[list] = []
     with open_ring(ring_path, tenant_id=TENANT_ID, io=io, observer=chains.append) as ring:
         # Both header pages and both chunk tables as they are before the batch.
-        before = _pread(ring_path, LAYOUT.data_offset, 0)
+        before = read_bytes(ring_path, LAYOUT.data_offset, 0)
         # 600..699 go to slots 88..187: they evict chunk 2 (128..191).
         ring.append(make_records(600, 100))
     # The crash: the unsealed header and its fdatasync completed and the records
     # landed; the chunk entries and the batch's header did not.
     unseal = chains[0][0]
-    _pwrite(ring_path, before, 0)
-    _pwrite(ring_path, unseal.data, unseal.offset)
+    write_bytes(ring_path, before, 0)
+    write_bytes(ring_path, unseal.data, unseal.offset)
     with open_ring(ring_path, tenant_id=TENANT_ID, io=io) as ring:
         report = ring.recovery_report
         assert not report.sealed and report.damaged_chunk_offsets == ()
@@ -262,9 +246,9 @@ def test_inspect_says_whether_the_last_close_was_clean(ring_path, io):
         assert last_close() == "clean (sealed); a writer has it open now"
         ring.append(make_records(100, 1))
         assert last_close() == "not sealed: a writer has it open and has written"
-        crashed = _pread(ring_path, 2 * PAGE_SIZE_BYTES, 0)
+        crashed = read_bytes(ring_path, 2 * PAGE_SIZE_BYTES, 0)
     assert last_close() == "clean (sealed)"
-    _pwrite(ring_path, crashed, 0)  # the header pages as kill -9 would leave them
+    write_bytes(ring_path, crashed, 0)  # the header pages as kill -9 would leave them
     assert last_close() == "not sealed: the last writer crashed or was killed"
 
 
