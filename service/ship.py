@@ -363,44 +363,55 @@ class Shipper:
                     raise self._daemon_failure(error, state) from None
                 if state.oldest_unshipped_at is None:
                     state.oldest_unshipped_at = time.monotonic()
-                run_first: int | None = None
-                run: list[bytes] = []
-                run_count = 0
-                for event in events:
-                    if isinstance(event, Records):
-                        if event.sequences is not None or (
-                                expected is not None and event.first_sequence != expected):
-                            raise _Resync(f"the daemon sent sequence {event.first_sequence}, "
-                                          f"expected {expected}")
-                        if run_first is None:
-                            run_first = event.first_sequence
-                        run.append(event.records)
-                        run_count += event.record_count
-                        expected = event.first_sequence + event.record_count
-                        state.seen_next = max(state.seen_next, expected)
-                    elif isinstance(event, Gap):
-                        if run:
-                            await self._publish_run(state, run_first, b"".join(run))
-                            run_first, run, run_count = None, [], 0
-                        if expected is not None and event.first_lost_sequence != expected:
-                            raise _Resync(f"the daemon sent a gap from "
-                                          f"{event.first_lost_sequence}, expected {expected}")
-                        count = event.last_lost_sequence - event.first_lost_sequence + 1
-                        await self._publish(state, KIND_GAP, event.first_lost_sequence, count,
-                                            b"")
-                        self._gaps += 1
-                        self._gap_records += count
-                        log.warning("tenant %d: sequences %d..%d were evicted from the ring "
-                                    "before ship read them; shipped a gap message",
-                                    tenant_id, event.first_lost_sequence,
-                                    event.last_lost_sequence)
-                        expected = event.last_lost_sequence + 1
-                    elif isinstance(event, End):
-                        raise _Resync("the daemon ended a follow subscription")
-                if run:
-                    await self._publish_run(state, run_first, b"".join(run))
+                expected = await self._ship_events(state, events, expected)
                 if state.shipped_next is not None and state.shipped_next >= state.seen_next:
                     state.oldest_unshipped_at = None
+
+    async def _ship_events(self, state: _TenantState, events: list, expected: int | None
+                           ) -> int | None:
+        """Publish one turn's events: consecutive Records as runs, each Gap as a
+        gap message. `expected` is the sequence the daemon must send next (None
+        before the first); returns it after these events.
+
+        Raises:
+            _Resync: the daemon's events do not follow on (or ended a follow).
+        """
+        run_first: int | None = None
+        run: list[bytes] = []
+        for event in events:
+            if isinstance(event, Records):
+                if event.sequences is not None or (
+                        expected is not None and event.first_sequence != expected):
+                    raise _Resync(f"the daemon sent sequence {event.first_sequence}, "
+                                  f"expected {expected}")
+                if run_first is None:
+                    run_first = event.first_sequence
+                run.append(event.records)
+                expected = event.first_sequence + event.record_count
+                state.seen_next = max(state.seen_next, expected)
+            elif isinstance(event, Gap):
+                if run:
+                    await self._publish_run(state, run_first, b"".join(run))
+                    run_first, run = None, []
+                if expected is not None and event.first_lost_sequence != expected:
+                    raise _Resync(f"the daemon sent a gap from {event.first_lost_sequence}, "
+                                  f"expected {expected}")
+                await self._publish_gap(state, event)
+                expected = event.last_lost_sequence + 1
+            elif isinstance(event, End):
+                raise _Resync("the daemon ended a follow subscription")
+        if run:
+            await self._publish_run(state, run_first, b"".join(run))
+        return expected
+
+    async def _publish_gap(self, state: _TenantState, gap: Gap) -> None:
+        count = gap.last_lost_sequence - gap.first_lost_sequence + 1
+        await self._publish(state, KIND_GAP, gap.first_lost_sequence, count, b"")
+        self._gaps += 1
+        self._gap_records += count
+        log.warning("tenant %d: sequences %d..%d were evicted from the ring before ship read "
+                    "them; shipped a gap message", state.tenant_id, gap.first_lost_sequence,
+                    gap.last_lost_sequence)
 
     def _daemon_failure(self, error: RingtailError, state: _TenantState) -> Exception:
         if error.code in DAEMON_TRANSIENT_CODES:
