@@ -228,14 +228,14 @@ def shipped_next_sequence(url: str, node: str, tenant_id: int, stream: str = "RI
     """Where the tenant's shipped history ends (0: nothing shipped, or no stream yet)."""
     from nats.js.errors import NotFoundError
 
-    from ringtail.service.fleet import _last_message, connect_nats, subject
+    from ringtail.service.fleet import connect_nats, last_message, subject
 
     async def read() -> int:
         nc = await connect_nats(url, "ringtail-test")
         try:
             js = nc.jetstream()
             try:
-                last = await _last_message(js, stream, subject(node, tenant_id))
+                last = await last_message(js, stream, subject(node, tenant_id))
             except NotFoundError:
                 return 0
             return 0 if last is None else last.next_sequence

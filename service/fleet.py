@@ -237,7 +237,7 @@ async def connect_nats(url: str, name: str):
                      "nats-server runs with JetStream (-js)")
 
 
-async def _last_message(js, stream: str, subject_name: str) -> ShippedMessage | None:
+async def last_message(js, stream: str, subject_name: str) -> ShippedMessage | None:
     from nats.js.errors import NotFoundError
     try:
         raw = await js.get_last_msg(stream, subject_name)
@@ -262,7 +262,7 @@ async def find_start(js, stream: str, subject_name: str, sequence: int) -> int:
     first = await message_at_or_after(1)
     if first is None:
         return 0
-    last = await _last_message(js, stream, subject_name)
+    last = await last_message(js, stream, subject_name)
     assert last is not None
     if last.next_sequence <= sequence:
         return 0
@@ -309,7 +309,7 @@ async def fleet_tail(url: str, node: str, tenant_id: int, emit: Emit, *,
             raise FleetError(FleetErrorCode.STREAM_NOT_FOUND,
                              f"NATS at {url} has no stream {stream!r}; start `ringtail ship` "
                              "first or name the stream with --stream") from None
-        last = await _last_message(js, stream, subject_name)
+        last = await last_message(js, stream, subject_name)
         if start == "latest":
             if not follow:
                 return 0

@@ -53,7 +53,7 @@ from ringtail.service.fleet import (JS_ERR_SUBJECTS_OVERLAP, JS_ERR_WRONG_LAST_S
                                     KIND_GAP, KIND_RECORDS, NATS_REQUEST_TIMEOUT_S,
                                     SHIP_MESSAGE_RECORD_COUNT_MAX, STREAM_NAME_DEFAULT,
                                     STREAM_REPLICAS_DEFAULT,
-                                    SUBJECT_PREFIX, FleetError, FleetErrorCode, _last_message,
+                                    SUBJECT_PREFIX, FleetError, FleetErrorCode, last_message,
                                     check_node_name, connect_nats, message_headers, subject)
 from ringtail.service.protocol import (CLOSED, NEED_DATA, End, Error, ErrorCode, Gap, Hello,
                                        Records, StartKind, Subscribe, Welcome)
@@ -329,7 +329,7 @@ class Shipper:
         tenant_id = state.tenant_id
         subject_name = subject(self.node, tenant_id)
         try:
-            last = await _last_message(self._js, self.stream, subject_name)
+            last = await last_message(self._js, self.stream, subject_name)
         except (asyncio.TimeoutError, OSError) as error:
             raise _Unavailable(f"NATS did not answer ({error or type(error).__name__})") from None
         except Exception as error:  # nats-py's own errors while disconnected
