@@ -48,7 +48,8 @@ from ringtail.service.protocol._errors import (ERROR_CODE_INFO, ErrorCode, Error
                                                LocalProtocolError, ProtocolError,
                                                RemoteProtocolError)
 from ringtail.service.protocol._events import (Ack, End, Error, Event, Gap, Hello, Ping, Pong,
-                                               Publish, Records, StartKind, Subscribe, Welcome)
+                                               Publish, Records, Restore, StartKind, Subscribe,
+                                               Welcome)
 from ringtail.service.protocol._frames import (FrameType, decode_frame, encode_event,
                                                encode_records_frame)
 from ringtail.service.protocol._limits import (
@@ -68,6 +69,7 @@ __all__ = [
     "SUBSCRIBE_OPCODE_COUNT_MAX", "TOKEN_SIZE_BYTES_MAX", "U64_MAX",
     "Ack", "Connection", "ConnectionStatistics", "End", "Error", "ErrorCode", "ErrorCodeInfo",
     "Event", "FrameType", "Gap", "Hello", "LocalProtocolError", "Ping", "Pong",
-    "ProtocolError", "Publish", "Records", "RemoteProtocolError", "Role", "StartKind", "State",
+    "ProtocolError", "Publish", "Records", "RemoteProtocolError", "Restore", "Role", "StartKind",
+    "State",
     "Subscribe", "Welcome", "decode_frame", "encode_event", "encode_records_frame",
 ]

@@ -46,6 +46,7 @@ class ErrorCode(enum.IntEnum):
     TENANT_UNAVAILABLE = 22
     CONNECTION_LOST = 23
     IDLE_TIMEOUT = 24
+    RESTORE_REFUSED = 25
 
     @property
     def fatal(self) -> bool:
@@ -129,7 +130,7 @@ ERROR_CODE_INFO: dict[ErrorCode, ErrorCodeInfo] = {
         "report it with the message; reconnect"),
     _E.TENANT_UNAVAILABLE: ErrorCodeInfo(
         True, "the tenant's ring file cannot be opened or created (disk full, permissions,"
-              " damage, io backend refused)",
+              " damage, io backend refused), or a restore is loading it",
         "read the daemon's log line for the tenant; fix the cause; reconnect with backoff"),
     _E.CONNECTION_LOST: ErrorCodeInfo(
         True, "reserved for clients, never sent by a daemon: the connection ended without an"
@@ -140,6 +141,12 @@ ERROR_CODE_INFO: dict[ErrorCode, ErrorCodeInfo] = {
         True, "a welcomed connection sent no Publish, Subscribe or Ping for the daemon's idle"
               " timeout (CONNECTION_IDLE_TIMEOUT_S) with nothing in flight",
         "send a Ping now and then on a connection kept open; reconnect"),
+    _E.RESTORE_REFUSED: ErrorCodeInfo(
+        True, "a Restore was refused: the tenant holds records, another connection or"
+              " subscriber is on it, this connection published already, or the snapshot does"
+              " not fit the tenant's capacity (the message says which)",
+        "restore into an empty tenant no one else uses, on a new connection; the message"
+        " says how to start over"),
 }
 assert set(ERROR_CODE_INFO) == set(ErrorCode)
 

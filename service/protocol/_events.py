@@ -322,6 +322,26 @@ class Pong(Event):
     _UINTS = (("nonce", 64),)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Restore(Event):
+    """Client -> server, before any Publish: load a snapshot into this empty tenant.
+
+    The server recreates the tenant's empty ring so that its next sequence is
+    first_sequence and answers with a Welcome that says so; the client then
+    publishes the snapshot's record_count records (docs/PROTOCOL.md 4.13).
+    """
+
+    first_sequence: int
+    record_count: int
+    _UINTS = (("first_sequence", 64), ("record_count", 64))
+
+    def _validate(self) -> None:
+        if self.record_count > U64_MAX - self.first_sequence + 1:
+            raise _invalid(self, f"first_sequence {self.first_sequence} + record_count"
+                           f" {self.record_count} passes the u64 sequence space; the snapshot's"
+                           " header is wrong")
+
+
 class EventKind(enum.Enum):
     """The state table's name for an event (the row it falls under).
 
@@ -342,13 +362,14 @@ class EventKind(enum.Enum):
     ERROR_BATCH = "Error(batch)"
     PING = "Ping"
     PONG = "Pong"
+    RESTORE = "Restore"
 
 
 # The kind of every event class whose kind does not depend on its values.
 EVENT_CLASS_KINDS: dict[type[Event], EventKind] = {
     Hello: EventKind.HELLO, Welcome: EventKind.WELCOME, Publish: EventKind.PUBLISH,
     Ack: EventKind.ACK, Records: EventKind.RECORDS, Gap: EventKind.GAP, End: EventKind.END,
-    Ping: EventKind.PING, Pong: EventKind.PONG,
+    Ping: EventKind.PING, Pong: EventKind.PONG, Restore: EventKind.RESTORE,
 }
 # The four kinds left are Error's two and Subscribe's two (_frames.py asserts
 # that EVENT_CLASS_KINDS, Error and Subscribe are every event class it encodes).

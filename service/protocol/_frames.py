@@ -18,8 +18,8 @@ import struct
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.protocol._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ringtail.service.protocol._events import (EVENT_CLASS_KINDS, Ack, End, Error, Event, Gap,
-                                               Hello, Ping, Pong, Publish, Records, Subscribe,
-                                               Welcome)
+                                               Hello, Ping, Pong, Publish, Records, Restore,
+                                               Subscribe, Welcome)
 from ringtail.service.protocol._limits import (
     ERROR_MESSAGE_SIZE_BYTES_MAX, ERROR_SIZE_MIN, FRAME_HEADER_SIZE_BYTES, FRAME_SIZE_BYTES_MAX,
     HELLO_SIZE_MIN, NAME_SIZE_BYTES_MAX, PROTOCOL_VERSION, RECORDS_FLAG_SPARSE,
@@ -44,6 +44,7 @@ class FrameType(enum.IntEnum):
     ERROR = 9
     PING = 10
     PONG = 11
+    RESTORE = 12
 
 
 HEADER = struct.Struct("<IHH")  # frame_size, frame_type, flags
@@ -145,6 +146,8 @@ ENCODERS = {
     Error: _encode_error,
     Ping: lambda e: _HEADER_U64.pack(8, FrameType.PING, 0, e.nonce),
     Pong: lambda e: _HEADER_U64.pack(8, FrameType.PONG, 0, e.nonce),
+    Restore: lambda e: _HEADER_U64_U64.pack(16, FrameType.RESTORE, 0, e.first_sequence,
+                                           e.record_count),
 }
 
 assert set(ENCODERS) == set(EVENT_CLASS_KINDS) | {Error, Subscribe}, "an encoder for every event"
@@ -279,6 +282,8 @@ FRAME_SPECS: dict[int, FrameSpec] = {
                                ERROR_SIZE_MIN + ERROR_MESSAGE_SIZE_BYTES_MAX, _decode_error),
     FrameType.PING: FrameSpec("Ping", 0, 8, 8, lambda b, s, e, f: Ping(*_U64.unpack_from(b, s))),
     FrameType.PONG: FrameSpec("Pong", 0, 8, 8, lambda b, s, e, f: Pong(*_U64.unpack_from(b, s))),
+    FrameType.RESTORE: FrameSpec("Restore", 0, 16, 16, lambda b, s, e, f: Restore(
+        *_U64_U64.unpack_from(b, s))),
 }
 assert set(FRAME_SPECS) == set(FrameType)
 

@@ -45,6 +45,7 @@ class State(enum.Enum):
     FOLLOWING = "FOLLOWING"  # after Subscribe(follow=True); no End
     ENDED = "ENDED"
     CLOSING = "CLOSING"  # a fatal Error was sent or received
+    RESTORING = "RESTORING"  # after Restore; the server's Welcome ends it
 
 
 # --- The table ------------------------------------------------------------------
@@ -58,7 +59,11 @@ TRANSITIONS: dict[State, dict[tuple[Role, EventKind], State | None]] = {
     State.AWAIT_HELLO: {(_C, _K.HELLO): State.AWAIT_WELCOME, **_FATAL},
     State.AWAIT_WELCOME: {(_S, _K.WELCOME): State.READY, **_PINGS, **_FATAL},
     State.READY: {(_C, _K.PUBLISH): None, (_C, _K.SUBSCRIBE_ONCE): State.REPLAYING,
-                  (_C, _K.SUBSCRIBE_FOLLOW): State.FOLLOWING, **_ANSWERS, **_PINGS, **_FATAL},
+                  (_C, _K.SUBSCRIBE_FOLLOW): State.FOLLOWING, (_C, _K.RESTORE): State.RESTORING,
+                  **_ANSWERS, **_PINGS, **_FATAL},
+    # The server answers a Restore with a Welcome naming the recreated ring
+    # (docs/PROTOCOL.md 4.13), or refuses it with a fatal Error.
+    State.RESTORING: {(_S, _K.WELCOME): State.READY, **_ANSWERS, **_PINGS, **_FATAL},
     State.REPLAYING: {(_S, _K.RECORDS): None, (_S, _K.GAP): None, (_S, _K.END): State.ENDED,
                       **_ANSWERS, **_PINGS, **_FATAL},
     State.FOLLOWING: {(_S, _K.RECORDS): None, (_S, _K.GAP): None, **_ANSWERS, **_PINGS,
@@ -80,6 +85,7 @@ _FRAME_TYPES: dict[EventKind, FrameType] = {
     _K.SUBSCRIBE_FOLLOW: FrameType.SUBSCRIBE, _K.RECORDS: FrameType.RECORDS,
     _K.GAP: FrameType.GAP, _K.END: FrameType.END, _K.ERROR_FATAL: FrameType.ERROR,
     _K.ERROR_BATCH: FrameType.ERROR, _K.PING: FrameType.PING, _K.PONG: FrameType.PONG,
+    _K.RESTORE: FrameType.RESTORE,
 }
 assert set(_FRAME_TYPES) == set(EventKind)
 
@@ -102,6 +108,7 @@ _STATE_HINTS = {
     State.FOLLOWING: "a subscribed connection only pings; publish on another connection",
     State.ENDED: "the subscription ended; close and open another connection",
     State.CLOSING: "a fatal Error was exchanged; close the connection",
+    State.RESTORING: "wait for the Welcome that answers Restore before publishing",
 }
 assert set(_STATE_HINTS) == set(State)
 

@@ -22,7 +22,8 @@ from ringtail.service.protocol import (
     PUBLISH_RECORD_COUNT_MAX, RECEIVE_BUFFER_BYTES_MAX, RECORD_INDEX_NONE,
     RECORDS_FRAME_RECORD_COUNT_MAX, SERVER, U64_MAX, Ack, Connection,
     End, Error, ErrorCode, Event, FrameType, Gap, Hello, LocalProtocolError, Ping, Pong,
-    ProtocolError, Publish, Records, RemoteProtocolError, StartKind, State, Subscribe, Welcome,
+    ProtocolError, Publish, Records, RemoteProtocolError, Restore, StartKind, State, Subscribe,
+    Welcome,
     decode_frame, encode_event, encode_records_frame,
 )
 
@@ -51,6 +52,7 @@ VECTOR_EVENTS = {
     "error_fatal": Error(ErrorCode.HELLO_REQUIRED, "send Hello"),
     "ping": Ping(0x0123456789ABCDEF),
     "pong": Pong(0x0123456789ABCDEF),
+    "restore": Restore(1536, 964),
 }
 
 
@@ -126,9 +128,10 @@ def pair(state: State) -> tuple[Connection, Connection]:
         State.FOLLOWING: [HELLO, WELCOME, Subscribe(follow=True)],
         State.ENDED: [HELLO, WELCOME, Subscribe(), End(10)],
         State.CLOSING: [HELLO, WELCOME, Error(ErrorCode.SHUTTING_DOWN, "bye")],
+        State.RESTORING: [HELLO, WELCOME, Restore(1536, 964)],
     }[state]
     for event in script:
-        from_client = isinstance(event, (Hello, Subscribe))
+        from_client = isinstance(event, (Hello, Subscribe, Restore))
         exchange(client if from_client else server, server if from_client else client, event)
     assert client.state is server.state is state
     return client, server
@@ -189,10 +192,12 @@ def test_wire_numbers_never_change():
              " BAD_RECORD_SIZE BAD_RECORD_MAGIC WRONG_TENANT HELLO_REQUIRED UNEXPECTED_FRAME"
              " AUTH_FAILED FORBIDDEN QUOTA_EXCEEDED BATCH_TOO_LARGE UNKNOWN_TENANT STORAGE_FAILED"
              " SHUTTING_DOWN BAD_SUBSCRIBE HANDSHAKE_TIMEOUT TOO_MANY_CONNECTIONS"
-             " TOO_MANY_SUBSCRIBERS INTERNAL TENANT_UNAVAILABLE CONNECTION_LOST IDLE_TIMEOUT").split()
-    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 25)))
-    frame_types = "HELLO WELCOME PUBLISH ACK SUBSCRIBE RECORDS GAP END ERROR PING PONG".split()
-    assert [(t.name, int(t)) for t in FrameType] == list(zip(frame_types, range(1, 12)))
+             " TOO_MANY_SUBSCRIBERS INTERNAL TENANT_UNAVAILABLE CONNECTION_LOST IDLE_TIMEOUT"
+             " RESTORE_REFUSED").split()
+    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 26)))
+    frame_types = ("HELLO WELCOME PUBLISH ACK SUBSCRIBE RECORDS GAP END ERROR PING PONG"
+                   " RESTORE").split()
+    assert [(t.name, int(t)) for t in FrameType] == list(zip(frame_types, range(1, 13)))
     assert [int(kind) for kind in StartKind] == [0, 1, 2, 3]
     assert {c for c in ErrorCode if not c.fatal} == {
         ErrorCode.BAD_RECORD_SIZE, ErrorCode.BAD_RECORD_MAGIC, ErrorCode.WRONG_TENANT,
@@ -203,11 +208,13 @@ def test_public_surface_is_pinned():
     assert sorted(protocol.__all__) == sorted(
         name for name in vars(protocol) if not name.startswith("_") and name not in {
             "annotations", "dataclasses", "enum", "operator", "struct", "ClassVar"})
-    assert len(protocol.__all__) == 48  # RECEIVE_SIZE_BYTES joined: one read size for every side
+    assert len(protocol.__all__) == 49  # Restore joined (docs/PROTOCOL.md 4.13)
 
 
 BAD_EVENTS = [
     (lambda: Hello(-1), ErrorCode.MALFORMED_FRAME, r"tenant_id = -1 is not an integer in 0\.\."),
+    (lambda: Restore(U64_MAX, 2), ErrorCode.MALFORMED_FRAME,
+     r"first_sequence 18446744073709551615 \+ record_count 2 passes the u64 sequence space"),
     (lambda: Hello(7, b"t" * 257), ErrorCode.MALFORMED_FRAME,
      r"token of 257 bytes exceeds TOKEN_SIZE_BYTES_MAX \(256\)"),
     (lambda: Hello(7, client_name="é" * 33), ErrorCode.MALFORMED_FRAME,
@@ -368,7 +375,7 @@ def test_unknown_frame_type_is_fatal():
     _, server = pair(State.READY)
     server.receive_data(struct.pack("<IHH", 0, 99, 0))
     with pytest.raises(RemoteProtocolError, match=r"frame type 99 is unknown to protocol"
-                       r" version 1 \(known: 1\.\.11\)") as caught:
+                       r" version 1 \(known: 1\.\.12\)") as caught:
         server.next_event()
     assert caught.value.code is ErrorCode.UNKNOWN_FRAME_TYPE and caught.value.fatal
 
@@ -432,13 +439,15 @@ def test_partial_frame_waits_and_buffer_is_compacted_after_whole_frames():
 
 # --- The state table (docs/PROTOCOL.md section 5, written out again here) --------
 
-_LIVE = (State.AWAIT_WELCOME, State.READY, State.REPLAYING, State.FOLLOWING, State.ENDED)
+_LIVE = (State.AWAIT_WELCOME, State.READY, State.REPLAYING, State.FOLLOWING, State.ENDED,
+         State.RESTORING)
 LEGAL = {
     (State.AWAIT_HELLO, CLIENT, "Hello"), (State.AWAIT_WELCOME, SERVER, "Welcome"),
     (State.READY, CLIENT, "Publish"), (State.READY, CLIENT, "Subscribe(once)"),
     (State.READY, CLIENT, "Subscribe(follow)"), (State.REPLAYING, SERVER, "Records"),
     (State.REPLAYING, SERVER, "Gap"), (State.REPLAYING, SERVER, "End"),
     (State.FOLLOWING, SERVER, "Records"), (State.FOLLOWING, SERVER, "Gap"),
+    (State.READY, CLIENT, "Restore"), (State.RESTORING, SERVER, "Welcome"),
 } | {(state, SERVER, kind) for state in _LIVE[1:] for kind in ("Ack", "Error(batch)")} | {
     (state, role, kind) for state in _LIVE for role in (CLIENT, SERVER)
     for kind in ("Ping", "Pong")} | {
@@ -446,14 +455,14 @@ LEGAL = {
     for role in (CLIENT, SERVER)}
 NEXT_STATE = {"Hello": State.AWAIT_WELCOME, "Welcome": State.READY, "End": State.ENDED,
               "Subscribe(once)": State.REPLAYING, "Subscribe(follow)": State.FOLLOWING,
-              "Error(fatal)": State.CLOSING}
+              "Error(fatal)": State.CLOSING, "Restore": State.RESTORING}
 SAMPLES = {
     "Hello": HELLO, "Welcome": WELCOME, "Publish": Publish(1, RECORD_A), "Ack": Ack(1, 10, 10),
     "Subscribe(once)": Subscribe(), "Subscribe(follow)": Subscribe(follow=True),
     "Records": Records(10, RECORD_A), "Gap": Gap(1, 2), "End": End(10),
     "Error(fatal)": Error(ErrorCode.INTERNAL, "bug"),
     "Error(batch)": Error(ErrorCode.QUOTA_EXCEEDED, "slow down", 1), "Ping": Ping(1),
-    "Pong": Pong(1),
+    "Pong": Pong(1), "Restore": Restore(1536, 964),
 }
 
 
