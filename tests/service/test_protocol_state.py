@@ -13,8 +13,8 @@ import pytest
 from ringtail.ioring.record import SlotRecord
 from ringtail.service.protocol import (
     CLIENT, SERVER, Ack, Connection, End, Error, ErrorCode, Gap, Hello, LocalProtocolError, Ping,
-    Pong, ProtocolError, Publish, Records, RemoteProtocolError, State, Subscribe, Welcome,
-    encode_event,
+    Pong, ProtocolError, Publish, Records, RemoteProtocolError, Restore, State, Subscribe,
+    Welcome, encode_event,
 )
 from ringtail.service.protocol._events import EventKind, event_kind
 from ringtail.service.protocol._frames import FrameType
@@ -133,6 +133,7 @@ def connection_in(state: State) -> Connection:
         State.ENDED: [(client, HELLO), (server, WELCOME), (client, Subscribe()),
                       (server, End(0))],
         State.CLOSING: [(client, HELLO), (server, Error(ErrorCode.SHUTTING_DOWN, "bye"))],
+        State.RESTORING: [(client, HELLO), (server, WELCOME), (client, Restore(64, 2))],
     }[state]:
         receiver = server if sender is client else client
         receiver.receive_data(sender.send(event))
