@@ -38,6 +38,7 @@ def state_in(state: State) -> ConnectionState:
         State.ENDED: [(CLIENT, HELLO), (SERVER, WELCOME), (CLIENT, Subscribe()),
                       (SERVER, End(0))],
         State.CLOSING: [(CLIENT, HELLO), (SERVER, Error(ErrorCode.SHUTTING_DOWN, "bye"))],
+        State.RESTORING: [(CLIENT, HELLO), (SERVER, WELCOME), (CLIENT, Restore(64, 2))],
     }[state]
     cstate = ConnectionState()
     for sender, event in script:
@@ -202,7 +203,7 @@ SAMPLES = {
     EventKind.GAP: Gap(0, 1), EventKind.END: End(0),
     EventKind.ERROR_FATAL: Error(ErrorCode.INTERNAL, "bug"),
     EventKind.ERROR_BATCH: Error(ErrorCode.QUOTA_EXCEEDED, "slow", 1),
-    EventKind.PING: Ping(1), EventKind.PONG: Pong(1),
+    EventKind.PING: Ping(1), EventKind.PONG: Pong(1), EventKind.RESTORE: Restore(64, 2),
 }
 
 
