@@ -15,7 +15,7 @@ import os
 
 import numpy
 
-from ringtail.ioring.errors import RingCorruptError, RingRangeError
+from ringtail.ioring.errors import RingClosedError, RingCorruptError, RingRangeError
 from ringtail.ioring.format import (CHUNK_ENTRY_DTYPE, CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
                                     CHUNK_SIZE_BYTES, ENTRY_HEAD, ChunkEntry, Layout, chunk_checksum,
                                     chunk_digest, decode_entry)
@@ -137,20 +137,103 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
         else b"".join(pieces)
 
 
+def read_verified_into(fd: int, path: str, table: ChunkTable, file_id: int,
+                       first_sequence: int, count: int, oldest: int, next_sequence: int,
+                       buffer: memoryview, cached_only: bool = False) -> memoryview:
+    """`read_verified` into the caller's `buffer`: no allocation per read.
+
+    The whole chunks covering the range are read into the start of `buffer`
+    (preadv), verified there, and the asked-for records are returned as a
+    view of `buffer` (valid until the caller reads into it again). `buffer`
+    must hold the covering chunks (`read_buffer_size_bytes(count)` does). The replay path's read
+    (service/subscribers.py): a fresh 256 KiB buffer per read was an mmap, its
+    page faults and a munmap each time (service/limits.py fixes glibc's mmap
+    threshold at 128 KiB).
+
+    Raises: as `read_verified` (RingRangeError, RingCorruptError,
+    BlockingIOError for `cached_only`); ValueError if `buffer` is too small.
+    """
+    if count <= 0 or first_sequence < oldest or first_sequence + count > next_sequence:
+        raise RingRangeError(first_sequence, count, oldest, next_sequence)
+    layout = table.layout
+    end = first_sequence + count
+    chunk_first = first_sequence // CHUNK_RECORD_COUNT
+    chunk_last = (end - 1) // CHUNK_RECORD_COUNT
+    covering = (min((chunk_last + 1) * CHUNK_RECORD_COUNT, next_sequence)
+                - chunk_first * CHUNK_RECORD_COUNT) * RECORD_SIZE_BYTES
+    if covering > buffer.nbytes:
+        raise ValueError(f"read buffer of {buffer.nbytes} bytes is smaller than the "
+                         f"{covering} bytes of chunks holding records {first_sequence}.."
+                         f"{end - 1}; size it with read_buffer_size_bytes({count})")
+    at = 0  # where the next run lands in `buffer`: runs follow each other
+    chunk = chunk_first
+    while chunk <= chunk_last:
+        # One preadv per run of chunks that lie contiguously in the file (two
+        # at most: the ring wraps once).
+        position = chunk % layout.chunk_count
+        run = min(chunk_last - chunk + 1, layout.chunk_count - position)
+        run_start = chunk * CHUNK_RECORD_COUNT
+        run_end = min((chunk + run) * CHUNK_RECORD_COUNT, next_sequence)
+        offset = layout.record_offset(run_start)
+        size = (run_end - run_start) * RECORD_SIZE_BYTES
+        view = buffer[at:at + size]
+        got = _read_into_cached(fd, view, offset) if cached_only else os.preadv(fd, [view], offset)
+        if got != size:
+            raise RingCorruptError(path, offset + got,
+                                   f"file ends inside the data region (read {got} of {size} bytes)")
+        verify_run(path, table, file_id, chunk, run, view, offset)
+        at += size
+        chunk += run
+    # Only the first run can start before first_sequence and only the last
+    # can run past `end`: the records are one contiguous slice.
+    skip = (first_sequence - chunk_first * CHUNK_RECORD_COUNT) * RECORD_SIZE_BYTES
+    return buffer[skip:skip + count * RECORD_SIZE_BYTES]
+
+
+def read_buffer_size_bytes(record_count_max: int) -> int:
+    """The `read_verified_into` buffer for reads of up to `record_count_max`
+    records from any start: the whole chunks covering them, one more than
+    they fill for a start inside a chunk."""
+    return (-(-record_count_max // CHUNK_RECORD_COUNT) + 1) * CHUNK_SIZE_BYTES
+
+
+def _read_into_cached(fd: int, view: memoryview, offset: int) -> int:
+    """preadv RWF_NOWAIT into `view`: its size, or BlockingIOError (part of it
+    is not in the page cache, or the file system cannot tell)."""
+    try:
+        got = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            raise BlockingIOError(errno.EAGAIN, "not all in the page cache") from None
+        raise
+    if got != view.nbytes:
+        raise BlockingIOError(errno.EAGAIN, f"{got} of {view.nbytes} bytes in the page cache")
+    return got
+
+
 def _read_cached(fd: int, size: int, offset: int) -> bytearray:
     """`size` bytes at `offset` if the page cache holds them all, else
     BlockingIOError (RWF_NOWAIT: no disk wait; a short read means part of it
     is not cached)."""
     data = bytearray(size)
-    try:
-        got = os.preadv(fd, [data], offset, os.RWF_NOWAIT)
-    except OSError as error:
-        if error.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
-            raise BlockingIOError(errno.EAGAIN, "not all in the page cache") from None
-        raise
-    if got != size:
-        raise BlockingIOError(errno.EAGAIN, f"{got} of {size} bytes in the page cache")
+    _read_into_cached(fd, memoryview(data), offset)
     return data
+
+
+def read_ring_into(ring, first_sequence: int, count: int, buffer: memoryview,
+                   cached_only: bool = False) -> memoryview:
+    """`RingFile.read` into `buffer` (see `read_verified_into`): committed
+    records [first_sequence, first_sequence + count) of an open ring, verified,
+    as a view of `buffer`. A function here rather than a RingFile method
+    while ring.py is under other edits; it reads the same fields `read` does.
+
+    Raises: as RingFile.read, and ValueError for a `buffer` too small.
+    """
+    if ring._closed:
+        raise RingClosedError(f"{ring.path}: ring is closed")
+    return read_verified_into(ring._fd, ring.path, ring._table, ring._header.file_id,
+                              first_sequence, count, ring.oldest_sequence, ring.next_sequence,
+                              buffer, cached_only)
 
 
 def verify_run(path: str, table: ChunkTable, file_id: int, chunk: int, run: int,

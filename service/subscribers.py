@@ -27,9 +27,11 @@ subscriber (a web page's event stream) alike::
   streams until the end (no follow) or until cancelled; `send` gets Gap and
   End events, `send_records(first_sequence, records, sequences)` gets each
   read's records (64-byte rows; `sequences` is None when every sequence from
-  `first_sequence` on is present, else one per record). Its awaits are the
-  backpressure: a slow consumer only ever holds one read
-  (REPLAY_READ_RECORD_COUNT_MAX records), never a publisher.
+  `first_sequence` on is present, else one per record). `records` may be a
+  view of the subscription's read buffer, valid until that await returns
+  (the next read goes into the same buffer): a consumer that keeps records
+  copies them. Its awaits are the backpressure: a slow consumer only ever
+  holds one read (REPLAY_READ_RECORD_COUNT_MAX records), never a publisher.
 - `SubscriptionCounters` counts what subscriptions sent (records, bytes,
   gaps, per tenant); pass the daemon's (`Daemon.subscriptions`) to have
   them in its statistics and metrics. `statistics()` returns a frozen
@@ -67,6 +69,7 @@ import trio
 
 from ringtail.ioring import RingCorruptError, RingRangeError
 from ringtail.ioring.format import CHUNK_RECORD_COUNT
+from ringtail.ioring.reader import read_buffer_size_bytes, read_ring_into
 from ringtail.ioring.record import RECORD_DTYPE, RECORD_SIZE_BYTES
 from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
 from ringtail.service.tenants import Tenant
@@ -77,6 +80,15 @@ from ringtail.service.tenants import Tenant
 # and BLAKE3; a filter ~0.2 ms more): the most one step of a replay holds the
 # event loop. A read that would wait for the disk runs on a worker thread.
 REPLAY_READ_RECORD_COUNT_MAX = 4096
+# One read buffer per subscription, reused by every read of a replay (reads
+# into it with preadv; verified and sent from it): 260 KiB (the records of
+# one read and one chunk more for a start inside a chunk), held while the
+# subscription reads and let go when it waits for a commit, so an idle
+# follower holds none. A fresh buffer per read was an mmap, its page faults
+# and a munmap each time (glibc's mmap threshold, service/limits.py).
+REPLAY_READ_BUFFER_SIZE_BYTES = read_buffer_size_bytes(REPLAY_READ_RECORD_COUNT_MAX)
+assert REPLAY_READ_BUFFER_SIZE_BYTES == (REPLAY_READ_RECORD_COUNT_MAX
+                                         + CHUNK_RECORD_COUNT) * RECORD_SIZE_BYTES
 _TIMESTAMP_OFFSET = RECORD_DTYPE.fields["timestamp_ns"][1]
 
 
@@ -215,6 +227,7 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
     record_filter = RecordFilter.from_subscribe(subscribe)
     unfiltered = record_filter.passes_everything
     position = await find_start(tenant, subscribe)
+    buffer: memoryview | None = None  # REPLAY_READ_BUFFER_SIZE_BYTES, see there
     while True:
         oldest = ring.oldest_sequence
         if position < oldest:
@@ -227,10 +240,17 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
             if not subscribe.follow:
                 await send(End(position))
                 return
+            buffer = data = None  # an idle follower holds no read buffer
             await tenant.wait_beyond(position)
             continue
         count = min(next_sequence - position, REPLAY_READ_RECORD_COUNT_MAX)
-        data, damage = await read_until_damage(ring, position, count)
+        if buffer is None or buffer.nbytes < read_buffer_size_bytes(count):
+            # A live step of a few records takes a small (heap) buffer; the
+            # first whole step of a replay the one it reuses to the end.
+            buffer = memoryview(bytearray(
+                REPLAY_READ_BUFFER_SIZE_BYTES if count == REPLAY_READ_RECORD_COUNT_MAX
+                else read_buffer_size_bytes(count)))
+        data, damage = await read_until_damage(ring, position, count, buffer)
         count = len(data) // RECORD_SIZE_BYTES
         if count and unfiltered:
             counters._sent(tenant_id, data)
@@ -249,22 +269,22 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
         await trio.lowlevel.checkpoint()
 
 
-def _read_prefix(ring, first: int, count: int, cached_only: bool = False
-                 ) -> tuple[bytes, int]:
-    """Verified records from `first`: all `count`, or those before the first
-    chunk that failed, and how many records that chunk asked for (0: none
-    failed). Evicted meanwhile: what was read before.
+def _read_prefix(ring, first: int, count: int, buffer: memoryview, cached_only: bool = False
+                 ) -> tuple[bytes | memoryview, int]:
+    """Verified records from `first`: all `count` (a view of `buffer`), or
+    those before the first chunk that failed, and how many records that
+    chunk asked for (0: none failed). Evicted meanwhile: what was read before.
 
     Raises:
         BlockingIOError: `cached_only` and not all of it is in the page cache.
     """
     try:
-        return ring.read(first, count, cached_only), 0
+        return read_ring_into(ring, first, count, buffer, cached_only), 0
     except RingRangeError:
         return b"", 0
     except RingCorruptError:
         pass
-    pieces = []
+    pieces = []  # the rare path (damage, or a race on a thread): fresh buffers
     position, end = first, first + count
     while position < end:  # chunk by chunk: find the first that fails
         step = min(end, (position // CHUNK_RECORD_COUNT + 1) * CHUNK_RECORD_COUNT) - position
@@ -278,9 +298,11 @@ def _read_prefix(ring, first: int, count: int, cached_only: bool = False
     return b"".join(pieces), 0  # whole this time: the writer had moved
 
 
-async def read_until_damage(ring, first: int, count: int
-                            ) -> tuple[bytes, RingCorruptError | None]:
-    """Verified records [first, first + count), read here when the page cache
+async def read_until_damage(ring, first: int, count: int, buffer: memoryview
+                            ) -> tuple[bytes | memoryview, RingCorruptError | None]:
+    """Verified records [first, first + count), read into `buffer` (sized by
+    `read_buffer_size_bytes(count)`; the records come as a view of it unless
+    a chunk failed on the first try), read here when the page cache
     holds them all (no disk wait), else on a worker thread, as far as they go:
     all of them, fewer (evicted meanwhile: the caller's next turn sends a
     Gap), or those before a damaged chunk and its RingCorruptError (file and
@@ -291,14 +313,16 @@ async def read_until_damage(ring, first: int, count: int
     most): only a failure here is damage.
     """
     try:
-        data, failed_count = _read_prefix(ring, first, count, cached_only=True)
+        data, failed_count = _read_prefix(ring, first, count, buffer, cached_only=True)
     except BlockingIOError:  # it would wait for the disk
-        data, failed_count = await trio.to_thread.run_sync(_read_prefix, ring, first, count)
+        # Not abandoned on cancel: the thread is done with `buffer` when this returns.
+        data, failed_count = await trio.to_thread.run_sync(_read_prefix, ring, first, count,
+                                                           buffer)
     if not failed_count:
         return data, None
     at = first + len(data) // RECORD_SIZE_BYTES
     try:
-        return data + ring.read(at, failed_count), None  # a race with the writer
+        return bytes(data) + ring.read(at, failed_count), None  # a race with the writer
     except RingRangeError:
         return data, None
     except RingCorruptError as error:

@@ -18,7 +18,8 @@ from trio.testing import wait_all_tasks_blocked
 from ringtail.ioring import open_ring
 from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
-from ringtail.service.subscribers import (REPLAY_READ_RECORD_COUNT_MAX, RecordFilter,
+from ringtail.service.subscribers import (REPLAY_READ_BUFFER_SIZE_BYTES,
+                                          REPLAY_READ_RECORD_COUNT_MAX, RecordFilter,
                                           SubscriptionCounters, run_subscription, start_position)
 from ringtail.service.tenants import Tenant
 from tests.service.conftest import RecordFactory, split_records
@@ -35,12 +36,16 @@ class Sent:
         default_factory=list)
     events: list[object] = dataclasses.field(default_factory=list)  # Gap/End, and "records"
     gate: trio.Event | None = None  # while not set, send_records blocks (a stalled socket)
+    # What each send_records call was handed: a view of the subscription's
+    # read buffer, valid until the call returns (frames keep copies).
+    handed: list[object] = dataclasses.field(default_factory=list)
 
     async def send(self, event) -> None:
         self.events.append(event)
 
     async def send_records(self, first_sequence: int, records: bytes, sequences) -> None:
-        self.frames.append((first_sequence, sequences, records))
+        self.frames.append((first_sequence, sequences, bytes(records)))
+        self.handed.append(records)
         self.events.append("records")
         if self.gate is not None:
             await self.gate.wait()
@@ -119,6 +124,20 @@ async def test_replay_is_read_in_steps_of_the_read_maximum(tenant):
         (0, REPLAY_READ_RECORD_COUNT_MAX), (REPLAY_READ_RECORD_COUNT_MAX, 100)]
     assert b"".join(records for _, _, records in sent.frames) == data
     assert sent.events == ["records", "records", End(REPLAY_READ_RECORD_COUNT_MAX + 100)]
+
+
+async def test_a_replay_reads_every_step_into_one_buffer_and_sends_from_it(tenant):
+    # Unaligned start (inside a chunk), a whole step, a short last one.
+    total = 2 * REPLAY_READ_RECORD_COUNT_MAX - 100  # within the fixture's ring (8,192)
+    data = RecordFactory(TENANT, seed=6).records(total)
+    append(tenant, data)
+    sent = await replay(tenant, Subscribe(StartKind.SEQUENCE, 37))
+    assert sent.records == list(zip(range(37, total), split_records(data)[37:]))
+    assert len(sent.handed) == 2
+    buffers = {id(view.obj) for view in sent.handed}
+    assert all(isinstance(view, memoryview) for view in sent.handed)
+    assert len(buffers) == 1, "one read buffer for the whole replay, not one per read"
+    assert len(sent.handed[0].obj) == REPLAY_READ_BUFFER_SIZE_BYTES
 
 
 # -- filters ----------------------------------------------------------------------------
