@@ -246,6 +246,106 @@ def tail_subscribe(socket_path: str, tenant_id: int, start_ns: int, end_ns: int)
     return {"count": state["count"], "latencies_ns": joined.tolist()[:400_000]}
 
 
+def tail_fanout(socket_path: str, tenant_id: int, subscribers: int, start_ns: int,
+                end_ns: int) -> dict:
+    """`subscribers` followers of one tenant from latest, on one selector:
+    latency = arrival - the record's timestamp_ns (perf_counter), per record."""
+    import selectors
+    clients = [RawClient(socket_path, tenant_id) for _ in range(subscribers)]
+    for client in clients:
+        client.sock.sendall(client.connection.send(Subscribe(
+            StartKind.LATEST, 0, True, False, 0, 0xFFFF_FFFF, frozenset())))
+        client.sock.setblocking(False)
+    selector = selectors.DefaultSelector()
+    for client in clients:
+        selector.register(client.sock, selectors.EVENT_READ, client)
+    latencies = []
+    records_type = int(FrameType.RECORDS)
+    state = {"count": 0, "frames": 0}
+
+    def on_frame(frame_type, buffer, start, end):
+        if frame_type != records_type:
+            return
+        now = time.perf_counter_ns()
+        state["frames"] += 1
+        stamps = numpy.frombuffer(buffer, dtype=RECORD_DTYPE, offset=start + 16,
+                                  count=(end - start - 16) // RECORD_SIZE_BYTES)["timestamp_ns"]
+        stamps = stamps.astype(numpy.int64)  # a copy: the buffer is trimmed after this frame
+        keep = stamps[(stamps >= start_ns) & (stamps < end_ns)]
+        state["count"] += len(keep)
+        if len(keep):
+            latencies.append(now - keep)
+
+    while time.perf_counter_ns() < end_ns + 200_000_000:
+        for key, _ in selector.select(0.05):
+            try:
+                key.data.read_frames(on_frame)
+            except BlockingIOError:
+                pass
+    selector.close()
+    for client in clients:
+        client.close()
+    joined = numpy.concatenate(latencies) if latencies else numpy.empty(0, numpy.int64)
+    if len(joined) > 400_000:
+        joined = numpy.random.default_rng(1).choice(joined, 400_000, replace=False)
+    return {"count": state["count"], "frames": state["frames"], "latencies_ns": joined.tolist()}
+
+
+def copy_sink(socket_path: str) -> dict:
+    """The pipe ceiling's reader: accept one Unix-socket connection, recv_into
+    one buffer until EOF; bytes and seconds from accept to EOF."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen(1)
+    connection, _ = listener.accept()
+    started = time.perf_counter_ns()
+    buffer = bytearray(RECEIVE_SIZE_BYTES)
+    total = 0
+    while True:
+        got = connection.recv_into(buffer)
+        if not got:
+            break
+        total += got
+    seconds = (time.perf_counter_ns() - started) / 1e9
+    connection.close()
+    listener.close()
+    os.unlink(socket_path)
+    return {"bytes": total, "seconds": seconds}
+
+
+def copy_source(socket_path: str, file_path: str, offset: int, size: int,
+                step: int = 256 << 10) -> dict:
+    """The pipe ceiling's writer: the same bytes from the file (preadv into one
+    buffer, the replay's read size) to the sink's socket, `sendall` each."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(socket_path)
+            break
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    fd = os.open(file_path, os.O_RDONLY)
+    buffer = bytearray(step)
+    view = memoryview(buffer)
+    sent = 0
+    started = time.perf_counter_ns()
+    try:
+        while sent < size:
+            got = os.preadv(fd, [view[:min(step, size - sent)]], offset + sent)
+            if not got:
+                raise RuntimeError(f"{file_path} ends at {offset + sent}")
+            sock.sendall(view[:got])
+            sent += got
+    finally:
+        os.close(fd)
+        sock.close()
+    return {"bytes": sent, "seconds": (time.perf_counter_ns() - started) / 1e9}
+
+
 def tail_publish(socket_path: str, tenant_id: int, rate: float, warm_ns: int, end_ns: int,
                  tick_ns: int = 1_000_000) -> dict:
     """Offer `rate` records/s: every tick a batch stamped with perf_counter_ns."""
@@ -382,8 +482,9 @@ def redis_tail(port: int, rate: float, warm_ns: int, start_ns: int, end_ns: int)
 
 
 COMMANDS = {"ingest": ingest, "fill": fill, "replay": replay, "tail_subscribe": tail_subscribe,
-            "tail_publish": tail_publish, "sync_publisher": sync_publisher,
-            "redis_tail": redis_tail}
+            "tail_fanout": tail_fanout, "tail_publish": tail_publish,
+            "sync_publisher": sync_publisher, "redis_tail": redis_tail,
+            "copy_sink": copy_sink, "copy_source": copy_source}
 
 
 def main() -> None:

@@ -15,5 +15,14 @@ def test_micro_profile_runs_and_renders(tmp_path):
     assert results["ingest"] and all(cell["records_per_s"] > 0 for cell in results["ingest"])
     assert results["replay"]["unfiltered"]["delivered"] == results["replay"]["records"]
     assert results["publisher"]["dropped_full"] == 0
+    assert results["replay"]["pipe"]["bytes"] == results["replay"]["records"] * e2e.RECORD_SIZE
+    assert [cell["subscribers"] for cell in results["fanout"]] == [1, 2]
+    assert all(cell["delivered"] > 0 for cell in results["fanout"])
+    assert results["memory"]["start_after_kill_s"] > 0
+    # Every target the micro profile can measure has a verdict under a stable key.
+    assert {"ack_p50_of_plain", "tail_p99_margin_us_10k", "replay_of_pipe",
+            "replay_filtered_of_pipe", "publish_ns", "scale_rss_mb"} <= set(results["targets"])
+    assert all(results["targets"][key]["met"] is not None for key in
+               ("ack_p50_of_plain", "replay_of_pipe", "publish_ns", "scale_rss_mb"))
     section = e2e.render_section(results, ["ringtail", "bench"])
     assert section.startswith(e2e.DOC_SECTION_TITLE) and "| target |" in section
