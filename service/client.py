@@ -23,7 +23,8 @@ import trio
 from ringtail.service import protocol
 from ringtail.service.errors import RingtailError, connection_lost_error
 from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, ErrorCode, Gap, Hello,
-                                       Publish, Records, RemoteProtocolError, StartKind, Subscribe,
+                                       Publish, Records, RemoteProtocolError, Restore, StartKind,
+                                       Subscribe,
                                        Welcome)
 
 RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
@@ -241,6 +242,27 @@ class Client:
                 return event
             if isinstance(event, Error):
                 raise RingtailError.from_event(event)
+
+    async def restore(self, first_sequence: int, record_count: int) -> Welcome:
+        """Send Restore (docs/PROTOCOL.md 4.13) and return the daemon's Welcome for
+        the recreated ring; then publish the snapshot's records in order.
+
+        Raises:
+            RingtailError: the daemon refused it (FORBIDDEN, RESTORE_REFUSED,
+                TENANT_UNAVAILABLE), or its Welcome does not start at
+                `first_sequence` (INTERNAL).
+        """
+        await self._send(Restore(first_sequence, record_count))
+        event = await self.next_event()
+        if isinstance(event, Error):
+            raise RingtailError.from_event(event)
+        if not (isinstance(event, Welcome) and
+                event.oldest_sequence == event.next_sequence == first_sequence):
+            raise RingtailError(ErrorCode.INTERNAL, f"the daemon answered Restore at sequence "
+                                f"{first_sequence} with {event!r}; expected a Welcome whose "
+                                "oldest and next sequence are that sequence")
+        self.welcome = event
+        return event
 
     async def subscribe(self, start: StartKind | str = StartKind.OLDEST, start_value: int = 0,
                         *, follow: bool = False, opcodes: Iterable[int] = (),

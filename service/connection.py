@@ -54,7 +54,8 @@ from ringtail.service import protocol
 from ringtail.service.auth import Peer
 from ringtail.service.gate import Admission, ConnectionSlot, Gate, Refused
 from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
-                                       ProtocolError, Publish, RemoteProtocolError, Subscribe,
+                                       ProtocolError, Publish, RemoteProtocolError, Restore,
+                                       Subscribe,
                                        Welcome)
 from ringtail.service.subscribers import SubscriptionCounters, run_subscription
 
@@ -209,6 +210,7 @@ class ConnectionHandler:
         self.unanswered_count = 0
         self.unanswered_size_bytes = 0
         self.reply_room = trio.Event()
+        self.published = False  # a Publish was read (a Restore must come before any)
 
     @property
     def tenant(self):
@@ -438,6 +440,7 @@ class ConnectionHandler:
                 return
             try:
                 if isinstance(event, Publish):
+                    self.published = True
                     # Unshielded: shutdown may cut a wait for the quota.
                     refusal = await self.gate.admit_publish(self.admission, event)
                     # Backpressure: read nothing more until this batch's answer
@@ -460,11 +463,24 @@ class ConnectionHandler:
                     self.subscription_follow = event.follow
                     self.subscription_done = trio.Event()
                     nursery.start_soon(self.subscribe, event)
+                elif isinstance(event, Restore):
+                    await self.restore(event)
                 elif isinstance(event, Ping):
                     await self.send(Pong(event.nonce))
             except Refused as refusal:  # FORBIDDEN: the credentials lack the role
                 self.fail_after_replies(refusal.code, refusal.message)
                 return
+
+    async def restore(self, event: Restore) -> None:
+        """A Restore (docs/PROTOCOL.md 4.13): the gate checks it and recreates the
+        tenant's empty ring at the snapshot's first sequence; the Welcome that
+        answers it names the new ring. Raises Refused (the caller ends the
+        connection with it)."""
+        await self.gate.restore(self.admission, event, self.published)
+        ring = self.tenant.ring
+        await self.send(dataclasses.replace(
+            self.connection.welcome, oldest_sequence=ring.oldest_sequence,
+            next_sequence=ring.next_sequence, capacity=ring.capacity))
 
     async def refuse(self, refusal: Refused, deadline: float) -> None:
         """Answer a connection the gate refused with its Error, by `deadline`

@@ -23,7 +23,11 @@ connection's life where the handler (service/connection.py) asks:
    (ioring.record.check_records, shared with the Publisher's pre-check);
 4. a Subscribe: `admit_subscribe(admission)` checks the role, and
    `subscriber_slot(tenant_id)` holds one of the tenant's subscriber slots
-   while the subscription runs (usable by an in-process subscriber too).
+   while the subscription runs (usable by an in-process subscriber too);
+5. a Restore: `restore(admission, restore, published)` checks the admin role
+   and that the tenant is empty and the connection's alone, swaps its empty
+   ring for one that starts at the snapshot's first sequence, and keeps the
+   tenant the connection's alone until it ends (docs/PROTOCOL.md 4.13).
 
 Slots are context managers: a slot taken is given back on every way out.
 A refusal that ends the connection raises `Refused` (code and message for
@@ -53,9 +57,10 @@ import trio
 
 from ringtail.ioring import RingError
 from ringtail.ioring.record import RECORD_FAULT_MAGIC, RECORD_MAGIC, RECORD_SIZE_BYTES, check_records
+from ringtail.ioring.restore import restore_request_problem
 from ringtail.service.auth import (AUTH_FAILURE_COUNT_MAX, AUTH_FAILURE_WINDOW_S, Access, AccessPolicy,
                                    AuthError, AuthFailureLimiter, ForbiddenError, Peer, Role)
-from ringtail.service.protocol import ErrorCode, Hello, ProtocolError, Publish
+from ringtail.service.protocol import ErrorCode, Hello, ProtocolError, Publish, Restore
 from ringtail.service.quotas import TENANT_SUBSCRIBER_COUNT_MAX, Clock, QuotaSettings, TokenBucket
 from ringtail.service.tenants import (TENANT_COUNT_MAX, Tenant, TenantLimitError, TenantRegistry,
                                       UnknownTenantError)
@@ -254,6 +259,7 @@ class _TenantState:
         self.by_listener = dict.fromkeys(TRANSPORTS, 0)  # the same connections by transport
         self.subscribers = 0
         self.records_delayed = 0
+        self.restoring = False  # a connection restores into it (Gate.restore)
 
     def _bucket(self, settings: QuotaSettings) -> TokenBucket | None:
         if not settings.records_per_second:
@@ -284,6 +290,7 @@ class Admission:
         # Set when a re-check replaces `access` (a reload): `watch_expiry` then
         # waits for the new credentials' expiry.
         self.access_changed = trio.Event()
+        self.restoring = False  # it sent a Restore that was admitted: the tenant is its own
 
 
 class Gate:
@@ -395,6 +402,7 @@ class Gate:
         access = self._authenticate(peer, hello)
         tenant = self._open_tenant(peer, hello.tenant_id)
         state = self._tenant_state(hello.tenant_id)
+        _refuse_while_restoring(state, hello.tenant_id)
         transport = peer.transport
         share = self.limits().listener_max(transport) // TENANT_LISTENER_SHARE_DIVISOR
         if state.connections >= state.settings.connections_max:
@@ -419,6 +427,8 @@ class Gate:
             state.connections -= 1
             state.by_listener[transport] -= 1
             self._admitted.discard(admission)
+            if admission.restoring:
+                state.restoring = False
 
     def _authenticate(self, peer: Peer, hello: Hello) -> Access:
         key, now = peer.limiter_key, self._clock.now()
@@ -590,6 +600,7 @@ class Gate:
             Refused: TOO_MANY_SUBSCRIBERS.
         """
         state = self._tenant_state(tenant_id)
+        _refuse_while_restoring(state, tenant_id)
         limit = min(SUBSCRIBER_COUNT_MAX, state.settings.subscribers_max)
         if state.subscribers >= limit:
             raise Refused(ErrorCode.TOO_MANY_SUBSCRIBERS,
@@ -600,6 +611,59 @@ class Gate:
             yield
         finally:
             state.subscribers -= 1
+
+    # -- a Restore ---------------------------------------------------------------------
+
+    async def restore(self, admission: Admission, restore: Restore, published: bool) -> None:
+        """A Restore (docs/PROTOCOL.md 4.13): the checks, then the tenant's empty
+        ring replaced by one whose next sequence is `restore.first_sequence`.
+        From the checks on, until the connection ends, the tenant is this
+        connection's alone: other Hellos and subscribers are refused.
+
+        `published`: the connection sent a Publish before (refused).
+
+        Raises:
+            Refused: FORBIDDEN (no admin role); RESTORE_REFUSED, the message
+                names the check that failed and what to do; TENANT_UNAVAILABLE,
+                the new ring could not be written or opened.
+        """
+        self._require(admission, Role.ADMIN)
+        tenant = admission.tenant
+        tenant_id, ring = tenant.tenant_id, tenant.ring
+        state = self._tenants[tenant_id]
+        queued = tenant.writer.statistics().pending_records
+        if published:
+            problem = ("this connection sent a Publish before it; send Restore first, on a new "
+                       "connection")
+        elif admission.restoring:
+            problem = "this connection restored already; one Restore per connection"
+        elif state.connections > 1 or state.subscribers:
+            problem = (f"tenant {tenant_id} has {state.connections - 1} other connections and "
+                       f"{state.subscribers} subscribers; a restore needs the tenant to itself: "
+                       "close them and restore again, or restore into another tenant")
+        elif ring.next_sequence > ring.oldest_sequence:
+            problem = (f"tenant {tenant_id} holds records {ring.oldest_sequence}.."
+                       f"{ring.next_sequence - 1}; a restore goes into an empty tenant only. "
+                       f"To start over (a restore cut short leaves a prefix): stop the daemon, "
+                       f"delete {ring.path}, start it and restore again; or restore into "
+                       "another tenant")
+        elif queued or ring.in_flight:
+            problem = (f"tenant {tenant_id} has {queued} records still being written (a "
+                       "connection that just closed); restore again once they are, into "
+                       "another tenant if they land")
+        else:
+            problem = restore_request_problem(restore.first_sequence, restore.record_count,
+                                              ring.capacity)
+        if problem:
+            raise Refused(ErrorCode.RESTORE_REFUSED,
+                          f"restore into tenant {tenant_id} refused: {problem}")
+        state.restoring = admission.restoring = True
+        try:
+            await self._registry.replace_empty_ring(tenant, restore.first_sequence)
+        except (RingError, OSError) as error:
+            raise Refused(ErrorCode.TENANT_UNAVAILABLE,
+                          f"tenant {tenant_id}'s ring could not be recreated for the restore "
+                          f"(nothing was restored): {error}") from None
 
     # -- reload ------------------------------------------------------------------------
 
@@ -668,6 +732,13 @@ class Gate:
             MappingProxyType(dict(self._auth_failure_reasons)), self._role_refusals,
             MappingProxyType({tenant_id: state.statistics()
                               for tenant_id, state in self._tenants.items()}))
+
+
+def _refuse_while_restoring(state: _TenantState, tenant_id: int) -> None:
+    if state.restoring:
+        raise Refused(ErrorCode.TENANT_UNAVAILABLE,
+                      f"tenant {tenant_id} is being restored (`ringtail restore`) by another "
+                      "connection, which has it to itself until it ends; reconnect with backoff")
 
 
 def _utc_now() -> datetime.datetime:

@@ -10,10 +10,18 @@ records, read through a normal replay subscription while publishing goes on
 records the snapshot has not read yet, the daemon says so with a Gap and the
 snapshot fails (no file is left): a cut that lost records is never written.
 
-Restore writes the ring file itself (ioring/restore.py), with the daemon
-stopped or before it has opened that tenant: the records keep their
-sequences, which the publish protocol cannot do (the daemon assigns
-sequences), and nothing is written until the whole snapshot has verified.
+Restore keeps the records' sequences and writes nothing until the whole
+snapshot has verified. Two paths (docs/REPLAY.md):
+
+- through the running daemon (`restore_through_daemon`): a Restore frame
+  (docs/PROTOCOL.md 4.13) has the daemon swap the tenant's empty ring for one
+  whose next sequence is the snapshot's first; the records then go as
+  ordinary publishes, each Ack checked to land at exactly the snapshot's
+  sequences. Each record's tenant_id becomes the target tenant's (the daemon
+  refuses records of another tenant); `ringtail diff` ignores it unless asked.
+- offline (`--offline`, or no daemon at the socket): the ring file is written
+  directly (ioring/restore.py), with the daemon stopped or before it has
+  opened that tenant; the records' bytes are kept as they are.
 """
 
 from __future__ import annotations
@@ -22,12 +30,17 @@ import contextlib
 import os
 import sys
 
+import numpy
 import trio
 from ringtail.ioring.files import fsync_directory
-from ringtail.ioring.record import RECORD_SIZE_BYTES
+from ringtail.ioring.record import RECORD_DTYPE, RECORD_SIZE_BYTES
 from ringtail.ioring.snapshot import SnapshotWriter, new_header
 
 SNAPSHOT_TEMPORARY_SUFFIX = ".partial"
+# Publish batches a restore sends before it waits for their Acks (and checks
+# their sequences): the Client's pipeline window. Memory: 16 x 256 KiB = 4 MiB
+# of records held at once, plus one snapshot chunk (1 MiB) being cut up.
+RESTORE_PIPELINE_BATCH_COUNT = 16
 
 
 async def take_snapshot(client, out_path: str, progress=None) -> tuple[int, int, int]:
@@ -106,16 +119,82 @@ def command_snapshot(args) -> int:
     return EXIT_OK
 
 
+def _start_over(tenant_id: int, acknowledged: int, first: int) -> str:
+    """What a restore cut short left, and how to start over."""
+    held = (f"tenant {tenant_id} holds the snapshot's sequences {first}..{acknowledged - 1} "
+            "(acknowledged; batches sent after them may be stored too)"
+            if acknowledged > first else
+            f"tenant {tenant_id} holds none of the snapshot's records acknowledged")
+    return (f"{held}; to start over, stop the daemon, delete tenant {tenant_id}'s ring file "
+            f"(tenant-{tenant_id}.ring in its data directory), start it and restore again, or "
+            "restore into another tenant")
+
+
+async def restore_through_daemon(client, snapshot_path: str, info, progress=None) -> int:
+    """Load a verified snapshot into the client's tenant through the daemon
+    (docs/PROTOCOL.md 4.13); returns the records sent. The tenant must hold no
+    records (the daemon refuses any other with RESTORE_REFUSED).
+
+    Raises:
+        CommandError: an Ack named other sequences than the snapshot's, or the
+            snapshot changed after it was verified; the message says what the
+            tenant holds and how to start over.
+        RingtailError: the daemon refused the Restore or a batch, or went away.
+    """
+    from ringtail.ioring.snapshot import SnapshotCorruptError, iter_snapshot_chunks
+    from ringtail.service.commandline import CommandError
+    from ringtail.service.errors import RingtailError
+    header = info.header
+    tenant_id, first = client.tenant_id, header.first_sequence
+    welcome = await client.restore(first, header.record_count)
+    step = welcome.publish_record_count_max * RECORD_SIZE_BYTES
+    expected = first
+    batches: list[bytes] = []
+
+    async def send() -> None:
+        nonlocal expected
+        acks = await client.publish_many(batches, RESTORE_PIPELINE_BATCH_COUNT)
+        for ack, batch in zip(acks, batches):
+            count = len(batch) // RECORD_SIZE_BYTES
+            if (ack.first_sequence, ack.last_sequence) != (expected, expected + count - 1):
+                raise CommandError(
+                    f"the daemon stored {count} records at sequences {ack.first_sequence}.."
+                    f"{ack.last_sequence}, expected {expected}..{expected + count - 1}: "
+                    f"another publisher reached tenant {tenant_id}; "
+                    + _start_over(tenant_id, ack.first_sequence, first))
+            expected += count
+        batches.clear()
+        if progress is not None:
+            progress(expected - first, header.record_count)
+
+    try:
+        for _, records in iter_snapshot_chunks(snapshot_path):
+            array = numpy.frombuffer(records, RECORD_DTYPE).copy()
+            array["tenant_id"] = tenant_id  # the daemon takes records of its tenant only
+            data = array.tobytes()
+            for offset in range(0, len(data), step):
+                batches.append(data[offset:offset + step])
+                if len(batches) == RESTORE_PIPELINE_BATCH_COUNT:
+                    await send()
+        if batches:
+            await send()
+    except SnapshotCorruptError as error:
+        raise CommandError(f"{error} (the snapshot changed after it was verified); "
+                           + _start_over(tenant_id, expected, first)) from error
+    except RingtailError as error:
+        raise CommandError(f"the restore stopped: {error}; "
+                           + _start_over(tenant_id, expected, first)) from error
+    return expected - first
+
+
 def command_restore(args) -> int:
-    from ringtail.ioring.restore import restore_snapshot
+    from ringtail.ioring.restore import restore_snapshot, verify_for_restore
     from ringtail.service.commandline import EXIT_OK, EXIT_USAGE, progress_bar
     from ringtail.service.tenants import ring_file_name
     if args.tenant < 0 or args.tenant > 0xFFFF_FFFF or args.capacity < 1:
         print("ringtail restore: --tenant must be a u32 and --capacity positive",
               file=sys.stderr)
         return EXIT_USAGE
-    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
-    ring_path = os.path.join(args.data_dir, ring_file_name(args.tenant))
     bars = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -124,14 +203,50 @@ def command_restore(args) -> int:
         if bars[stage] is not None:
             bars[stage](done, total)
 
+    # Everything is verified before anything is sent or written, on either path.
+    info = verify_for_restore(args.file, lambda done, total: progress("verify", done, total))
+    if not args.offline:
+        sent = trio.run(_restore_online, args, info,
+                        lambda done, total: progress("restore", done, total))
+        if sent is not None:
+            header = info.header
+            span = (f"sequences {header.first_sequence}..{header.next_sequence - 1}"
+                    if sent else "no records")
+            print(f"restored {sent} records ({span}) into tenant {args.tenant} through the "
+                  f"daemon at {args.socket}; its next sequence is {header.next_sequence}")
+            return EXIT_OK
+        print(f"ringtail restore: no daemon at {args.socket}; restoring offline into "
+              f"{args.data_dir}", file=sys.stderr)
+    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+    ring_path = os.path.join(args.data_dir, ring_file_name(args.tenant))
     report = restore_snapshot(args.file, ring_path, args.tenant, args.capacity,
-                              io="threads", progress=progress)
+                              io="threads", progress=progress, info=info)
     span = (f"sequences {report.first_sequence}..{report.next_sequence - 1}"
             if report.record_count else "no records")
     print(f"restored {report.record_count} records ({span}) into tenant {args.tenant}: "
           f"{ring_path} (capacity {report.capacity}); its next sequence is "
           f"{report.next_sequence}")
     return EXIT_OK
+
+
+async def _restore_online(args, info, progress) -> int | None:
+    """Restore through the daemon at args.socket: the records sent, or None if
+    no daemon answers there (the caller restores offline)."""
+    from ringtail.service.client import Client
+    from ringtail.service.commandline import CommandError
+    from ringtail.service.errors import RingtailError
+    try:
+        client = await Client.connect(args.socket, args.tenant, token=args.token.encode(),
+                                      client_name="ringtail-restore")
+    except OSError:  # no socket file, connection refused: no daemon there
+        return None
+    except RingtailError as error:
+        raise CommandError(str(error)) from error
+    async with client:
+        try:
+            return await restore_through_daemon(client, args.file, info, progress)
+        except RingtailError as error:
+            raise CommandError(str(error)) from error
 
 
 def command_inspect_snapshot(args) -> int:

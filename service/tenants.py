@@ -263,6 +263,50 @@ class TenantRegistry:
         self.unavailable.pop(tenant_id, None)
         return True
 
+    async def replace_empty_ring(self, tenant: Tenant, first_sequence: int) -> None:
+        """Give an empty tenant a new empty ring whose next sequence is
+        `first_sequence` (a restore through the daemon, docs/PROTOCOL.md 4.13).
+
+        The caller (Gate.restore) has checked that the tenant holds no records,
+        has nothing queued and no one else uses it. The file work runs on
+        worker threads, shielded (a ring swapped halfway would leak): the new
+        ring is written and fsynced beside the old one, then the old one is
+        closed and the new one renamed over it (ioring/restore.py), so the
+        tenant always has a complete ring file, both empty. The same Tenant
+        object gets the new ring and a new writer.
+
+        Raises:
+            RingError, OSError: the new ring cannot be written or opened; if the
+                old one was closed already, the tenant is unavailable (retried
+                on the next Hello, as a ring that failed to open at start).
+        """
+        from ringtail.ioring.restore import install_staged_ring, stage_empty_ring
+        tenant_id, old = tenant.tenant_id, tenant.ring
+        with trio.CancelScope(shield=True):
+            staged = await trio.to_thread.run_sync(
+                stage_empty_ring, old.path, old.capacity, tenant_id, first_sequence)
+            tenant.writer.close()  # nothing queued: its task returns at once
+
+            def swap() -> RingFile:
+                old.close()
+                install_staged_ring(staged, old.path)
+                return self._open_ring(tenant_id)
+
+            try:
+                ring = await trio.to_thread.run_sync(swap)
+            except (RingError, OSError) as error:
+                self.tenants.pop(tenant_id, None)
+                self.unavailable[tenant_id] = str(error)
+                log.error("tenant %d unavailable after its ring was recreated for a restore: "
+                          "%s", tenant_id, error)
+                raise
+        log.info("tenant %d: ring recreated empty at sequence %d for a restore", tenant_id,
+                 first_sequence)
+        tenant.ring = ring
+        tenant.writer = TenantWriter(ring, tenant._committed_batch)
+        if self._nursery is not None:
+            self._nursery.start_soon(tenant.writer.run)
+
     def reconfigure(self, settings: dict[int, TenantSettings], default: TenantSettings,
                     create_on_first_use: bool, open_added: bool = True
                     ) -> tuple[set[int], set[int]]:
