@@ -697,16 +697,19 @@ def add_replay_parsers(commands) -> None:
                                                   "daemon, or offline)")
     restore.add_argument("file")
     restore.add_argument("--tenant", type=int, required=True)
-    restore.add_argument("--socket", default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET),
+    restore.add_argument("--socket",
+                         default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET),
                          help="the running daemon to restore through (needs the admin role "
                               "on the tenant); with no daemon there, restore offline")
     restore.add_argument("--token", default=os.environ.get(TOKEN_ENVIRONMENT_VARIABLE, ""),
-                         help=f"bearer token for the daemon (default: ${TOKEN_ENVIRONMENT_VARIABLE})")
+                         help=f"bearer token for the daemon "
+                              f"(default: ${TOKEN_ENVIRONMENT_VARIABLE})")
     restore.add_argument("--offline", action="store_true",
                          help="write the ring file directly (daemon stopped, or tenant not "
                               "open), even if a daemon answers at --socket")
     restore.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                         help=f"offline: the daemon's data directory (default: ./{DEFAULT_DATA_DIR})")
+                         help=f"offline: the daemon's data directory "
+                              f"(default: ./{DEFAULT_DATA_DIR})")
     restore.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY_RECORD_COUNT,
                          help=f"offline: records the new ring holds at least (default: "
                               f"{DEFAULT_CAPACITY_RECORD_COUNT:,}, or the snapshot's count)")
