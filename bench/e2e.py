@@ -461,7 +461,8 @@ def run_ingest(directory: str, profile: dict, workers: Workers, progress) -> lis
                     cell = ingest_cell(daemon, workers, publishers, batch, INGEST_WINDOW,
                                        profile["cell_s"], profile["warm_s"])
                     cell.update(sync=sync, case="throughput")
-                    if sync == "batch" and batch == 1024 and cell.get("records_per_fdatasync"):
+                    if (sync == "batch" and batch == 1024 and publishers == 4
+                            and cell.get("records_per_fdatasync")):
                         # The plain loop at the commit size ringtail reached.
                         achieved = max(1, round(cell["records_per_fdatasync"]))
                         cell["plain_at_achieved"] = plain_loop(

@@ -10,6 +10,7 @@ the live tail, and the Gap a subscriber gets when it falls behind the ring.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import trio
@@ -18,7 +19,10 @@ from trio.testing import wait_all_tasks_blocked
 from ringtail.ioring import open_ring
 from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
-from ringtail.service.subscribers import (REPLAY_READ_BUFFER_SIZE_BYTES,
+from ringtail.service.limits import MALLOC_MMAP_THRESHOLD_BYTES
+from ringtail.service.protocol import encode_records_frame
+from ringtail.service.subscribers import (REPLAY_FRAME_RECORD_COUNT_MAX,
+                                          REPLAY_READ_BUFFER_SIZE_BYTES,
                                           REPLAY_READ_RECORD_COUNT_MAX, RecordFilter,
                                           SubscriptionCounters, run_subscription, start_position)
 from ringtail.service.tenants import Tenant
@@ -116,14 +120,39 @@ async def test_a_start_sequence_past_the_cursor_is_bad_subscribe(tenant):
     assert raised.value.code == ErrorCode.BAD_SUBSCRIBE
 
 
-async def test_replay_is_read_in_steps_of_the_read_maximum(tenant):
+async def test_replay_is_read_in_steps_of_the_read_maximum_sent_in_even_frames(tenant):
     data = RecordFactory(TENANT, seed=2).records(REPLAY_READ_RECORD_COUNT_MAX + 100)
     append(tenant, data)
     sent = await replay(tenant, Subscribe())
-    assert [(first, len(records) // RECORD_SIZE_BYTES) for first, _, records in sent.frames] == [
-        (0, REPLAY_READ_RECORD_COUNT_MAX), (REPLAY_READ_RECORD_COUNT_MAX, 100)]
+    # A whole read goes in even frames of at most REPLAY_FRAME_RECORD_COUNT_MAX.
+    pieces = -(-REPLAY_READ_RECORD_COUNT_MAX // REPLAY_FRAME_RECORD_COUNT_MAX)
+    size = -(-REPLAY_READ_RECORD_COUNT_MAX // pieces)
+    firsts = list(range(0, REPLAY_READ_RECORD_COUNT_MAX, size))
+    expected = [(first, min(size, REPLAY_READ_RECORD_COUNT_MAX - first)) for first in firsts]
+    expected.append((REPLAY_READ_RECORD_COUNT_MAX, 100))  # the next read: what is left
+    assert [(first, len(records) // RECORD_SIZE_BYTES)
+            for first, _, records in sent.frames] == expected
     assert b"".join(records for _, _, records in sent.frames) == data
-    assert sent.events == ["records", "records", End(REPLAY_READ_RECORD_COUNT_MAX + 100)]
+    assert sent.events == ["records"] * len(expected) + [End(REPLAY_READ_RECORD_COUNT_MAX + 100)]
+
+
+def test_a_replay_frame_stays_under_the_mmap_threshold():
+    # The frame the connection encodes per send_records (sparse: the larger)
+    # comes from the heap, not a fresh mmap (service/subscribers.py).
+    sparse = encode_records_frame(0, bytes(RECORD_SIZE_BYTES * REPLAY_FRAME_RECORD_COUNT_MAX),
+                                  tuple(range(0, 2 * REPLAY_FRAME_RECORD_COUNT_MAX, 2)))
+    assert sys.getsizeof(sparse) < MALLOC_MMAP_THRESHOLD_BYTES
+    assert REPLAY_FRAME_RECORD_COUNT_MAX < REPLAY_READ_RECORD_COUNT_MAX
+
+
+async def test_a_filter_that_passes_a_whole_read_sends_it_in_even_frames(tenant):
+    data = RecordFactory(TENANT, seed=7).records(REPLAY_READ_RECORD_COUNT_MAX)
+    append(tenant, data)
+    sent = await replay(tenant, Subscribe(epoch_max=0xFFFF_FFFE))  # a filter all pass
+    assert sent.records == list(enumerate(split_records(data)))
+    assert all(len(sequences) <= REPLAY_FRAME_RECORD_COUNT_MAX
+               for _, sequences, _ in sent.frames)
+    assert len(sent.frames) == -(-REPLAY_READ_RECORD_COUNT_MAX // REPLAY_FRAME_RECORD_COUNT_MAX)
 
 
 async def test_a_replay_reads_every_step_into_one_buffer_and_sends_from_it(tenant):
@@ -133,7 +162,8 @@ async def test_a_replay_reads_every_step_into_one_buffer_and_sends_from_it(tenan
     append(tenant, data)
     sent = await replay(tenant, Subscribe(StartKind.SEQUENCE, 37))
     assert sent.records == list(zip(range(37, total), split_records(data)[37:]))
-    assert len(sent.handed) == 2
+    pieces = -(-REPLAY_READ_RECORD_COUNT_MAX // REPLAY_FRAME_RECORD_COUNT_MAX)
+    assert len(sent.handed) == 2 * pieces  # two reads, each sent in `pieces` frames
     buffers = {id(view.obj) for view in sent.handed}
     assert all(isinstance(view, memoryview) for view in sent.handed)
     assert len(buffers) == 1, "one read buffer for the whole replay, not one per read"
