@@ -194,6 +194,7 @@ def check_header_successor(previous: Header, header: Header) -> None:
             and header.tenant_id == previous.tenant_id
             and header.created_ns == previous.created_ns
             and header.format_version == previous.format_version
+            and header.producer_slot_count == previous.producer_slot_count
             and header.chunk_record_count == previous.chunk_record_count), (previous, header)
     oldest, next_sequence = header.oldest_sequence, header.next_sequence
     assert oldest <= header.batch_first_sequence <= next_sequence, header

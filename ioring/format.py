@@ -11,14 +11,17 @@ holding T = C / 64 chunks is laid out as::
     8192                        table_size       chunk table A: T entries x 32 B
     8192 + table_size           table_size       chunk table B: T entries x 32 B
     data_offset                 C x 64           records, slot = sequence mod C
+    producer_offset             S x 1024         version 2: S producer slots, two
+                                                 512-byte copies each (producers.py)
 
     table_size  = T * 32 rounded up to 4096
     data_offset = 8192 + 2 * table_size
+    producer_offset = data_offset + C * 64   (the end of a version 1 file)
 
 Header (128 bytes; generation g is written to copy g mod 2)::
 
       0   8  magic               b"RINGTAIL"
-      8   4  format_version      u32 = 1
+      8   4  format_version      u32 = 2 (1: no producer slots, still read and written)
      12   4  header_size         u32 = 128
      16   8  generation          u64, +1 per header write
      24   8  capacity            u64 records
@@ -29,7 +32,8 @@ Header (128 bytes; generation g is written to copy g mod 2)::
      60   4  chunk_record_count  u32 = 64
      64   8  created_ns          u64 ns since the Unix epoch
      72   8  file_id             u64 random, mixed into every chunk checksum
-     80  32  reserved            zero
+     80   4  producer_slot_count u32 S, 0..PRODUCER_SLOT_COUNT_MAX; 0 in version 1
+     84  28  reserved            zero
     112  16  checksum            BLAKE3(bytes 0..112), first 16 bytes
 
 Chunk entry (32 bytes; chunk k holds sequences [64k, 64k+64) at table
@@ -53,7 +57,11 @@ import numpy
 from ringtail.ioring.record import RECORD_SIZE_BYTES, struct_for_dtype
 
 FORMAT_MAGIC = b"RINGTAIL"
-FORMAT_VERSION = 1
+# Version 2 added the producer slots (the exactly-once window, producers.py):
+# a version 1 file is a version 2 file with producer_slot_count 0, and is
+# still opened, read and written as version 1 (its header keeps version 1).
+FORMAT_VERSION = 2
+FORMAT_VERSIONS_READ = (1, 2)
 
 PAGE_SIZE_BYTES = 4096  # header copies and tables start on their own page
 SECTOR_SIZE_BYTES = 512  # the unit a torn write is assumed to tear at
@@ -92,12 +100,23 @@ BATCH_RECORD_COUNT_MAX = 4096
 # 292 years; a header copy holding a larger value is unusable.
 SEQUENCE_LIMIT = 1 << 63
 
+# Producer slots (ioring/producers.py holds their layout and rules): each slot
+# has two copies of one sector, so a torn write of one leaves the other.
+PRODUCER_SLOT_COPY_SIZE_BYTES = SECTOR_SIZE_BYTES
+PRODUCER_SLOT_SIZE_BYTES = 2 * PRODUCER_SLOT_COPY_SIZE_BYTES
+# Slots a new file gets: the producers (publishing processes) whose recent
+# batches a tenant remembers, least recently written replaced first. 64 KiB
+# per ring; a sidecar's tenant has a handful of worker processes.
+PRODUCER_SLOT_COUNT = 64
+# The most any header may declare (a bound on what recovery reads: 1 MiB).
+PRODUCER_SLOT_COUNT_MAX = 1024
+
 assert CHUNK_SIZE_BYTES == PAGE_SIZE_BYTES
 assert HEADER_SIZE_BYTES <= PAGE_SIZE_BYTES
 assert PAGE_SIZE_BYTES % CHUNK_ENTRY_SIZE_BYTES == 0
 assert BATCH_RECORD_COUNT_MAX % CHUNK_RECORD_COUNT == 0
 
-_HEADER = struct.Struct("<8sIIQQQQQIIQQ32s")
+_HEADER = struct.Struct("<8sIIQQQQQIIQQI28s")
 _HEADER_CHECKED_SIZE = HEADER_SIZE_BYTES - CHECKSUM_SIZE_BYTES
 assert _HEADER.size == _HEADER_CHECKED_SIZE
 _U64 = struct.Struct("<Q")
@@ -118,13 +137,15 @@ class Header:
     file_id: int
     format_version: int = FORMAT_VERSION
     chunk_record_count: int = CHUNK_RECORD_COUNT
+    producer_slot_count: int = 0  # fixed at creation; 0 in version 1
 
     def encode(self) -> bytes:
         body = _HEADER.pack(
             FORMAT_MAGIC, self.format_version, HEADER_SIZE_BYTES,
             self.generation, self.capacity, self.oldest_sequence,
             self.next_sequence, self.batch_first_sequence, self.tenant_id,
-            self.chunk_record_count, self.created_ns, self.file_id, bytes(32),
+            self.chunk_record_count, self.created_ns, self.file_id,
+            self.producer_slot_count, bytes(28),
         )
         return body + checksum(body)
 
@@ -153,17 +174,19 @@ def decode_header(data: bytes, copy_index: int | None = None) -> Header:
         raise HeaderDecodeError("truncated", f"{len(data)} of {HEADER_SIZE_BYTES} bytes")
     data = bytes(data[:HEADER_SIZE_BYTES])
     (magic, version, header_size, generation, capacity, oldest, next_sequence,
-     batch_first, tenant_id, chunk_count, created_ns, file_id, _reserved
+     batch_first, tenant_id, chunk_count, created_ns, file_id, slot_count, _reserved
      ) = _HEADER.unpack_from(data)
     if magic != FORMAT_MAGIC:
         raise HeaderDecodeError("bad magic", repr(magic))
     if checksum(data[:_HEADER_CHECKED_SIZE]) != data[_HEADER_CHECKED_SIZE:]:
         raise HeaderDecodeError("checksum mismatch")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS_READ:
         raise HeaderDecodeError("unsupported version", str(version))
-    if header_size != HEADER_SIZE_BYTES or chunk_count != CHUNK_RECORD_COUNT:
+    if header_size != HEADER_SIZE_BYTES or chunk_count != CHUNK_RECORD_COUNT or (
+            slot_count > (PRODUCER_SLOT_COUNT_MAX if version >= 2 else 0)):
         raise HeaderDecodeError("unsupported geometry",
-                                f"header_size={header_size} chunk={chunk_count}")
+                                f"header_size={header_size} chunk={chunk_count} "
+                                f"producer_slot_count={slot_count} (version {version})")
     problem = cursor_problem(capacity, oldest, batch_first, next_sequence)
     if problem:
         raise HeaderDecodeError(
@@ -181,7 +204,7 @@ def decode_header(data: bytes, copy_index: int | None = None) -> Header:
             f"generation {generation} belongs in copy {generation % HEADER_COPY_COUNT}, "
             f"found in copy {copy_index}")
     return Header(generation, capacity, oldest, next_sequence, batch_first,
-                  tenant_id, created_ns, file_id, version, chunk_count)
+                  tenant_id, created_ns, file_id, version, chunk_count, slot_count)
 
 
 def cursor_problem(capacity: int, oldest: int, batch_first: int, next_sequence: int) -> str | None:
@@ -221,13 +244,16 @@ def checksum(data: bytes | memoryview) -> bytes:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Layout:
-    """Where everything lies for a given capacity.
+    """Where everything lies for a given capacity and producer slot count.
 
     The derived sizes are computed once, at construction: the write path reads
-    them several times per batch (plan and its paired checks).
+    them several times per batch (plan and its paired checks). The slot count
+    defaults to what a new file gets (a version 1 file has none).
     """
 
     capacity: int
+    producer_slot_count: int = PRODUCER_SLOT_COUNT
+    producer_offset: int = dataclasses.field(init=False, repr=False, compare=False)
     chunk_count: int = dataclasses.field(init=False, repr=False, compare=False)
     table_size_bytes: int = dataclasses.field(init=False, repr=False, compare=False)
     data_offset: int = dataclasses.field(init=False, repr=False, compare=False)
@@ -242,7 +268,9 @@ class Layout:
         for name, value in (
                 ("chunk_count", chunk_count), ("table_size_bytes", table_size),
                 ("data_offset", data_offset),
-                ("file_size_bytes", data_offset + self.capacity * RECORD_SIZE_BYTES),
+                ("producer_offset", data_offset + self.capacity * RECORD_SIZE_BYTES),
+                ("file_size_bytes", data_offset + self.capacity * RECORD_SIZE_BYTES
+                 + self.producer_slot_count * PRODUCER_SLOT_SIZE_BYTES),
                 ("batch_record_count_max",
                  min(BATCH_RECORD_COUNT_MAX, (self.capacity - CHUNK_RECORD_COUNT) // 2))):
             object.__setattr__(self, name, value)
@@ -253,6 +281,11 @@ class Layout:
     def record_offset(self, sequence: int) -> int:
         """File offset of a sequence's record: O(1) arithmetic."""
         return self.data_offset + (sequence % self.capacity) * RECORD_SIZE_BYTES
+
+    def slot_copy_offset(self, slot: int, copy: int) -> int:
+        """File offset of copy `copy` (0 or 1) of producer slot `slot`."""
+        return self.producer_offset + slot * PRODUCER_SLOT_SIZE_BYTES \
+            + copy * PRODUCER_SLOT_COPY_SIZE_BYTES
 
     def entry_offset(self, table_index: int, chunk_index: int) -> int:
         position = chunk_index % self.chunk_count

@@ -19,9 +19,13 @@ header, R the most records one batch can hold (`batch_record_count_max`):
 5. Roll forward: if nothing was cut, records of one batch past H.next whose
    chunk entries and data all verify are kept (their header copy was torn, or
    damaged later), and the chunks they evict are dropped by the usual rule.
+   If the chain after H wrote producer slot copies (format version 2), the
+   roll-forward is all or nothing: exactly that chain's records, and only if
+   every slot copy it wrote is there; those copies are then adopted.
 6. Scrub: chunk entries that claim records at or past the recovered cursor
    are erased, so they can never outrank the entries of the different records
-   that will be written at those sequences.
+   that will be written at those sequences. Producer slot copies of a chain
+   that was not recovered whole are erased too (ioring/producers.py).
 7. Chunks between head and tail were durable when H was written; every read
    verifies them.
 
@@ -36,9 +40,12 @@ import os
 
 from ringtail.ioring.errors import RingCorruptError, RingFormatError
 from ringtail.ioring.format import (CHUNK_ENTRY_SIZE_BYTES, CHUNK_RECORD_COUNT,
-                                    HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, PAGE_SIZE_BYTES,
-                                    Header, HeaderDecodeError, Layout, capacity_problem,
-                                    chunk_checksum, decode_header)
+                                    FORMAT_VERSIONS_READ, HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES,
+                                    PAGE_SIZE_BYTES, PRODUCER_SLOT_COPY_SIZE_BYTES, Header,
+                                    HeaderDecodeError, Layout, capacity_problem, chunk_checksum,
+                                    decode_header)
+from ringtail.ioring.producers import (EMPTY_COPY, ProducerTable, Slot, SlotCopy,
+                                       SlotCopyDecodeError, decode_slot_copy)
 from ringtail.ioring.reader import NO_COPY, ChunkTable
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 
@@ -60,6 +67,8 @@ class RecoveryReport:
     rolled_forward: tuple[int, int] | None = None
     sealed: bool = False  # H was written by a clean close (docs/FORMAT.md, "Recovery")
     damaged_chunk_offsets: tuple[int, ...] = ()  # head-window chunks of a sealed file that fail
+    producer_slots_in_use: int = 0  # producers whose recent batches the ring remembers
+    producer_copies_dropped: int = 0  # slot copies of a chain not recovered whole (erased)
 
     def summary(self) -> str:
         if self.created:
@@ -80,6 +89,10 @@ class RecoveryReport:
             parts.append("lost oldest %d..%d (evicted by a batch in flight at the crash, or "
                          "damaged: after a crash the two cannot be told apart)"
                          % self.dropped_head)
+        if self.producer_copies_dropped:
+            parts.append(f"erased {self.producer_copies_dropped} producer slot cop"
+                         f"{'y' if self.producer_copies_dropped == 1 else 'ies'} of a batch "
+                         "that was not recovered whole (never acknowledged)")
         if self.damaged_chunk_offsets:
             parts.append(
                 "DAMAGED: chunk(s) at byte offset %s failed their checksum in a cleanly "
@@ -112,7 +125,8 @@ def read_header(fd: int, path: str) -> tuple[Header, int, str | None]:
         if "unsupported version" in reasons:
             raise RingFormatError(
                 path, "unsupported format version (" + "; ".join(map(str, decoded))
-                + "); this ringtail reads version 1: use the ringtail that wrote it")
+                + "); this ringtail reads versions "
+                + " and ".join(map(str, FORMAT_VERSIONS_READ)) + ": use the ringtail that wrote it")
         raise RingCorruptError(
             path, 0, "both header copies are unusable (copy 0: %s; copy 1: %s); the cursor "
                      "is lost: restore the file from a copy or move it away" % tuple(decoded))
@@ -132,7 +146,7 @@ def check_geometry(fd: int, path: str, header: Header) -> Layout:
     problem = capacity_problem(header.capacity)
     if problem:
         raise RingFormatError(path, f"header holds an unusable capacity: {problem}")
-    layout = Layout(header.capacity)
+    layout = Layout(header.capacity, header.producer_slot_count)
     size = os.fstat(fd).st_size
     if size != layout.file_size_bytes:
         raise RingFormatError(
@@ -151,6 +165,7 @@ class Recovery:
     table: ChunkTable
     report: RecoveryReport
     scrub_writes: tuple[tuple[int, bytes], ...]  # (file offset, zero bytes)
+    producers: ProducerTable
 
     @property
     def changed(self) -> bool:
@@ -243,12 +258,34 @@ def recover(fd: int, path: str) -> Recovery:
             next_sequence = max(chunk * CHUNK_RECORD_COUNT + good, oldest)
             verified += good
             break
-    if next_sequence == header_next:
-        next_sequence = _roll_forward(fd, layout, table, file_id, header_next, reach)
+    copies = _read_slot_copies(fd, layout, header)
+    tail_whole = next_sequence == header_next
+    following = [(slot, copy, content) for slot, pair in enumerate(copies)
+                 for copy, content in enumerate(pair) if isinstance(content, SlotCopy)
+                 and content.commit_generation == header.generation + 1]
+    roll_adopted = False
+    if tail_whole:
+        if not following:
+            next_sequence = _roll_forward(fd, layout, table, file_id, header_next, reach)
+        else:  # the chain after H carried producers: its records whole, or none
+            target = following[0][2].chain_next_sequence
+            if (header_next < target <= header_next + reach
+                    and len(following) == following[0][2].chain_write_count
+                    and all(c.chain_next_sequence == target for _, _, c in following)):
+                saved = bytes(table.current)
+                next_sequence = _roll_forward(fd, layout, table, file_id, header_next,
+                                              target - header_next)
+                roll_adopted = next_sequence == target
+                if not roll_adopted:
+                    table.current[:] = saved
+                    next_sequence = header_next
         oldest = layout.oldest_after_append(oldest, next_sequence) \
             if next_sequence > header_next else oldest
     oldest = min(oldest, next_sequence)
     scrub = _scrub_beyond(layout, table, next_sequence, max(header_next, next_sequence) + reach)
+    producers, producer_scrub = _adopt_slot_copies(layout, copies, header.generation, tail_whole,
+                                                   roll_adopted, next_sequence)
+    scrub += producer_scrub
     report = RecoveryReport(
         path=path, created=False, header_copy=copy, header_generation=header.generation,
         other_copy_problem=other_problem, oldest_sequence=oldest,
@@ -256,11 +293,63 @@ def recover(fd: int, path: str) -> Recovery:
         dropped_tail=(next_sequence, header_next - 1) if next_sequence < header_next else None,
         dropped_head=(header_oldest, oldest - 1) if oldest > header_oldest else None,
         rolled_forward=(header_next, next_sequence - 1) if next_sequence > header_next else None,
-        sealed=sealed, damaged_chunk_offsets=tuple(damaged))
+        sealed=sealed, damaged_chunk_offsets=tuple(damaged),
+        producer_slots_in_use=sum(slot.content is not None for slot in producers.slots),
+        producer_copies_dropped=len(producer_scrub))
     recovered = dataclasses.replace(
         header, oldest_sequence=oldest, next_sequence=next_sequence,
         batch_first_sequence=max(oldest, min(header.batch_first_sequence, next_sequence)))
-    return Recovery(recovered, layout, table, report, scrub)
+    return Recovery(recovered, layout, table, report, scrub, producers)
+
+
+def _read_slot_copies(fd: int, layout: Layout, header: Header
+                      ) -> list[list[SlotCopy | None | SlotCopyDecodeError]]:
+    """Both copies of every producer slot, decoded (an error for an unusable one)."""
+    count = header.producer_slot_count
+    if not count:
+        return []
+    data = os.pread(fd, count * 2 * PRODUCER_SLOT_COPY_SIZE_BYTES, layout.producer_offset)
+    copies = []
+    for slot in range(count):
+        pair = []
+        for copy in (0, 1):
+            start = (2 * slot + copy) * PRODUCER_SLOT_COPY_SIZE_BYTES
+            try:
+                pair.append(decode_slot_copy(data[start:start + PRODUCER_SLOT_COPY_SIZE_BYTES],
+                                             header.file_id, slot, copy))
+            except SlotCopyDecodeError as error:  # torn or damaged: the other copy serves
+                pair.append(error)
+        copies.append(pair)
+    return copies
+
+
+def _adopt_slot_copies(layout: Layout, copies, generation: int, tail_whole: bool,
+                       roll_adopted: bool, next_sequence: int
+                       ) -> tuple[ProducerTable, tuple[tuple[int, bytes], ...]]:
+    """Each slot's current copy: the newest whose chain was recovered whole.
+
+    A copy of H's own chain (`generation`) counts when H's tail verified whole;
+    one of the chain after it only with that chain's roll-forward; older ones
+    always. Valid copies that do not count are erased (returned as writes), so
+    that the header recovery writes next (one generation on) never makes them
+    look committed.
+    """
+    slots, scrub = [], []
+    for index, pair in enumerate(copies):
+        best = None
+        for copy, content in enumerate(pair):
+            if not isinstance(content, SlotCopy):
+                continue
+            committed = content.commit_generation
+            if (committed < generation or (committed == generation and tail_whole)
+                    or (committed == generation + 1 and roll_adopted)) \
+                    and content.chain_next_sequence <= next_sequence:
+                if best is None or committed > best[1].commit_generation:
+                    best = (copy, content)
+            else:
+                scrub.append((layout.slot_copy_offset(index, copy), EMPTY_COPY))
+        slots.append(Slot(None, None) if best is None else Slot(*best))
+    return ProducerTable(slots), tuple(scrub)
 
 
 def _roll_forward(fd: int, layout: Layout, table: ChunkTable, file_id: int,

@@ -2,7 +2,10 @@
 
 A batch becomes one chain (planned and checked by ioring/batch.py; see ioring/chain.py)::
 
-    data write(s)  ->  chunk-table write(s)  ->  header copy  ->  fdatasync
+    [slot copies] -> data write(s) -> chunk-table write(s) -> header copy -> fdatasync
+
+The producer slot copies (ioring/producers.py) come first when the batch
+completes publish batches of producers: the acks a resend is answered with.
 
 The chain is submitted without waiting; its result arrives on
 `completion_fd`. Only when `reap()` sees the whole chain succeed does the
@@ -39,17 +42,20 @@ from ringtail.ioring.chain import FDATASYNC, Backend, Operation, Write
 from ringtail.ioring.errors import (RingBusyError, RingClosedError, RingFailedError,
                                     RingFormatError, RingLockedError)
 from ringtail.ioring.files import write_file_atomically
-from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, Header, Layout,
-                                    capacity_problem, chunk_hasher)
+from ringtail.ioring.format import (CHUNK_RECORD_COUNT, HEADER_COPY_OFFSETS, PRODUCER_SLOT_COUNT,
+                                    Header, Layout, capacity_problem, chunk_hasher)
+from ringtail.ioring.producers import (PRODUCER_CHAIN_WRITE_COUNT_MAX, ProducerAck, ProducerPlan,
+                                       ProducerTable)
 from ringtail.ioring.reader import ChunkTable, read_verified
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.ioring.recovery import RecoveryReport, is_sealed, recover, unsealed_batch_first
 
 SYNC_CHOICES = ("batch", "none")
 # Operations the first chain after a seal starts with: the unsealed header and
-# (sync="batch") its fdatasync. With BATCH_CHAIN_OPERATION_COUNT_MAX that is at
-# most 8, within io_uring's CHAIN_OPERATION_COUNT_MAX (16; asserted by
-# tests/ioring/test_seal_and_cursor.py, as the uring module loads lazily).
+# (sync="batch") its fdatasync. With BATCH_CHAIN_OPERATION_COUNT_MAX and
+# PRODUCER_CHAIN_WRITE_COUNT_MAX slot writes that is at most 16, io_uring's
+# CHAIN_OPERATION_COUNT_MAX (asserted by tests/ioring/test_seal_and_cursor.py,
+# as the uring module loads lazily).
 UNSEAL_OPERATION_COUNT_MAX = 2
 
 
@@ -83,8 +89,11 @@ class RingFile:
 
     def __init__(self, path: str, fd: int, header: Header, layout: Layout,
                  table: ChunkTable, report: RecoveryReport, backend: Backend, sync: str,
-                 observer: Callable[[list[Operation]], None] | None):
+                 observer: Callable[[list[Operation]], None] | None,
+                 producers: ProducerTable):
         self.path = path
+        # The producer slots (exactly-once window); none in a version 1 file.
+        self.producers = producers
         self._fd = fd
         self._header = header
         self.layout = layout
@@ -96,6 +105,7 @@ class RingFile:
         self.oldest_sequence = header.oldest_sequence
         self.next_sequence = header.next_sequence
         self._pending: BatchPlan | None = None
+        self._pending_producers: ProducerPlan | None = None
         # The header the pending plan continues from: the committed one, or the
         # unsealed successor of a seal that the plan's chain writes first.
         self._pending_base: Header | None = None
@@ -148,11 +158,16 @@ class RingFile:
 
     # -- writing -------------------------------------------------------------------
 
-    def submit(self, records: bytes) -> BatchTicket:
+    def submit(self, records: bytes,
+               acks: tuple[tuple[int, ProducerAck], ...] = ()) -> BatchTicket:
         """Start writing a batch of whole records; returns at once.
 
         `records` must be immutable `bytes`: the kernel reads it later.
         Records being evicted by this batch stop being readable now.
+        `acks`: (producer id, ack) of each producer's publish batch this batch
+        completes (its records at or below this batch's last sequence), for at
+        most PRODUCER_CHAIN_WRITE_COUNT_MAX producers; they become durable with
+        it (ignored by a ring without producer slots).
 
         Raises:
             RingBusyError: a chain is still in flight (reap it first).
@@ -179,12 +194,18 @@ class RingFile:
         plan = plan_batch(ticket, records, self.layout, base, self._table,
                           self._tail_hasher, self.sync)
         check_plan(plan, self.layout, base, self._table, self.sync)
+        producers = self.producers.plan(acks, plan.header.generation, ticket.next_sequence,
+                                        base.file_id, self.layout)
+        assert len(producers.writes) <= PRODUCER_CHAIN_WRITE_COUNT_MAX
+        assert all(ack.last_sequence < ticket.next_sequence for _, ack in acks), acks
         self.oldest_sequence = plan.header.oldest_sequence
+        operations.extend(producers.writes)  # before the records (ioring/producers.py)
         operations.extend(plan.operations)
         if self._observer is not None:
             self._observer(operations)
         self._backend.submit(self._fd, operations, ticket.tag)
         self._pending, self._pending_base = plan, base
+        self._pending_producers = producers
         return ticket
 
     def _unseal(self) -> tuple[Header, list[Operation]]:
@@ -249,6 +270,7 @@ class RingFile:
         assert self.next_sequence == self._header.next_sequence
         for position, encoded in plan.entries:
             self._table.install(plan.table_index, position, encoded)
+        self.producers.install(self._pending_producers)
         self._tail_hasher = plan.tail_hasher
         self._header = plan.header
         self.next_sequence = plan.header.next_sequence
@@ -440,11 +462,12 @@ def create_ring_file(path: str, capacity: int, tenant_id: int, *,
     problem = capacity_problem(capacity)
     if problem:
         raise RingFormatError(path, problem)
-    layout = Layout(capacity)
+    layout = Layout(capacity, PRODUCER_SLOT_COUNT)
     header = Header(generation=1, capacity=capacity, oldest_sequence=first_sequence,
                     next_sequence=first_sequence, batch_first_sequence=first_sequence,
                     tenant_id=tenant_id, created_ns=time.time_ns(),
-                    file_id=int.from_bytes(secrets.token_bytes(8), "little"))
+                    file_id=int.from_bytes(secrets.token_bytes(8), "little"),
+                    producer_slot_count=PRODUCER_SLOT_COUNT)
 
     def fill(fd: int) -> None:
         # Allocate the blocks now (not a sparse file): a full disk fails here,
@@ -539,7 +562,7 @@ def open_ring(path: str | os.PathLike, *, capacity: int | None = None, tenant_id
                 os.close(fd)
             backend.close()
     return RingFile(path, fd, header, recovery.layout, recovery.table, report, backend, sync,
-                    observer)
+                    observer, recovery.producers)
 
 
 def _persist_recovered(fd: int, recovery) -> Header:

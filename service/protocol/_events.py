@@ -113,11 +113,17 @@ class Hello(Event):
     token: bytes = b""
     client_name: str = ""
     protocol_version: int = PROTOCOL_VERSION
-    _UINTS = (("tenant_id", 32), ("protocol_version", 16))
+    # Version 2: non-zero names the publishing process for exactly-once publish
+    # (every Publish then carries a producer_sequence); 0: none (at least once).
+    producer_id: int = 0
+    _UINTS = (("tenant_id", 32), ("protocol_version", 16), ("producer_id", 64))
 
     def _validate(self) -> None:
         _check_bytes(self, "token", "TOKEN_SIZE_BYTES_MAX", TOKEN_SIZE_BYTES_MAX)
         _check_text(self, "client_name", "NAME_SIZE_BYTES_MAX", NAME_SIZE_BYTES_MAX)
+        if self.producer_id and self.protocol_version < 2:
+            raise _invalid(self, f"producer_id needs protocol version 2, not"
+                           f" {self.protocol_version}; send a version 2 Hello")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -152,11 +158,17 @@ class Publish(Event):
 
     batch_id: int
     records: bytes
+    # Version 2, on a connection whose Hello named a producer: the producer's
+    # number for this batch (a resend carries the same one); None otherwise.
+    producer_sequence: int | None = None
     _UINTS = (("batch_id", 64),)
 
     def _validate(self) -> None:
         _check_records(self, PUBLISH_RECORD_COUNT_MAX, "PUBLISH_RECORD_COUNT_MAX",
                        _E.BAD_RECORD_SIZE, batch_id=self.batch_id)
+        sequence = self.producer_sequence
+        if sequence is not None and (type(sequence) is not int or not 0 <= sequence <= U64_MAX):
+            raise _invalid(self, f"producer_sequence = {sequence!r} is not a u64 or None")
 
     @property
     def record_count(self) -> int:

@@ -22,9 +22,11 @@ from ringtail.service.protocol._events import (EVENT_CLASS_KINDS, Ack, End, Erro
                                                Subscribe, Welcome)
 from ringtail.service.protocol._limits import (
     ERROR_MESSAGE_SIZE_BYTES_MAX, ERROR_SIZE_MIN, FRAME_HEADER_SIZE_BYTES, FRAME_SIZE_BYTES_MAX,
-    HELLO_SIZE_MIN, NAME_SIZE_BYTES_MAX, PROTOCOL_VERSION, RECORDS_FLAG_SPARSE,
+    HELLO_FLAG_PRODUCER, HELLO_SIZE_MAX, HELLO_SIZE_MIN, NAME_SIZE_BYTES_MAX, PRODUCER_ID_SIZE_BYTES,
+    PROTOCOL_VERSION,
+    PUBLISH_FLAG_SEQUENCED, RECORDS_FLAG_SPARSE,
     RECORDS_FRAME_RECORD_COUNT_MAX, RECORDS_SIZE_MAX, SUBSCRIBE_FLAG_FAILURE_ONLY,
-    SUBSCRIBE_FLAG_FOLLOW, SUBSCRIBE_OPCODE_COUNT_MAX, SUBSCRIBE_SIZE_MIN, TOKEN_SIZE_BYTES_MAX,
+    SUBSCRIBE_FLAG_FOLLOW, SUBSCRIBE_OPCODE_COUNT_MAX, SUBSCRIBE_SIZE_MIN,
     U64_MAX, WELCOME_SIZE_MIN)
 
 _E = ErrorCode
@@ -72,9 +74,10 @@ def _frame(frame_type: FrameType, flags: int, *parts: bytes) -> bytes:
 
 def _encode_hello(event: Hello) -> bytes:
     name = event.client_name.encode("utf-8")
-    return _frame(FrameType.HELLO, 0, _HELLO_HEAD.pack(
+    producer = event.producer_id
+    return _frame(FrameType.HELLO, HELLO_FLAG_PRODUCER if producer else 0, _HELLO_HEAD.pack(
         event.protocol_version, event.tenant_id, len(event.token)), event.token,
-        _U16.pack(len(name)), name)
+        _U16.pack(len(name)), name, _U64.pack(producer) if producer else b"")
 
 
 def _encode_welcome(event: Welcome) -> bytes:
@@ -86,7 +89,10 @@ def _encode_welcome(event: Welcome) -> bytes:
 
 def _encode_publish(event: Publish) -> bytes:
     records = event.records  # one copy: header and records into the frame
-    return _HEADER_U64.pack(8 + len(records), FrameType.PUBLISH, 0, event.batch_id) + records
+    if event.producer_sequence is None:
+        return _HEADER_U64.pack(8 + len(records), FrameType.PUBLISH, 0, event.batch_id) + records
+    return _HEADER_U64_U64.pack(16 + len(records), FrameType.PUBLISH, PUBLISH_FLAG_SEQUENCED,
+                                event.batch_id, event.producer_sequence) + records
 
 
 def _encode_subscribe(event: Subscribe) -> bytes:
@@ -195,8 +201,16 @@ def _decode_hello(buffer, start: int, end: int, flags: int) -> Hello:
     name_size_bytes, position = _take(buffer, position, 2, end, "Hello.client_name size")
     name, position = _take(buffer, position, _U16.unpack(name_size_bytes)[0], end,
                            "Hello.client_name")
+    producer_id = 0
+    if flags & HELLO_FLAG_PRODUCER:
+        producer, position = _take(buffer, position, PRODUCER_ID_SIZE_BYTES, end,
+                                   "Hello.producer_id")
+        (producer_id,) = _U64.unpack(producer)
+        if not producer_id:
+            raise _malformed("Hello sets flag PRODUCER with producer_id 0; pick a non-zero"
+                             " random producer id, or clear the flag")
     _expect_end(position, end, "Hello")
-    return Hello(tenant_id, token, _text(name, "Hello.client_name"), version)
+    return Hello(tenant_id, token, _text(name, "Hello.client_name"), version, producer_id)
 
 
 def _decode_welcome(buffer, start: int, end: int, flags: int) -> Welcome:
@@ -210,8 +224,14 @@ def _decode_welcome(buffer, start: int, end: int, flags: int) -> Welcome:
 
 
 def _decode_publish(buffer, start: int, end: int, flags: int) -> Publish:
-    (batch_id,) = _U64.unpack_from(buffer, start)
-    return Publish(batch_id, memoryview(buffer)[start + 8:end].tobytes())  # the one copy
+    if not flags & PUBLISH_FLAG_SEQUENCED:
+        (batch_id,) = _U64.unpack_from(buffer, start)
+        return Publish(batch_id, memoryview(buffer)[start + 8:end].tobytes())  # the one copy
+    if end - start < 16:
+        raise _malformed(f"sequenced Publish payload of {end - start} bytes is shorter than 16"
+                         " (batch_id, producer_sequence)")
+    batch_id, sequence = _U64_U64.unpack_from(buffer, start)
+    return Publish(batch_id, memoryview(buffer)[start + 16:end].tobytes(), sequence)
 
 
 def _decode_subscribe(buffer, start: int, end: int, flags: int) -> Subscribe:
@@ -262,12 +282,13 @@ class FrameSpec:
 
 
 FRAME_SPECS: dict[int, FrameSpec] = {
-    FrameType.HELLO: FrameSpec("Hello", 0, HELLO_SIZE_MIN, HELLO_SIZE_MIN + TOKEN_SIZE_BYTES_MAX
-                               + NAME_SIZE_BYTES_MAX, _decode_hello),
+    FrameType.HELLO: FrameSpec("Hello", HELLO_FLAG_PRODUCER, HELLO_SIZE_MIN, HELLO_SIZE_MAX,
+                               _decode_hello),
     FrameType.WELCOME: FrameSpec("Welcome", 0, WELCOME_SIZE_MIN,
                                  WELCOME_SIZE_MIN + NAME_SIZE_BYTES_MAX, _decode_welcome),
     # Up to the frame limit, so an over-count batch gets the non-fatal BATCH_TOO_LARGE.
-    FrameType.PUBLISH: FrameSpec("Publish", 0, 8, FRAME_SIZE_BYTES_MAX, _decode_publish),
+    FrameType.PUBLISH: FrameSpec("Publish", PUBLISH_FLAG_SEQUENCED, 8, FRAME_SIZE_BYTES_MAX,
+                                 _decode_publish),
     FrameType.ACK: FrameSpec("Ack", 0, 24, 24, lambda b, s, e, f: Ack(
         *_U64_U64_U64.unpack_from(b, s))),
     FrameType.SUBSCRIBE: FrameSpec(

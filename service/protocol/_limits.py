@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 
-PROTOCOL_VERSION = 1
+# The version this side sends in Hello and Welcome; a server answers a Hello of
+# any version in PROTOCOL_VERSIONS_SPOKEN with a Welcome of the same version.
+# Version 2 added the producer id (Hello flag PRODUCER) and the producer
+# sequence (Publish flag SEQUENCED): docs/PROTOCOL.md section 4.12.
+PROTOCOL_VERSION = 2
+PROTOCOL_VERSIONS_SPOKEN = (1, 2)
 FRAME_HEADER_SIZE_BYTES = 8
 
 # Largest payload of one frame (bytes). The largest legal frames are a full
@@ -49,6 +54,11 @@ U64_MAX = (1 << 64) - 1
 RECORDS_FLAG_SPARSE = 0x0001
 SUBSCRIBE_FLAG_FOLLOW = 0x0001
 SUBSCRIBE_FLAG_FAILURE_ONLY = 0x0002
+# Version 2: the Hello carries a u64 producer id after client_name; every
+# Publish of that connection carries a u64 producer_sequence after batch_id.
+HELLO_FLAG_PRODUCER = 0x0001
+PUBLISH_FLAG_SEQUENCED = 0x0001
+PRODUCER_ID_SIZE_BYTES = 8
 
 # Payload sizes the limits above imply (the layouts are in _frames.py, which
 # asserts its structs against these).
@@ -56,13 +66,15 @@ HELLO_SIZE_MIN = 2 + 4 + 2 + 2
 WELCOME_SIZE_MIN = 2 + 4 + 4 + 8 + 8 + 8 + 2
 SUBSCRIBE_SIZE_MIN = 1 + 8 + 4 + 4 + 2
 ERROR_SIZE_MIN = 2 + 8 + 4 + 2
-PUBLISH_SIZE_MAX = 8 + PUBLISH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES
+PUBLISH_SIZE_MAX = 8 + 8 + PUBLISH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES  # sequenced
+HELLO_SIZE_MAX = HELLO_SIZE_MIN + TOKEN_SIZE_BYTES_MAX + NAME_SIZE_BYTES_MAX + PRODUCER_ID_SIZE_BYTES
 RECORDS_SIZE_MAX = 12 + RECORDS_FRAME_RECORD_COUNT_MAX * (8 + RECORD_SIZE_BYTES)
 
 assert RECEIVE_SIZE_BYTES + 8 + FRAME_SIZE_BYTES_MAX <= RECEIVE_BUFFER_BYTES_MAX
 assert PUBLISH_SIZE_MAX <= FRAME_SIZE_BYTES_MAX, "a full publish must fit a frame"
 assert RECORDS_SIZE_MAX <= FRAME_SIZE_BYTES_MAX, "a full sparse records frame must fit"
-assert HELLO_SIZE_MIN + TOKEN_SIZE_BYTES_MAX + NAME_SIZE_BYTES_MAX <= FRAME_SIZE_BYTES_MAX
+assert HELLO_SIZE_MAX <= FRAME_SIZE_BYTES_MAX
+assert PROTOCOL_VERSION == max(PROTOCOL_VERSIONS_SPOKEN)
 assert ERROR_SIZE_MIN + ERROR_MESSAGE_SIZE_BYTES_MAX <= FRAME_SIZE_BYTES_MAX
 assert FRAME_HEADER_SIZE_BYTES + FRAME_SIZE_BYTES_MAX <= RECEIVE_BUFFER_BYTES_MAX
 assert FRAME_SIZE_BYTES_MAX < 1 << 32 and ERROR_MESSAGE_SIZE_BYTES_MAX < 1 << 16

@@ -21,7 +21,7 @@ from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.protocol._errors import ErrorCode, ProtocolError
 from ringtail.service.protocol._events import Event, EventKind, Hello, Publish, Welcome, event_kind
 from ringtail.service.protocol._frames import FrameType
-from ringtail.service.protocol._limits import PROTOCOL_VERSION
+from ringtail.service.protocol._limits import PROTOCOL_VERSIONS_SPOKEN
 
 _E = ErrorCode
 
@@ -118,15 +118,18 @@ assert set(_STATE_HINTS) == set(State)
 # raises `error_type` to refuse (nothing changes) or records the handshake.
 
 def _check_version(event: Hello | Welcome, error_type: type[ProtocolError]) -> None:
-    if event.protocol_version != PROTOCOL_VERSION:
+    if event.protocol_version not in PROTOCOL_VERSIONS_SPOKEN:
+        spoken = " and ".join(map(str, PROTOCOL_VERSIONS_SPOKEN))
         raise error_type(_E.UNSUPPORTED_VERSION, f"{type(event).__name__} names protocol version"
-                         f" {event.protocol_version}; this side speaks version"
-                         f" {PROTOCOL_VERSION} only; use a client and server of the"
-                         " same protocol version")
+                         f" {event.protocol_version}; this side speaks versions {spoken}; use a"
+                         " client and server that share a protocol version")
 
 
 def _rule_hello(cstate: ConnectionState, event: Hello, error_type: type[ProtocolError]) -> None:
     _check_version(event, error_type)
+    if event.producer_id and event.protocol_version < 2:
+        raise error_type(_E.MALFORMED_FRAME, "Hello flag PRODUCER is defined from protocol"
+                         f" version 2; this Hello names version {event.protocol_version}")
     cstate.hello = event
 
 
@@ -135,6 +138,11 @@ def _rule_welcome(cstate: ConnectionState, event: Welcome,
     _check_version(event, error_type)
     hello = cstate.hello
     assert hello is not None, "the table allows Welcome only after Hello"
+    if event.protocol_version != hello.protocol_version:
+        raise error_type(_E.UNSUPPORTED_VERSION, f"Welcome names protocol version"
+                         f" {event.protocol_version} but the Hello asked for version"
+                         f" {hello.protocol_version}; the server must answer in the Hello's"
+                         " version")
     if event.tenant_id != hello.tenant_id:
         raise error_type(_E.MALFORMED_FRAME, f"Welcome names tenant {event.tenant_id}"
                          f" but the Hello asked for tenant {hello.tenant_id};"
@@ -146,6 +154,15 @@ def _rule_publish(cstate: ConnectionState, event: Publish,
                   error_type: type[ProtocolError]) -> None:
     welcome = cstate.welcome
     assert welcome is not None, "the table allows Publish only after Welcome"
+    if (event.producer_sequence is None) != (not cstate.hello.producer_id):
+        raise error_type(_E.MALFORMED_FRAME, f"Publish batch {event.batch_id}"
+                         + (" carries no producer_sequence on a connection whose Hello named"
+                            " producer {:d}; set flag SEQUENCED on every Publish of it".format(
+                                cstate.hello.producer_id)
+                            if event.producer_sequence is None else
+                            " carries a producer_sequence (flag SEQUENCED) on a connection whose"
+                            " Hello named no producer; send Hello with a producer_id first"),
+                         batch_id=event.batch_id)
     count_max = welcome.publish_record_count_max
     if len(event.records) > count_max * RECORD_SIZE_BYTES:
         raise error_type(_E.BATCH_TOO_LARGE, f"Publish batch {event.batch_id} carries"

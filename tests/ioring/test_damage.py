@@ -137,11 +137,11 @@ def test_a_wrong_magic_in_both_copies_is_not_a_ring_file(written_ring):
 def test_an_unsupported_version_is_a_format_error_not_damage(written_ring):
     for copy in (0, 1):
         _rewrite_header(written_ring, copy,
-                        lambda body: struct.pack_into("<I", body, VERSION_OFFSET, 2))
+                        lambda body: struct.pack_into("<I", body, VERSION_OFFSET, 3))
     with pytest.raises(RingFormatError,
-                       match=r"unsupported format version \(unsupported version: 2; "
-                             r"unsupported version: 2\); this ringtail reads version 1: "
-                             r"use the ringtail that wrote it"):
+                       match=r"unsupported format version \(unsupported version: 3; "
+                             r"unsupported version: 3\); this ringtail reads versions 1 "
+                             r"and 2: use the ringtail that wrote it"):
         open_ring(written_ring, tenant_id=TENANT_ID)
 
 
@@ -249,9 +249,9 @@ def test_a_damaged_magic_in_one_copy_and_checksum_in_the_other_is_corruption(wri
 def test_an_unsupported_version_in_one_copy_falls_back_to_the_other(written_ring, io):
     older = 1 - _newest_copy(written_ring)
     _rewrite_header(written_ring, older,
-                    lambda body: struct.pack_into("<I", body, VERSION_OFFSET, 2))
+                    lambda body: struct.pack_into("<I", body, VERSION_OFFSET, 3))
     with open_ring(written_ring, tenant_id=TENANT_ID, io=io) as ring:
-        assert ring.recovery_report.other_copy_problem == "unsupported version: 2"
+        assert ring.recovery_report.other_copy_problem == "unsupported version: 3"
         assert ring.read(0, RECORD_COUNT) == make_records(0, RECORD_COUNT)
 
 

@@ -91,7 +91,7 @@ def test_a_damaged_chunk_entry_is_reported_as_missing(full_ring, run_chunk_count
 def test_a_ring_shortened_while_verifying_is_reported_not_read_past(full_ring, monkeypatch):
     # check_geometry saw the right size; then the file lost its last record.
     real_pread = os.pread
-    end = LAYOUT.file_size_bytes - RECORD_SIZE_BYTES
+    end = LAYOUT.producer_offset - RECORD_SIZE_BYTES  # the data region ends there
     monkeypatch.setattr(os, "pread", lambda fd, size, offset: real_pread(
         fd, max(0, min(size, end - offset)), offset))
     report = verify_ring(full_ring)

@@ -256,7 +256,9 @@ def test_the_longest_chain_fits_the_uring_backend():
     from ringtail.ioring.batch import BATCH_CHAIN_OPERATION_COUNT_MAX
     from ringtail.ioring.ring import UNSEAL_OPERATION_COUNT_MAX
     from ringtail.ioring.uring import CHAIN_OPERATION_COUNT_MAX
-    assert BATCH_CHAIN_OPERATION_COUNT_MAX + UNSEAL_OPERATION_COUNT_MAX <= CHAIN_OPERATION_COUNT_MAX
+    from ringtail.ioring.producers import PRODUCER_CHAIN_WRITE_COUNT_MAX
+    assert BATCH_CHAIN_OPERATION_COUNT_MAX + UNSEAL_OPERATION_COUNT_MAX \
+        + PRODUCER_CHAIN_WRITE_COUNT_MAX <= CHAIN_OPERATION_COUNT_MAX
 
 
 def test_every_crash_of_the_first_chain_after_a_seal_recovers_every_acknowledged_record(

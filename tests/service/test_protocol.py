@@ -39,8 +39,11 @@ WELCOME = Welcome(TENANT, 4096, 0, 10, 1024, "ringtail")
 
 VECTOR_EVENTS = {
     "hello": HELLO,
+    "hello_v1": Hello(TENANT, b"secret", "gpu0", protocol_version=1),
+    "hello_producer": Hello(TENANT, b"secret", "gpu0", producer_id=0x0123456789ABCDEF),
     "welcome": WELCOME,
     "publish": Publish(42, RECORD_A),
+    "publish_sequenced": Publish(42, RECORD_A, producer_sequence=7),
     "ack": Ack(42, 10, 10),
     "subscribe": Subscribe(StartKind.SEQUENCE, 5, follow=True, failure_only=True, epoch_min=1,
                            epoch_max=9, opcodes={42, 7}),
@@ -375,7 +378,7 @@ def test_unknown_frame_type_is_fatal():
     _, server = pair(State.READY)
     server.receive_data(struct.pack("<IHH", 0, 99, 0))
     with pytest.raises(RemoteProtocolError, match=r"frame type 99 is unknown to protocol"
-                       r" version 1 \(known: 1\.\.12\)") as caught:
+                       r" version 2 \(known: 1\.\.12\)") as caught:
         server.next_event()
     assert caught.value.code is ErrorCode.UNKNOWN_FRAME_TYPE and caught.value.fatal
 
@@ -512,9 +515,9 @@ def test_publish_after_subscribe_is_unexpected_frame():
 
 def test_hello_with_unsupported_version_is_refused_and_the_server_can_say_so():
     server = Connection(SERVER)
-    server.receive_data(encode_event(Hello(7, protocol_version=2)))
-    with pytest.raises(RemoteProtocolError, match=r"Hello names protocol version 2; this side"
-                       " speaks version 1 only") as caught:
+    server.receive_data(encode_event(Hello(7, protocol_version=3)))
+    with pytest.raises(RemoteProtocolError, match=r"Hello names protocol version 3; this side"
+                       " speaks versions 1 and 2") as caught:
         server.next_event()
     assert caught.value.code is ErrorCode.UNSUPPORTED_VERSION and caught.value.fatal
     client = Connection(CLIENT)
@@ -663,8 +666,9 @@ VALID_STREAMS = {
 
 def answer(connection: Connection, event) -> None:
     """What a glue would answer, so mutated streams reach the later states."""
-    if isinstance(event, Hello) and event.protocol_version == 1:
-        connection.send(Welcome(event.tenant_id, 4096, 0, 0, 1))
+    if isinstance(event, Hello) and event.protocol_version in (1, 2):
+        connection.send(Welcome(event.tenant_id, 4096, 0, 0, 1,
+                                protocol_version=event.protocol_version))
     elif isinstance(event, Welcome):
         connection.send(Subscribe())
     elif isinstance(event, Ping) and connection.state is not State.CLOSING:
@@ -737,11 +741,13 @@ def random_records(rng: random.Random, count_max: int = 5) -> bytes:
 
 def random_client_stream(rng: random.Random) -> list[Event]:
     """A legal client stream with random field values (server side of the fuzz)."""
+    producer = rng.choice((0, rng.getrandbits(64) | 1))  # half of them exactly-once producers
     events = [Hello(rng.getrandbits(32), rng.randbytes(rng.randrange(257)),
-                    "é" * rng.randrange(33))]
+                    "é" * rng.randrange(33), producer_id=producer)]
     for _ in range(rng.randrange(6)):
         events.append(rng.choice((
-            Publish(rng.getrandbits(64), random_records(rng)), Ping(rng.getrandbits(64)))))
+            Publish(rng.getrandbits(64), random_records(rng),
+                    rng.getrandbits(64) if producer else None), Ping(rng.getrandbits(64)))))
     if rng.random() < 0.7:
         low, high = sorted((rng.getrandbits(32), rng.getrandbits(32)))
         events.append(Subscribe(rng.choice((StartKind.SEQUENCE, StartKind.TIME)),

@@ -87,10 +87,10 @@ def test_publish_over_the_welcome_limit_is_refused_not_fatal_and_changes_nothing
 def test_wrong_protocol_version_is_refused_in_hello_and_welcome(error_type):
     cstate = ConnectionState()
     with pytest.raises(error_type) as caught:
-        cstate.process_event(CLIENT, Hello(TENANT, protocol_version=2), error_type)
+        cstate.process_event(CLIENT, Hello(TENANT, protocol_version=3), error_type)
     assert caught.value.code is ErrorCode.UNSUPPORTED_VERSION and caught.value.fatal
-    assert caught.value.message == ("Hello names protocol version 2; this side speaks version 1"
-                                    " only; use a client and server of the same protocol"
+    assert caught.value.message == ("Hello names protocol version 3; this side speaks versions"
+                                    " 1 and 2; use a client and server that share a protocol"
                                     " version")
     assert snapshot(cstate) == (State.AWAIT_HELLO, None, None)
     cstate = state_in(State.AWAIT_WELCOME)
@@ -99,6 +99,42 @@ def test_wrong_protocol_version_is_refused_in_hello_and_welcome(error_type):
                              error_type)
     assert caught.value.code is ErrorCode.UNSUPPORTED_VERSION
     assert snapshot(cstate) == (State.AWAIT_WELCOME, HELLO, None)
+    # A version both sides speak, but not the Hello's: the server must answer in kind.
+    with pytest.raises(error_type, match="^Welcome names protocol version 1 but the Hello asked"
+                       " for version 2;") as caught:
+        cstate.process_event(SERVER, Welcome(TENANT, 1, 0, 0, 1, protocol_version=1),
+                             error_type)
+    assert snapshot(cstate) == (State.AWAIT_WELCOME, HELLO, None)
+
+
+@pytest.mark.parametrize("error_type", ERROR_TYPES, ids=lambda t: t.__name__)
+def test_version_1_hello_is_welcomed_in_version_1_without_a_producer(error_type):
+    cstate = ConnectionState()
+    hello = Hello(TENANT, protocol_version=1)
+    cstate.process_event(CLIENT, hello, error_type)
+    cstate.process_event(SERVER, Welcome(TENANT, 4, 0, 0, 8, protocol_version=1), error_type)
+    assert cstate.state is State.READY
+    cstate.process_event(CLIENT, Publish(1, RECORD), error_type)
+    with pytest.raises(error_type, match="Hello named no producer") as caught:
+        cstate.process_event(CLIENT, Publish(2, RECORD, producer_sequence=1), error_type)
+    assert caught.value.code is ErrorCode.MALFORMED_FRAME and caught.value.fatal
+
+
+@pytest.mark.parametrize("error_type", ERROR_TYPES, ids=lambda t: t.__name__)
+def test_a_producer_connection_sends_only_sequenced_publishes(error_type):
+    cstate = ConnectionState()
+    cstate.process_event(CLIENT, Hello(TENANT, producer_id=5), error_type)
+    cstate.process_event(SERVER, Welcome(TENANT, 4, 0, 0, 8), error_type)
+    cstate.process_event(CLIENT, Publish(1, RECORD, producer_sequence=0), error_type)
+    with pytest.raises(error_type, match="carries no producer_sequence on a connection whose"
+                       " Hello named producer 5") as caught:
+        cstate.process_event(CLIENT, Publish(2, RECORD), error_type)
+    assert caught.value.code is ErrorCode.MALFORMED_FRAME and caught.value.fatal
+
+
+def test_a_version_1_hello_cannot_name_a_producer():
+    with pytest.raises(LocalProtocolError, match="producer_id needs protocol version 2"):
+        Hello(TENANT, protocol_version=1, producer_id=5)
 
 
 @pytest.mark.parametrize("error_type", ERROR_TYPES, ids=lambda t: t.__name__)
