@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.protocol._errors import ErrorCode, ProtocolError
-from ringtail.service.protocol._events import Event, EventKind, Hello, Publish, Welcome, event_kind
+from ringtail.service.protocol._events import (Event, EventKind, Hello, Publish, Restore, Welcome,
+                                               event_kind)
 from ringtail.service.protocol._frames import FrameType
 from ringtail.service.protocol._limits import PROTOCOL_VERSIONS_SPOKEN
 
@@ -171,11 +172,28 @@ def _rule_publish(cstate: ConnectionState, event: Publish,
                          batch_id=event.batch_id)
 
 
+# The protocol version that added Restore (docs/PROTOCOL.md 4.13): on a
+# connection whose Hello named an older one, frame type 12 does not exist.
+RESTORE_PROTOCOL_VERSION_MIN = 2
+assert RESTORE_PROTOCOL_VERSION_MIN in PROTOCOL_VERSIONS_SPOKEN
+
+
+def _rule_restore(cstate: ConnectionState, event: Restore,
+                  error_type: type[ProtocolError]) -> None:
+    version = cstate.hello.protocol_version
+    if version < RESTORE_PROTOCOL_VERSION_MIN:
+        raise error_type(_E.UNKNOWN_FRAME_TYPE, f"Restore (frame type 12) is defined from"
+                         f" protocol version {RESTORE_PROTOCOL_VERSION_MIN}; this connection's"
+                         f" Hello named version {version}; connect with a version"
+                         f" {RESTORE_PROTOCOL_VERSION_MIN} Hello to restore")
+
+
 _Rule = Callable[["ConnectionState", Event, type[ProtocolError]], None]
 _RULES: dict[EventKind, _Rule] = {
     _K.HELLO: _rule_hello,
     _K.WELCOME: _rule_welcome,
     _K.PUBLISH: _rule_publish,
+    _K.RESTORE: _rule_restore,
 }
 # process_records() has no event to hand a rule: a rule for Records must come
 # with a change there (and in Connection.send_records) that checks the same.

@@ -132,6 +132,23 @@ def test_a_producer_connection_sends_only_sequenced_publishes(error_type):
     assert caught.value.code is ErrorCode.MALFORMED_FRAME and caught.value.fatal
 
 
+@pytest.mark.parametrize("error_type", ERROR_TYPES, ids=lambda t: t.__name__)
+def test_restore_needs_a_version_2_connection(error_type):
+    cstate = ConnectionState()
+    cstate.process_event(CLIENT, Hello(TENANT, protocol_version=1), error_type)
+    cstate.process_event(SERVER, Welcome(TENANT, 4, 0, 0, 8, protocol_version=1), error_type)
+    with pytest.raises(error_type, match=r"Restore \(frame type 12\) is defined from protocol"
+                       " version 2; this connection's Hello named version 1") as caught:
+        cstate.process_event(CLIENT, Restore(64, 2), error_type)
+    assert caught.value.code is ErrorCode.UNKNOWN_FRAME_TYPE and caught.value.fatal
+    assert cstate.state is State.READY
+    version_2 = ConnectionState()
+    version_2.process_event(CLIENT, Hello(TENANT), error_type)
+    version_2.process_event(SERVER, Welcome(TENANT, 4, 0, 0, 8), error_type)
+    version_2.process_event(CLIENT, Restore(64, 2), error_type)
+    assert version_2.state is State.RESTORING
+
+
 def test_a_version_1_hello_cannot_name_a_producer():
     with pytest.raises(LocalProtocolError, match="producer_id needs protocol version 2"):
         Hello(TENANT, protocol_version=1, producer_id=5)
