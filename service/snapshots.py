@@ -161,7 +161,7 @@ async def restore_through_daemon(client, snapshot_path: str, info, progress=None
                     f"the daemon stored {count} records at sequences {ack.first_sequence}.."
                     f"{ack.last_sequence}, expected {expected}..{expected + count - 1}: "
                     f"another publisher reached tenant {tenant_id}; "
-                    + _start_over(tenant_id, ack.first_sequence, first))
+                    + _start_over(tenant_id, expected, first))
             expected += count
         batches.clear()
         if progress is not None:

@@ -9,6 +9,7 @@ import re
 import numpy
 import pytest
 import trio
+import trio.testing
 from ringtail.ioring.record import RECORD_DTYPE, RECORD_SIZE_BYTES
 from ringtail.ioring.restore import (RESTORING_SUFFIX, install_staged_ring, stage_empty_ring,
                                      verify_for_restore)
@@ -292,3 +293,48 @@ def test_a_crash_between_staging_and_the_rename_leaves_the_old_empty_ring(tmp_pa
     assert not os.path.exists(staged)
     with open_ring(ring_path, tenant_id=2, io="threads") as ring:
         assert (ring.oldest_sequence, ring.next_sequence, ring.capacity) == (1280, 1280, 128)
+
+
+async def test_an_ack_at_other_sequences_than_the_snapshots_stops_the_restore(tmp_path):
+    """A daemon never stores a restore's batch elsewhere (the tenant is the restore's
+    alone), so this fault cannot be made with a real one: the peer here is a
+    hand-driven server Connection over an in-memory stream that acks the second
+    batch one sequence late. The real client code must stop and name both ranges."""
+    from ringtail.ioring.snapshot import new_header, write_snapshot
+    from ringtail.service import protocol
+    from ringtail.service.protocol import Ack, Publish, Restore, Welcome
+
+    records = RecordFactory(1, seed=11).records(5000)
+    out = os.fspath(tmp_path / "one.snap")
+    write_snapshot(out, new_header(1, 640, 5000), [records])
+    info = verify_for_restore(out)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    server = protocol.Connection(protocol.SERVER)
+
+    async def next_event():
+        while (event := server.next_event()) is protocol.NEED_DATA:
+            server.receive_data(await server_stream.receive_some(1 << 20))
+        return event
+
+    async def fake_daemon():
+        assert isinstance(await next_event(), protocol.Hello)
+        await server_stream.send_all(server.send(Welcome(2, 4096, 0, 0, 8192, "fake")))
+        assert await next_event() == Restore(640, 5000)
+        await server_stream.send_all(server.send(Welcome(2, 4096, 640, 640, 8192, "fake")))
+        first = 640
+        for skew in (0, 1):
+            event = await next_event()
+            assert isinstance(event, Publish)
+            first += skew
+            await server_stream.send_all(server.send(
+                Ack(event.batch_id, first, first + event.record_count - 1)))
+            first += event.record_count
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_daemon)
+            client = await Client.connect_stream(client_stream, 2)
+            with pytest.raises(CommandError, match=r"the daemon stored 904 records at sequences "
+                                                   r"4737\.\.5640, expected 4736\.\.5639") as bad:
+                await restore_through_daemon(client, out, info)
+    assert "tenant 2 holds the snapshot's sequences 640..4735" in str(bad.value)
