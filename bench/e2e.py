@@ -4,7 +4,7 @@ A benchmark, not a test: it prints one table and asserts nothing. Run it from
 the repository root (or as `ringtail bench`)::
 
     .venv/bin/ringtail bench              # full profile, about 4-5 minutes
-    .venv/bin/ringtail bench --quick      # under a minute, noisier
+    .venv/bin/ringtail bench --quick      # under two minutes, noisier, smaller counts
     .venv/bin/ringtail bench --json       # the results as JSON instead
     .venv/bin/ringtail bench --write-doc  # also rewrite the "End to end" section
                                           # of docs/BENCHMARKS.md (no other)
@@ -12,8 +12,9 @@ the repository root (or as `ringtail bench`)::
 What it runs, in one go (details in DOC_INTRO below, which is what the doc says):
 the disk's ceiling (plain pwritev + fdatasync loop, and fio when installed);
 ringtail ingest over the Unix socket from P publisher processes; replay from
-oldest; live-tail latency; the synchronous Publisher's cost in the caller; the
-daemon's memory with 100 tenants and 100 subscribers; and Redis Streams
+oldest and its pipe ceiling; live-tail latency and fan-out; the synchronous
+Publisher's cost in the caller; scale (memory with 1,000 tenants and 1,000
+subscribers, start-up with 1,000 rings); Redis Streams
 (Debian redis-server, started and stopped here) with redis-benchmark and
 redis-py. It installs nothing: `make bench` does (and says so); without
 redis-server or fio those rows are marked "not installed".
@@ -85,7 +86,7 @@ PROFILES = {
                   cell_s=0.6, warm_s=0.15, latency_s=0.6, ceiling_s=0.3, fio_s=1,
                   replay_records=1_000_000, tail_rates=(10_000, 100_000), tail_s=1.0,
                   publisher_records=200_000, scale_tenants=100,
-                  fanout=FANOUT_SUBSCRIBER_COUNTS, fanout_s=1.0, redis=True,
+                  fanout=FANOUT_SUBSCRIBER_COUNTS, fanout_s=0.6, redis=True,
                   redis_n=200_000, redis_small_n=50_000, redis_py_n=50_000,
                   redis_rtt_n=1_000),
     # For the smoke test: seconds, no Redis, no fio.
@@ -637,6 +638,7 @@ def run_memory(directory: str, profile: dict, progress) -> dict:
     created_s = time.perf_counter() - started
     daemon = Daemon(directory, "memory", "batch", SCALE_CAPACITY, http=True)
     first_start_s = daemon.ready_s
+    rings_only_mib = daemon.rss_mib()  # every ring open, no connection yet
     clients = []
     try:
         subscribers = []
@@ -656,7 +658,8 @@ def run_memory(directory: str, profile: dict, progress) -> dict:
                 client.read_frames(count)
         time.sleep(0.5)
         result = {"tenants": tenants, "subscribers": tenants, "rss_mib": daemon.rss_mib(),
-                  "peak_rss_mib": daemon.peak_rss_mib(), "rings_created_s": created_s,
+                  "peak_rss_mib": daemon.peak_rss_mib(), "rings_only_rss_mib": rings_only_mib,
+                  "rings_created_s": created_s,
                   "first_start_s": first_start_s}
     finally:
         for client in clients:
@@ -983,7 +986,8 @@ def table_rows(results: dict) -> list[str]:
     memory = results["memory"]
     rows.append(f"| scale | {memory['tenants']:,} tenants (a ring each) + "
                 f"{memory['subscribers']:,} subscribers connected | | | | | "
-                f"| {_n(memory['peak_rss_mib'], 1)} (now {_n(memory['rss_mib'], 1)}) | | |")
+                f"| {_n(memory['peak_rss_mib'], 1)} (now {_n(memory['rss_mib'], 1)}; rings "
+                f"open, no connection: {_n(memory.get('rings_only_rss_mib'), 1)}) | | |")
     rows.append(f"| scale | start-up to /readyz with {memory['tenants']:,} rings: fresh "
                 f"{memory['first_start_s']:.2f} s, after SIGTERM "
                 f"{memory['start_after_sigterm_s']:.2f} s, after kill -9 "
@@ -1199,9 +1203,15 @@ Redis Streams the same way, in one run. What each part measures:
 1. **Ceiling**: a plain `os.pwritev` loop of the same 64-byte records at 1, 64
    and 1,024 records per commit, with `os.fdatasync` after each (the
    durable ceiling) and without (the page-cache ceiling); fio (io_uring,
-   iodepth 1, `--fdatasync=1`) beside it when installed. "of ceiling" compares
-   a ringtail row with the plain loop at the client batch size and the same
-   sync mode (the daemon's group commit may merge batches into bigger chains).
+   iodepth 1, `--fdatasync=1`) beside it when installed; one 64-byte
+   `os.pwrite` + `os.fdatasync` at a time on a preallocated file (p50/p99:
+   the floor of "awaiting each ack"); and, right after the 4 x 1,024 cell,
+   the plain loop at the records per fdatasync the daemon reached in that
+   cell (its own `ringtail_fdatasyncs_total` and `ringtail_records_in_total`
+   from `/metrics`, scraped at the cell's start and end). The last column
+   compares with that loop: group commit merges the publishers' batches
+   into bigger chains, so the plain loop at the client's batch size is not
+   the ceiling.
 2. **Ingest**: P publisher processes (one connection each, all to one tenant)
    send pre-built Publish frames of B records with a blocking socket
    (`sendmsg`, no copy) and keep up to 16 batches unacknowledged (the async
@@ -1217,11 +1227,22 @@ Redis Streams the same way, in one run. What each part measures:
 3. **Replay**: a tenant filled with N records (sync=none daemon), then one
    subscriber from oldest without follow, reading to End: records/s is
    retained records covered per second (for the filtered row, 1 in 16
-   records passes and is sent).
+   records passes and is sent). The pipe ceiling, same run: the same bytes
+   read from the ring file (`preadv` into one 256 KiB buffer) and sent by
+   plain Python to a Unix-socket reader in another process (`recv_into`,
+   counting bytes): no verification, no framing.
 4. **Live tail**: one publisher offers R records/s (a batch every 1 ms, each
    record stamped with `perf_counter_ns` in its timestamp field) to a
    sync=batch daemon; a subscriber following from latest takes arrival minus
-   stamp per record: publish-to-subscriber latency, fsync included.
+   stamp per record: publish-to-subscriber latency, fsync included. Beside
+   it, the commit's own p99 (submit to durable) from the daemon's histogram
+   `ringtail_commit_seconds` over the same window (interpolated within its
+   buckets: 0.5, 1, 2.5, 5, 10, 25 ms ...). **Fan-out**: the same publisher
+   at 100 k records/s and 1, 10, 100 followers of its tenant, spread over up
+   to 4 reader processes (one selector each); daemon CPU per delivered
+   record and the latency over all of them. On 2 vCPUs the Python readers
+   fall behind at 10 and 100 (the delivered count says how far), so those
+   latencies include the readers' own queueing.
 5. **Client cost**: `service.publisher.Publisher.publish()` of one 64-byte
    record at a time in the caller's thread (amortised over the run), and the
    longest gap between two consecutive `publish()` returns in a second pass.
@@ -1234,11 +1255,29 @@ Redis Streams the same way, in one run. What each part measures:
    (redis-py publisher thread pipelining each 1 ms tick).
 7. "x Redis" compares with redis-benchmark `-c 4 -P 1000` XADD at the same
    durability (sync=batch with appendfsync always; sync=none with everysec,
-   which is the closer relaxed mode, not an equal one).
+   which is the closer relaxed mode, not an equal one); the 1-record rows
+   with 4 and 16 publishers compare with `-P 16 -c 4|16`, driven as they
+   are (16 in flight per connection).
+8. **Scale**: N ring files (1,024 records each, 2,048 slots) written before
+   a daemon starts, N subscribers from oldest (each replays its 1,024
+   records, then follows): RSS (VmRSS, VmHWM) and RSS with the rings open
+   and no connection; then the daemon is stopped (SIGTERM) and started
+   again, then killed (`kill -9`) and started again: seconds from `exec` to
+   `/readyz` answering 200 (every ring opened and recovered). N is 1,000 in
+   the full profile, 100 with `--quick`.
+
+The targets table prints issue 13's targets, each as the ratio or cost the
+issue names, measured in this run; `--json` has them under `targets`, one
+stable key each (`ingest_x_redis`, `ingest_of_plain_at_achieved`,
+`small_cpu_us_p4`, `small_x_redis_p4`, `small_cpu_us_p16`, `small_x_redis_p16`,
+`ack_p50_of_plain`, `tail_p99_margin_us_10k`, `tail_p99_margin_us_100k`,
+`replay_of_pipe`, `replay_filtered_of_pipe`, `publish_ns`, `scale_rss_mb`,
+`fanout_1|10|100`, `scale_start_after_sigterm_s`, `scale_start_after_kill_s`),
+each with `value` (the ratio or cost) and `met`.
 
 Figures vary by ±30% between runs on this virtual disk and 2 shared vCPUs
 (see the load average): compare rows of one run. `--quick` runs a subset in
-under a minute.
+under two minutes (smaller counts; the rows say which).
 """
 
 PROFILE_NOTES = """\
@@ -1390,7 +1429,8 @@ def main(argv: list[str] | None = None, prog_argv: list[str] | None = None) -> i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="a subset, under a minute")
+    parser.add_argument("--quick", action="store_true",
+                        help="a subset with smaller counts, under two minutes")
     parser.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--write-doc", action="store_true",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tracemalloc
 
 import pytest
 import trio
@@ -20,6 +21,7 @@ from ringtail.ioring import open_ring
 from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, StartKind, Subscribe
 from ringtail.service.limits import MALLOC_MMAP_THRESHOLD_BYTES
+from ringtail.service import subscribers
 from ringtail.service.protocol import encode_records_frame
 from ringtail.service.subscribers import (REPLAY_FRAME_RECORD_COUNT_MAX,
                                           REPLAY_READ_BUFFER_SIZE_BYTES,
@@ -43,13 +45,15 @@ class Sent:
     # What each send_records call was handed: a view of the subscription's
     # read buffer, valid until the call returns (frames keep copies).
     handed: list[object] = dataclasses.field(default_factory=list)
+    keep_handed: bool = True  # False: keep nothing of the subscription's buffer
 
     async def send(self, event) -> None:
         self.events.append(event)
 
     async def send_records(self, first_sequence: int, records: bytes, sequences) -> None:
         self.frames.append((first_sequence, sequences, bytes(records)))
-        self.handed.append(records)
+        if self.keep_handed:
+            self.handed.append(records)
         self.events.append("records")
         if self.gate is not None:
             await self.gate.wait()
@@ -134,6 +138,26 @@ async def test_replay_is_read_in_steps_of_the_read_maximum_sent_in_even_frames(t
             for first, _, records in sent.frames] == expected
     assert b"".join(records for _, _, records in sent.frames) == data
     assert sent.events == ["records"] * len(expected) + [End(REPLAY_READ_RECORD_COUNT_MAX + 100)]
+
+
+async def test_a_follower_that_caught_up_holds_no_read_buffer(tenant):
+    data = RecordFactory(TENANT, seed=8).records(REPLAY_READ_RECORD_COUNT_MAX + 100)
+    append(tenant, data)
+    sent = Sent(keep_handed=False)
+    tracemalloc.start()
+    try:
+        with trio.fail_after(TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_subscription, tenant, Subscribe(follow=True), sent.send,
+                                   sent.send_records)
+                await wait_all_tasks_blocked()  # replayed all, waits for a commit
+                held = sum(stat.size for stat in tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(True, subscribers.__file__)]).statistics("filename"))
+                nursery.cancel_scope.cancel()
+    finally:
+        tracemalloc.stop()
+    assert len(sent.records) == REPLAY_READ_RECORD_COUNT_MAX + 100
+    assert held < REPLAY_READ_BUFFER_SIZE_BYTES // 8, f"{held} bytes still held while idle"
 
 
 def test_a_replay_frame_stays_under_the_mmap_threshold():
