@@ -227,8 +227,41 @@ async def test_a_damaged_snapshot_is_refused_before_anything_is_sent(daemon, tmp
     assert not os.path.exists(server.ring_path(2))
 
 
+class KillingStream(trio.abc.HalfCloseableStream):
+    """The client's real socket stream, which SIGKILLs the daemon once
+    `kill_after_bytes` bytes went out, in the middle of a send: Publish
+    batches are then in flight (sent, some maybe durable, none acked). The
+    kill is real; only its moment is chosen here."""
+
+    def __init__(self, stream, server, kill_after_bytes: int):
+        self.stream, self.server, self.left = stream, server, kill_after_bytes
+
+    async def send_all(self, data) -> None:
+        if self.left is not None and len(data) > self.left:
+            cut, self.left = self.left, None
+            await self.stream.send_all(data[:cut])
+            await trio.to_thread.run_sync(self.server.kill)
+            data = data[cut:]  # the rest of the frame, after the kill
+        elif self.left is not None:
+            self.left -= len(data)
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None):
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@pytest.mark.parametrize("moment", ["between_ack_rounds", "batches_in_flight"])
 async def test_sigkill_in_the_middle_of_a_restore_leaves_a_prefix_and_says_how_to_start_over(
-        daemon, tmp_path):
+        daemon, tmp_path, moment):
     capacity = 262_144
     count = 3 * RESTORE_PIPELINE_BATCH_COUNT * 4096 + 1000  # more than one round of acks
     server = daemon(io="threads", capacity=capacity)
@@ -238,26 +271,31 @@ async def test_sigkill_in_the_middle_of_a_restore_leaves_a_prefix_and_says_how_t
     out = os.fspath(tmp_path / "one.snap")
     await take_snapshot(server, 1, out)
     info = verify_for_restore(out)
-    killed = []
+    acked = []
 
     def progress(done: int, total: int) -> None:
-        if not killed:  # after the first round of acks: the daemon dies mid-restore
-            killed.append(done)
-            server.kill()
+        acked.append(done)
+        if moment == "between_ack_rounds" and len(acked) == 1:
+            server.kill()  # after the first round of acks, before the next is sent
 
+    stream = await trio.open_unix_socket(server.socket_path)
+    if moment == "batches_in_flight":  # 1.5 rounds of batches sent, half a batch more
+        stream = KillingStream(stream, server, (3 * RESTORE_PIPELINE_BATCH_COUNT // 2) *
+                               (16 + 4096 * RECORD_SIZE_BYTES) + 2048 * RECORD_SIZE_BYTES)
     with trio.fail_after(TIMEOUT_S):
-        async with await Client.connect(server.socket_path, 2) as client:
+        async with await Client.connect_stream(stream, 2) as client:
             with pytest.raises(CommandError, match=r"the restore stopped: CONNECTION_LOST.*"
                                                    r"to start over, stop the daemon, delete "
                                                    r"tenant 2's ring file") as stopped:
                 await restore_through_daemon(client, out, info, progress)
-    assert killed == [RESTORE_PIPELINE_BATCH_COUNT * 4096]
-    assert f"tenant 2 holds the snapshot's sequences 0..{killed[0] - 1}" in str(stopped.value)
+    assert not server.alive
+    assert acked == [RESTORE_PIPELINE_BATCH_COUNT * 4096]  # one round of acks seen
+    assert f"tenant 2 holds the snapshot's sequences 0..{acked[0] - 1}" in str(stopped.value)
 
     await server.astart()
     held = await read_all(server.socket_path, 2)
     prefix = len(held.records)
-    assert killed[0] <= prefix < count
+    assert acked[0] <= prefix < count
     assert held.sequences == list(range(prefix))  # the snapshot's sequences, nothing else
     assert held.data == as_tenant(snapshot_records(out)[:prefix * RECORD_SIZE_BYTES], 2)
 
