@@ -263,7 +263,7 @@ class KillingStream(trio.abc.HalfCloseableStream):
 async def test_sigkill_in_the_middle_of_a_restore_leaves_a_prefix_and_says_how_to_start_over(
         daemon, tmp_path, moment):
     capacity = 262_144
-    count = 3 * RESTORE_PIPELINE_BATCH_COUNT * 4096 + 1000  # more than one round of acks
+    count = 2 * RESTORE_PIPELINE_BATCH_COUNT * 4096 + 1000  # more than 1.5 rounds of acks
     server = daemon(io="threads", capacity=capacity)
     records = numpy.frombuffer(RecordFactory(1, seed=10).records(count), RECORD_DTYPE).copy()
     records["epoch"] = numpy.arange(count) // 1000  # in order, as `ringtail diff` needs
