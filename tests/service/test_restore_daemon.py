@@ -376,3 +376,16 @@ async def test_an_ack_at_other_sequences_than_the_snapshots_stops_the_restore(tm
                                                    r"4737\.\.5640, expected 4736\.\.5639") as bad:
                 await restore_through_daemon(client, out, info)
     assert "tenant 2 holds the snapshot's sequences 640..4735" in str(bad.value)
+
+
+async def test_progress_bars_on_a_terminal_through_the_daemon(daemon, tmp_path):
+    from tests.service.test_snapshot_cli import run_on_terminal
+    server = daemon(io="threads", capacity=1024)
+    await publish(server.socket_path, 1, RecordFactory(1, seed=12).records(900))
+    out = os.fspath(tmp_path / "one.snap")
+    await take_snapshot(server, 1, out)
+    status, stdout, stderr = await trio.to_thread.run_sync(
+        run_on_terminal, ["restore", out, "--tenant", "2", "--socket", server.socket_path])
+    assert status == 0 and b"restored 900 records" in stdout and b"through the daemon" in stdout
+    assert b"restore: verify [" in stderr and b"restore: restore [" in stderr, stderr
+    assert stderr.count(b"100.0%") == 2, stderr
