@@ -31,7 +31,7 @@ from ringtail.service.diff import (
     make_options,
 )
 
-from tests.service.conftest import RINGTAIL
+from tests.service.conftest import RINGTAIL, DaemonProcess, run_cli, short_socket_dir
 
 COMMAND_TIMEOUT_S = 120
 EPOCH_COUNT, SLOT_COUNT = 10, 1000
@@ -40,6 +40,7 @@ SOURCE_KINDS = ("tenant", "ring", "vrrl", "snapshot")
 
 
 def ringtail(*args: str, input: bytes = b"") -> subprocess.CompletedProcess:
+    """`ringtail` as its own process, through the console script."""
     return subprocess.run([RINGTAIL, *args], input=input, capture_output=True,
                           timeout=COMMAND_TIMEOUT_S)
 
@@ -85,14 +86,29 @@ def runs():
     return {"a": (TENANT_A, a), "b": (TENANT_B, b), "c": (TENANT_C, c)}
 
 
-@pytest.fixture
-def sources(daemon, tmp_path, runs):
-    """{(run, kind): source argument} for runs a, b, c and every source kind."""
-    server = daemon(io="threads")
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, runs):
+    """{(run, kind): source argument} for runs a, b, c and every source kind.
+
+    One daemon and one set of files for the module: every test here only reads
+    them (a diff opens the ring files O_RDONLY and replays tenants without follow).
+    """
+    tmp_path = tmp_path_factory.mktemp("diff-sources")
+    server = DaemonProcess(os.fspath(tmp_path / "data"),
+                           os.path.join(short_socket_dir(tmp_path), "diff.sock"),
+                           {"io": "threads"}, cwd=os.fspath(tmp_path))
+    try:
+        server.start()
+        yield build_sources(server, tmp_path, runs)
+    finally:
+        server.close()
+
+
+def build_sources(server: DaemonProcess, tmp_path, runs) -> dict:
     result = {}
     for name, (tenant_id, data) in runs.items():
-        published = ringtail("publish", "--raw", "--tenant", str(tenant_id), "--socket",
-                             server.socket_path, input=data)
+        published = run_cli("publish", "--raw", "--tenant", str(tenant_id), "--socket",
+                            server.socket_path, input=data)
         assert published.returncode == 0, published.stderr.decode()
         records = [data[i:i + 64] for i in range(0, len(data), 64)]
         vrrl = os.fspath(tmp_path / f"{name}.vrrl")
@@ -107,8 +123,11 @@ def sources(daemon, tmp_path, runs):
     return result
 
 
-def diff(sources, a: str, b: str, *options: str) -> subprocess.CompletedProcess:
-    return ringtail("diff", a, b, "--socket", sources["socket"], *options)
+def diff(sources, a: str, b: str, *options: str, process: bool = False
+         ) -> subprocess.CompletedProcess:
+    """`ringtail diff A B`, in this process (run_cli) unless `process`."""
+    run = ringtail if process else run_cli
+    return run("diff", a, b, "--socket", sources["socket"], *options)
 
 
 def test_same_work_shuffled_with_other_timestamps_is_identical_for_every_pair_of_sources(
@@ -123,8 +142,10 @@ def test_same_work_shuffled_with_other_timestamps_is_identical_for_every_pair_of
 
 def test_a_changed_digest_and_a_missing_slot_are_named_for_every_source_kind(sources):
     digest = f"{output_digest(b'6:789'):016x}"
-    for kind_a, kind_b in zip(SOURCE_KINDS, SOURCE_KINDS[1:] + SOURCE_KINDS[:1]):
-        result = diff(sources, sources["a", kind_a], sources["c", kind_b])
+    for index, (kind_a, kind_b) in enumerate(zip(SOURCE_KINDS,
+                                                 SOURCE_KINDS[1:] + SOURCE_KINDS[:1])):
+        # The first pair through the console script: exit status 1 from a real process.
+        result = diff(sources, sources["a", kind_a], sources["c", kind_b], process=index == 0)
         assert result.returncode == 1, (kind_a, kind_b, result.stderr)
         lines = result.stdout.decode().splitlines()
         assert lines == [
@@ -185,7 +206,7 @@ def test_an_epoch_past_the_limit_is_an_error_naming_it_and_the_option(sources):
     (["tenant:1", "tenant:2", "--epochs", "3..1"], "X must not exceed Y"),
 ])
 def test_usage_errors_exit_2(tmp_path, argv, message):
-    result = ringtail("diff", *argv, "--socket", os.fspath(tmp_path / "none.sock"))
+    result = run_cli("diff", *argv, "--socket", os.fspath(tmp_path / "none.sock"))
     assert result.returncode == 2
     assert message in result.stderr.decode()
 
