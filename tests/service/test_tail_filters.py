@@ -9,48 +9,54 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
+import os
 
 import pytest
 from ringtail.ioring.record import SlotRecord
 from ringtail.service.auth import hash_token, new_token
 
-from tests.service.conftest import RINGTAIL, RecordFactory, tcp_port, write_config
+from tests.service.conftest import (DaemonProcess, RecordFactory, run_cli, short_socket_dir,
+                                    tcp_port, write_config)
 
 TENANT = 31
-COMMAND_TIMEOUT_S = 60
 TOKEN = new_token()
 
 
-def ringtail(*args: str, input: bytes = b"") -> subprocess.CompletedProcess:
-    return subprocess.run([RINGTAIL, *args], input=input, capture_output=True,
-                          timeout=COMMAND_TIMEOUT_S)
-
-
 def tail_json(where: list[str], *filters: str) -> list[dict]:
-    result = ringtail("tail", "--format", "json", "--tenant", str(TENANT), *where, *filters)
+    """`ringtail tail --format json` in this process (run_cli: cli.main, as the console
+    script runs it); the records it printed."""
+    result = run_cli("tail", "--format", "json", "--tenant", str(TENANT), *where, *filters)
     assert result.returncode == 0, result.stderr.decode()
     return [json.loads(line) for line in result.stdout.decode().splitlines()]
 
 
-@pytest.fixture
-def published(daemon, tmp_path):
-    """A daemon with a TCP listener and 600 varied records in TENANT; (where-lists, records)."""
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A daemon with a TCP listener and 600 varied records in TENANT; (where-lists, records).
+
+    One for the module: every test here only reads TENANT (non-follow tails)."""
+    tmp_path = tmp_path_factory.mktemp("tail-filters")
     config = write_config(tmp_path, f"""
         tcp_listen = "127.0.0.1:0"
         tcp_plaintext = true
         [tenants.{TENANT}]
         grants = [{{ token = "{hash_token(TOKEN)}", roles = ["publish", "subscribe"] }}]
         """)
-    server = daemon(config=config, io="threads")
-    factory = RecordFactory(TENANT, seed=11)
-    records = [factory.slot_record() for _ in range(600)]
-    result = ringtail("publish", "--raw", "--tenant", str(TENANT), "--socket",
-                      server.socket_path, input=b"".join(r.encode() for r in records))
-    assert result.returncode == 0, result.stderr.decode()
-    local = ["--socket", server.socket_path]
-    remote = ["--connect", f"127.0.0.1:{tcp_port(server)}", "--token", TOKEN, "--plaintext"]
-    return {"socket": local, "connect": remote}, records
+    server = DaemonProcess(os.fspath(tmp_path / "data"),
+                           os.path.join(short_socket_dir(tmp_path), "filters.sock"),
+                           {"config": config, "io": "threads"}, cwd=os.fspath(tmp_path))
+    try:
+        server.start()
+        factory = RecordFactory(TENANT, seed=11)
+        records = [factory.slot_record() for _ in range(600)]
+        result = run_cli("publish", "--raw", "--tenant", str(TENANT), "--socket",
+                         server.socket_path, input=b"".join(r.encode() for r in records))
+        assert result.returncode == 0, result.stderr.decode()
+        local = ["--socket", server.socket_path]
+        remote = ["--connect", f"127.0.0.1:{tcp_port(server)}", "--token", TOKEN, "--plaintext"]
+        yield {"socket": local, "connect": remote}, records
+    finally:
+        server.close()
 
 
 def expected(records: list[SlotRecord], keep) -> list[int]:
@@ -101,6 +107,6 @@ def test_since_starts_at_the_first_record_at_or_after_the_time(published, via):
     (["--since", "100", "--from", "3"], "--since and --from both say where to start"),
 ])
 def test_bad_filters_are_usage_errors(tmp_path, argv, message):
-    result = ringtail("tail", "--tenant", "1", "--socket", str(tmp_path / "none.sock"), *argv)
+    result = run_cli("tail", "--tenant", "1", "--socket", str(tmp_path / "none.sock"), *argv)
     assert result.returncode == 2
     assert message in result.stderr.decode()
