@@ -1281,130 +1281,126 @@ under two minutes (smaller counts; the rows say which).
 """
 
 PROFILE_NOTES = """\
-### Profiles (py-spy, what bounds each missed target)
+### What bounds each target (profiles and measurements, issue 13)
 
-**Read this first: the profiles below were taken at commit e9d2bb0, before
-three changes that the table above includes:** (1) the write-path memory
-leak described at the end of this section is fixed (2d14268: every batch's
-buffer stayed alive, and each new batch paid fresh page faults); (2) one
-hash call per chunk on verified reads (02191c9: read+verify 8.4 -> 19.2 M
-records/s in isolation) and per full chunk when planning a chain (e5a226c:
-planning 134 -> ~70-97 µs per 1,024 records); (3) replies decided together
-go out in one write, and small batches are checked without numpy (4 x
-1-record publishers, window 16: 5.9 k -> 11.0 k records/s in a separate
-run). Between the first full run and the table above: durable ingest 4 x
-1,024 went 1.47 M -> 3.24 M records/s (target met; 9.46x Redis always, just
-short of 10x), replay 5.5 M -> 9.4 M records/s, live tail p99 at 100 k/s
-13.0 -> 3.0 ms, peak RSS during ingest 1.2 GiB -> ~55 MiB. The shares below
-are out of date for ingest and replay; what they say about per-frame costs,
-ack latency and live tail still holds.
+The run above shared the machine's 2 vCPUs with other sessions' test suites
+(load average 3-5 throughout), and the disk changed speed between runs: in
+an earlier full run of the same code the same hour (load 4-5), one 64-byte
+pwrite + fdatasync took 182 µs p50 (3,035 µs above), the plain loop at
+4,096 records per commit wrote 6.2 M records/s (1.1 M above) and Redis
+`always` 74 k/s (150 k above). The verdicts that compare the daemon's CPU
+with the disk flip with it: in that run ingest was 16.25x Redis (met) but
+19% of the plain loop at 4,096 records per fdatasync (missed), and the
+awaiting-each-ack p50 was 5.30x the plain p50 (963 vs 182 µs, missed). On
+a fast disk the daemon is CPU-bound; on a slow one the disk hides it. Read
+the ratios of one run, and both runs for the CPU-bound targets.
 
-Taken with `.venv/bin/python -m bench.profile ingest|ingest-small|replay`
-(py-spy 250 Hz on the daemon, non-idle samples, self/total share by
-function), same machine, same working tree as the run above. The samples are
-of the daemon's Python thread only. The kernel's io_uring workers do not
-appear in them.
+**Replay** (missed: 7% of the pipe ceiling unfiltered, 7% filtered; target
+50% / 30%). Profiled with `.venv/bin/python -m bench.profile replay`
+(py-spy, 250 Hz, 10 s of back-to-back replays of 3 M records, load ~4), on
+the tree before this work (1cb3d59) and after it (46aa35a), self % of the
+daemon's samples:
 
-**Durable ingest, 4 publishers x 1,024 records, sync=batch** (2.04 M records/s
-while profiled, 0.42 CPU s per M records):
+| function | before | after | what it is |
+|---|---:|---:|---|
+| trio `_nonblocking_helper` | 39.2 | 32.2 | the `send` syscalls of the Records frames (the copy into the socket buffer) |
+| ioring `chunk_digest` | 11.4 | 24.0 | BLAKE3 of each 64-record chunk, one call per chunk |
+| ioring `verify_run` | 4.5 | 10.3 | per-chunk Python of the verification |
+| reader `_read_cached` / `_read_into_cached` | 15.2 | 3.1 | preadv RWF_NOWAIT: before into a fresh 256 KiB bytearray per read (an mmap, 64 page faults, a munmap: glibc's mmap threshold is 128 KiB, service/limits.py), after into the subscription's one buffer |
+| protocol `encode_records_frame` | 10.2 | 2.7 | the Records frame (a copy): before 256 KiB (mmap'd again), after at most 1,792 records (under the threshold: heap) |
+| trio `get_events` | 8.1 | 6.2 | waiting for the socket to drain |
+| replays in the 10 s | 9 | 13 | |
 
-| self % | function | what it is |
-|---:|---|---|
-| 20.4 | trio `_nonblocking_helper` | the socket `recv`/`send` syscalls (64 KiB Publish frames in, Acks out) |
-| 12.2 | ioring `encode_batch_entries` | chunk-table entries of each chain (engine planning; owned by the engine work) |
-| 12.1 | ioring `UringBackend._submit` | `io_uring_submit`: the buffered writes are done inline, so this is the page-cache copy |
-| 5.3 | service `TenantWriter._take` | `b"".join` of the gathered Publish batches into one chain buffer (a copy) |
-| 4.3 | service `check_records` | numpy magic/tenant check per Publish |
-| 2.9 + 1.9 | service `Connection.receive_data`, `_decode_publish` | `bytearray +=`, then `tobytes()` of the records (two more copies) |
+In one process (run_subscription over a 1 M-record ring, each frame
+encoded and dropped; CPU time): unfiltered ~140-240 ns per record before,
+~90-112 after (10-11 M records/s on a CPU of its own). End to end the
+daemon shares 2 vCPUs with the reader and the machine's other load, so the
+table's 2.5 M/s is far below that. The pipe ceiling is a bare `preadv` +
+`sendall` of 256 KiB steps: ~27 ns per record (38 M/s). 50% of it leaves
+the daemon ~55 ns per record for verification, framing and the send; the
+verification alone (one BLAKE3 call and ~2 µs of Python per 64-record
+chunk) costs ~50. **Not reachable in Python with per-chunk verification on
+this design.** What would come closer, in order: send the frame header and
+the buffer's view in one `sendmsg` instead of encoding a frame copy
+(service/connection.py `send_records` and a header-only encoder in
+service/protocol: not this work's files; it also makes the 1,792-record
+frame split moot, so frames could go back to 4,096 records); verify a run
+of chunks in one native call (the engine's); a native send loop. The
+filtered replay reads and verifies every record too, so the same bound
+applies (the filter itself is vectorised and sends 1/16 of the bytes).
 
-The daemon's Python thread was ~80% busy. The rest of the 2-vCPU machine
-runs the four publisher processes and the kernel's flush. The figure moves
-±30% with load: 1.47 M in the full run above, 2.10 M with `--quick`, 2.04 M
-under the profiler. A record is copied four times on its way in (recv,
-`+=` into the codec buffer, `tobytes`, `b"".join`). Removing all of these
-copies would save roughly 10% of the samples. That would not double the
-rate. **Target missed (≥ 2 M/s, ≥ 10x Redis always): bounded by Python
-CPU per batch on a 2-vCPU machine.** 10x Redis's C client (296 k/s) is
-~3 M/s. That is ~90% of the plain `pwritev` + `fdatasync` loop at 1,024
-records per commit. Group commit merges the four publishers' batches into
-chains of up to 4,096 records, so the disk alone would allow more. What
-would reach it: plan chain N+1 while chain N is in flight (the engine section
-says the same). `recv_into` a preallocated chain buffer, so records are
-copied once from the socket to the chain. Several daemon processes, one per
-tenant shard, to use more than one core.
+**Durable ingest, 4 x 1,024** (met above on a slow disk: 84% of the plain
+loop at 4,096 records per fdatasync, 6.21x Redis; in the fast-disk run
+19% and 16.25x). Group commit reaches 4,096 records per fdatasync (the
+chain's maximum) in every 1,024-record cell, so the disk is not the bound
+on a fast disk: the daemon's CPU is, 0.64-0.76 CPU s per M records, at most
+~1.3-1.6 M records/s on one core, against 5.0 M/s for 80% of the fast run's
+plain loop (≤ 0.2 µs per record). The profile in the previous revision of
+this section (socket syscalls 20%, chunk-table entries 12%, the io_uring
+submit's inline copy 12%, four copies of each record) still describes it.
+What would reach it: `recv_into` a preallocated chain buffer (one copy),
+plan chain N+1 while N is in flight, and one daemon process per tenant
+shard to use the second core (service/connection.py, batcher.py,
+ioring/batch.py, ring.py: the lead's files).
 
-**Small batches (`ingest-small`, 4 publishers x 1 record, window 16)**: 3.4 k
-records/s at ~180 µs of daemon CPU per Publish frame. 26% of the samples
-are socket syscalls (one `recv` per frame and one `send` per Ack). The rest is
-Trio task switches (receive loop, writer, reply loop: several wake-ups and an
-Event per request), `check_records` (7%: numpy's fixed cost on one record),
-and the codec's state checks. Per-frame costs, not the disk, bound every
-1-record row (the `1 rec` rows reach 0.01–0.02x Redis). Things that would help,
-not done here because server.py and batcher.py are under concurrent edits:
-send all ready Acks in one `send_all`, check a 1-record batch without numpy,
-and resolve requests without one Event each.
+**1-record frames, 4 and 16 publishers, window 16** (missed: 158-212 µs of
+daemon CPU per record, target 10; 0.05-0.11x Redis `-P 16 -c 4|16` above,
+0.13-0.47x in the fast-disk run). Group commit works (9 and 25 records per
+fdatasync), so each frame's own cost is the bound: one `recv` and one
+`send` per frame, several Trio task wake-ups and an Event per request, the
+codec's per-frame checks (the `ingest-small` profile in the previous
+revision: 26% socket syscalls, the rest per-frame Python). 10 µs per
+record is ~20x below what one frame costs in this design. What would reach
+it: parse every whole frame of a receive in one pass and hand the batcher
+one request per read, acknowledge per read (one Ack covering them), no
+Event per request (service/connection.py, batcher.py: the lead's files).
 
-**Ack latency, 1 publisher x 1 record awaiting each ack** (628 µs p50 vs
-Redis always 295 µs): the engine's chain alone takes ~370 µs p50 for a
-1-record batch at sync=batch (engine section). That is planning plus a
-linked write+fsync chain on io_uring's worker threads, where Redis
-writes and fsyncs in its main thread. On top of that come two socket hops and
-Trio scheduling. **Missed.** It would take a synchronous `pwrite` +
-`fdatasync` on the event loop's thread for lone small batches, which blocks
-the loop for ~0.2 ms, or a native write path.
+**1 record awaiting each ack** (met above, 0.58x, because the plain
+pwrite + fdatasync took 3 ms p50 on that disk; missed in the fast-disk run,
+5.30x: 963 µs vs 182 µs). On a fast disk the gap is the daemon's path:
+two socket hops, the batcher, chain planning, the linked write + fdatasync
+on io_uring's worker threads, reap. The engine section measures the
+io_uring chain alone at 2.1x the plain calls' p50. What would reach 1.25x:
+write and fdatasync a lone small batch synchronously on the loop (~0.2 ms
+of loop time) or a native write path (ring.py / batcher.py).
 
-**Replay from oldest, unfiltered** (5.5 M records/s, target 10 M):
+**Live tail** (missed: p99 47 ms at 10 k/s, 222 ms at 100 k/s, against the
+commit's own p99 of 13 and 24 ms from the daemon's histogram; in the
+fast-disk run 18 and 109 ms against 9.6 and 24). The commit histogram
+times a chain from submit to durable; a tailed record also waits for the
+chain in flight before its own, then the subscriber wakes on the commit,
+reads the batch back, verifies and sends it, all on 2 vCPUs shared with
+the publisher and the reader (and here with other sessions' load). The
+100 k/s p50 (69 ms) is far above the commit's, so most of it is queueing
+for the CPU, not the disk. What would help: hand a committed batch's bytes
+to its live followers from memory instead of reading them back (the
+writer's commit callback, service/tenants.py / batcher.py, would pass
+them; run_subscription would take them), which removes one read and one
+verification per batch and follower.
 
-| self % | total % | function | what it is |
-|---:|---:|---|---|
-| 21.5 | 30.3 | ioring `chunk_checksum` | BLAKE3 of every 64-record chunk read, one call per chunk |
-| 8.8 | 48.3 | ioring `read_verified` | per-chunk Python of the verified read (entries, hashers, finish) |
-| 23.8 | 24.4 | trio `_nonblocking_helper` | `send` of 256 KiB Records frames |
-| 17.1 | 17.1 | trio `get_events` | waiting for the socket to drain (the subscriber's pace) |
+**Publisher.publish()** (missed: 1,643 ns above, 2,916 in the fast-disk
+run, 937 with --quick; target 300; earlier quiet runs 196-507 ns). The
+caller shares the GIL with the Publisher's own sender thread, which
+encodes and sends in the same process, so on a loaded 2-vCPU machine the
+caller waits for GIL hand-offs (switch interval 5 ms; the worst stall, 88
+ms, is that). Not this work's file (service/publisher.py).
 
-Verification is about half of the daemon's replay time: ~5 µs of Python and
-BLAKE3 per 64-record chunk, ~80 ns per record. That alone caps replay near
-10 M/s before any socket work. **Missed (unfiltered); filtered (5.5 M/s ≥ 3 M)
-met**, because the filter is vectorised and sends 1/16 of the bytes.
-What would reach 10 M/s: verify several chunks per call or vectorise the
-chunk checks (engine), read and send bigger steps than 4,096 records
-(service), and for unfiltered replay send straight from the file (`os.sendfile`),
-since a tenant's records lie contiguously, once they are verified.
-
-**Live tail at 100 k records/s** (p99 13 ms, target 2 ms; p50 2.6 ms):
-not profiled separately. Each 1 ms tick's batch waits for the chain in flight
-and then its own chain (write + fsync, ~0.5–1 ms each here). The subscriber
-then wakes on the commit and reads back and verifies the batch from the
-ring file. All of this shares 2 vCPUs with the publisher and subscriber
-processes. **Missed.** Handing the committed batch's bytes (already in
-memory in `on_commit`) to live subscribers, instead of reading them back
-from the file, would remove one read and one verification per batch. p99 is
-still bounded below by the fsync tail of this disk.
-
-**Memory: a leak in the write path (ioring/uring.py), FIXED in 2d14268**
-(Iovecs now take the bytes; a test checks a buffer's refcount returns to
-baseline once its chain is reaped, on both backends). As found:
-The daemon's anonymous memory grows ~64 MiB per million records written and
-is never freed. The peak-RSS column climbs from 50 MiB to 1.2 GiB across the
-ingest cells; a fresh daemon after the 10 M-record fill is at 745 MiB. The
-`liburing.Iovec([memoryview(data)])` in `UringBackend.submit` never releases
-its buffer export. Checked in isolation: each Iovec made over a
-`memoryview` keeps the underlying `bytes` alive (refcount +1 per Iovec, 200
-MiB retained after 200 MiB of Iovecs), while `Iovec([data])` over the `bytes`
-itself retains nothing. tracemalloc in the daemon confirms it: the records
-decoded by `_decode_publish` stay allocated after their chain is reaped.
-The RSS target (67.5 MiB with 100 tenants and 100 subscribers) is met only
-because that scenario writes 100 k records. Under sustained ingest the
-daemon grows without bound. Fix for the engine's owner: pass the
-`bytes`/`bytearray` to `Iovec` directly, never a temporary `memoryview`, and
-add a test that a written batch's buffer is freed after `reap()`.
-
-**Client cost**: `Publisher.publish()` was 196 ns per record with `--quick`
-and 1,000 ns in the full run (1 M records). The caller shares the GIL with
-the Publisher's sender thread, which encodes and sends in the same process,
-so the figure depends on how often the switch interval (5 ms) hands the
-GIL over. The worst stall, 45 ms, is GIL hand-offs, far below the 1 s
-block timeout.
+**Scale** (RSS met: 105.6 MiB = 110.7 MB with 1,000 tenants and 1,000
+subscribers; 78.5 MiB with the 1,000 rings open and no connection, so
+~27 KiB per subscriber connection). A follower that caught up holds no read
+buffer: the first version of this work's buffer reuse kept a view of it
+alive in the loop while the subscription waited, and this cell measured
+172 MiB (68 KiB per subscriber) until that was fixed (a test now checks it
+with tracemalloc). Fan-out at 100 k records/s: daemon CPU per delivered
+record 5.2 µs (1 follower), 0.66 (10), 0.36 (100): the read, verification
+and per-frame costs are per follower and per frame, and frames grow as
+followers fall behind. The 10 and 100 points are bounded by the readers:
+4 Python processes on 2 vCPUs took 5.3 M of the 30 M records offered to 100
+followers, so their p99 (0.3 s, 1.7 s) is the readers' queueing. Start-up
+with 1,000 rings to /readyz: 2.7 s after SIGTERM, 2.5 s after kill -9
+(5.0 s for the first start, right after the files were written; not
+investigated). The interpreter's own start is ~1.5-1.8 s of each (measured
+with 3 rings).
 """
 
 
