@@ -9,6 +9,14 @@ goes out as the next chain. Never one write per request.
 
 Bounded: at most PENDING_RECORD_COUNT_MAX records wait per tenant; a publisher
 that would exceed it waits (backpressure) until the writer frees space.
+
+Exactly once (docs/PROTOCOL.md 4.12): a request of a producer (a Hello with a
+producer id) carries its producer sequence. A resend of a batch the ring's
+producer slots remember is answered with its original sequences without
+writing; a resend of one still queued or in flight (from a connection that
+died) shares that request. The acks of the producers' requests a chain
+completes are written in that chain (ioring/producers.py), so the window is
+as durable as the records.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Callable
 import trio
 
 from ringtail.ioring import RingError, RingFile
+from ringtail.ioring.producers import PRODUCER_ACK_COUNT_MAX, PRODUCER_CHAIN_WRITE_COUNT_MAX, ProducerAck
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.histogram import (BATCH_RECORD_COUNT_BOUNDS, LATENCY_NS_BOUNDS, Histogram,
                                         HistogramSnapshot)
@@ -44,6 +53,9 @@ class PublishRequest:
     last_sequence: int = -1
     error: RingError | None = None
     enqueued_ns: int = 0
+    producer_id: int = 0  # 0: not a producer's batch (at least once)
+    producer_sequence: int = 0
+    duplicate: bool = False  # answered from the producer window, not written again
 
     @property
     def record_count(self) -> int:
@@ -54,6 +66,7 @@ class PublishRequest:
 class WriterStatistics:
     batches: int
     records: int
+    duplicate_batches: int  # producers' resends answered with their original Ack
     pending_records: int
     failed: bool
     # For metrics (service/metrics.py): records per batch, submit -> durable
@@ -61,6 +74,10 @@ class WriterStatistics:
     batch_record_count: HistogramSnapshot
     commit_latency_ns: HistogramSnapshot
     ack_latency_ns: HistogramSnapshot
+
+
+class ProducerWindowPassed(Exception):
+    """A producer's batch is older than its window: refused, never stored (the message says why)."""
 
 
 class TenantWriter:
@@ -82,6 +99,10 @@ class TenantWriter:
         self._closing = False
         self._batches = 0
         self._records = 0
+        self._duplicates = 0
+        # Producers' requests queued or in flight, by (producer id, sequence):
+        # a resend from a new connection shares the request.
+        self._producer_pending: dict[tuple[int, int], PublishRequest] = {}
         # One observe per batch (and one per request for acks): a bisect and
         # three int adds, nothing per record.
         self._batch_record_count = Histogram(BATCH_RECORD_COUNT_BOUNDS)
@@ -89,29 +110,77 @@ class TenantWriter:
         self._ack_latency_ns = Histogram(LATENCY_NS_BOUNDS)
 
     def statistics(self) -> WriterStatistics:
-        return WriterStatistics(self._batches, self._records, self._pending_records,
+        return WriterStatistics(self._batches, self._records, self._duplicates,
+                                self._pending_records,
                                 self.ring.failed is not None,
                                 self._batch_record_count.snapshot(),
                                 self._commit_latency_ns.snapshot(),
                                 self._ack_latency_ns.snapshot())
 
-    async def publish(self, records: bytes) -> PublishRequest:
-        """Queue records (waiting for space if the tenant is over its bound)."""
-        request = PublishRequest(records, enqueued_ns=time.perf_counter_ns())
+    async def publish(self, records: bytes, producer_id: int = 0,
+                      producer_sequence: int = 0) -> PublishRequest:
+        """Queue records (waiting for space if the tenant is over its bound).
+
+        With a `producer_id`, a batch the producer window knows is not queued:
+        the request returned is the earlier one, or one already done with the
+        original sequences (`duplicate`).
+
+        Raises:
+            ProducerWindowPassed: the producer sequence is older than every
+                batch of the producer the window holds (it may be stored).
+        """
+        request = PublishRequest(records, enqueued_ns=time.perf_counter_ns(),
+                                 producer_id=producer_id, producer_sequence=producer_sequence)
         count = request.record_count
         assert 0 < count <= PENDING_RECORD_COUNT_MAX
+        if producer_id:
+            known = self._known(request)
+            if known is not None:
+                return known
         while self._pending_records and self._pending_records + count > PENDING_RECORD_COUNT_MAX:
             if self._space.is_set():
                 self._space = trio.Event()
             await self._space.wait()
+        if producer_id:  # again: a resend may have come while this one waited
+            known = self._known(request)
+            if known is not None:
+                return known
         if self.ring.failed is not None or self._closing:
             request.error = self.ring.failed or RingError("tenant writer is closed")
             request.done.set()
             return request
         self._queue.append((request, 0))
         self._pending_records += count
+        if producer_id:
+            self._producer_pending[producer_id, producer_sequence] = request
         self._work.set()
         return request
+
+    def _known(self, request: PublishRequest) -> PublishRequest | None:
+        """The answer the producer window has for `request`, or None if it is new."""
+        key = (request.producer_id, request.producer_sequence)
+        pending = self._producer_pending.get(key)
+        if pending is not None:
+            self._duplicates += 1
+            return pending
+        acks = self.ring.producers.acks(request.producer_id)
+        for ack in acks:
+            if ack.producer_sequence == request.producer_sequence:
+                self._duplicates += 1
+                request.first_sequence, request.last_sequence = ack.first_sequence, \
+                    ack.last_sequence
+                request.duplicate = True
+                request.done.set()
+                return request
+        if len(acks) == PRODUCER_ACK_COUNT_MAX and \
+                request.producer_sequence < acks[0].producer_sequence:
+            raise ProducerWindowPassed(
+                f"producer {request.producer_id:#x} sent producer_sequence "
+                f"{request.producer_sequence}, older than the {PRODUCER_ACK_COUNT_MAX} stored "
+                f"batches the daemon remembers for it (oldest {acks[0].producer_sequence}): it "
+                "may already be stored, so it is neither stored nor acknowledged; keep at most "
+                f"{PRODUCER_ACK_COUNT_MAX} batches unacknowledged per producer")
+        return None
 
     def close(self) -> None:
         """Finish what is queued, then let `run()` return."""
@@ -131,7 +200,7 @@ class TenantWriter:
             parts, data = self._take(batch_max)
             submitted_ns = time.perf_counter_ns()
             try:
-                ticket = self.ring.submit(data)
+                ticket = self.ring.submit(data, self._producer_acks(parts))
                 # Buffers belong to the kernel until reaped: never abandon a
                 # chain in flight, even when cancelled.
                 with trio.CancelScope(shield=True):
@@ -150,13 +219,34 @@ class TenantWriter:
             self._commit_latency_ns.observe(durable_ns - submitted_ns)
             self._on_commit(ticket.first_sequence, data)
 
+    def _producer_acks(self, parts) -> tuple[tuple[int, ProducerAck], ...]:
+        """(producer, ack) of each producer's request this chain completes."""
+        acks = []
+        sequence = self.ring.next_sequence
+        for request, start, count in parts:
+            if request.producer_id and start + count == request.record_count:
+                first = sequence if start == 0 else request.first_sequence
+                acks.append((request.producer_id, ProducerAck(
+                    request.producer_sequence, first, request.record_count)))
+            sequence += count
+        return tuple(acks)
+
     def _take(self, batch_max: int) -> tuple[list[tuple[PublishRequest, int, int]], bytes]:
-        """Pop up to batch_max records: (request, first index, count) per part."""
+        """Pop up to batch_max records: (request, first index, count) per part.
+
+        At most PRODUCER_CHAIN_WRITE_COUNT_MAX producers per chain (each costs
+        a slot write in it); the next producer's request starts the next chain.
+        """
         parts = []
         buffers = []
         room = batch_max
+        producers: set[int] = set()
         while self._queue and room:
             request, start = self._queue[0]
+            if request.producer_id and request.producer_id not in producers:
+                if len(producers) == PRODUCER_CHAIN_WRITE_COUNT_MAX:
+                    break
+                producers.add(request.producer_id)
             count = min(request.record_count - start, room)
             if start == 0 and count == request.record_count:
                 buffers.append(request.records)
@@ -183,6 +273,8 @@ class TenantWriter:
             sequence += count
             if start + count == request.record_count:
                 request.last_sequence = sequence - 1
+                if request.producer_id:
+                    del self._producer_pending[request.producer_id, request.producer_sequence]
                 request.done.set()
                 self._ack_latency_ns.observe(durable_ns - request.enqueued_ns)
 
@@ -194,5 +286,6 @@ class TenantWriter:
             request, _ = self._queue.popleft()
             request.error = error
             request.done.set()
+        self._producer_pending.clear()  # all failed: nothing of them is stored
         self._pending_records = 0
         self._space.set()

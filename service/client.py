@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import secrets
 import ssl
 from typing import AsyncIterator, Iterable
 
 import trio
 
+from ringtail.ioring.producers import PRODUCER_ACK_COUNT_MAX
 from ringtail.service import protocol
 from ringtail.service.errors import RingtailError, connection_lost_error
 from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, ErrorCode, Gap, Hello,
@@ -30,6 +32,7 @@ from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, End, Error, Error
 RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
 # Publish batches sent but not yet acknowledged by one pipelined publisher.
 PIPELINE_BATCH_COUNT_MAX = 16
+assert PIPELINE_BATCH_COUNT_MAX <= PRODUCER_ACK_COUNT_MAX
 # Seconds a client reads, after a send failed (EPIPE, ECONNRESET), for the
 # Error frame the daemon may have sent before it closed. A daemon that stopped
 # in order left it in our receive buffer, so reading ends at once (EOF); the
@@ -47,9 +50,15 @@ class Client:
     daemon's Error frame, or CONNECTION_LOST when it ended without one.
     """
 
-    def __init__(self, stream: trio.abc.Stream, tenant_id: int, peer: str = ""):
+    def __init__(self, stream: trio.abc.Stream, tenant_id: int, peer: str = "",
+                 producer_id: int = 0):
         self.stream = stream
         self.tenant_id = tenant_id
+        # Exactly once (docs/PROTOCOL.md 4.12): the Hello names this producer and
+        # every Publish carries a producer sequence, from next_producer_sequence
+        # unless publish_many() is given them (to resend a batch with its own).
+        self.producer_id = producer_id
+        self.next_producer_sequence = 0
         self.peer = peer  # the daemon's socket path or host:port, for messages; "" if unknown
         self.connection = protocol.Connection(protocol.CLIENT)
         self.welcome: Welcome | None = None
@@ -58,7 +67,8 @@ class Client:
 
     @classmethod
     async def connect(cls, socket_path: str, tenant_id: int, *, token: bytes = b"",
-                      client_name: str = "ringtail-client") -> "Client":
+                      client_name: str = "ringtail-client",
+                      producer_id: int | None = None) -> "Client":
         """Connect over the Unix socket and complete the handshake.
 
         Raises:
@@ -67,17 +77,22 @@ class Client:
         """
         stream = await trio.open_unix_socket(socket_path)
         return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name,
-                                        peer=socket_path)
+                                        peer=socket_path, producer_id=producer_id)
 
     @classmethod
     async def connect_stream(cls, stream: trio.abc.Stream, tenant_id: int, *,
                              token: bytes = b"", client_name: str = "ringtail-client",
-                             peer: str = "") -> "Client":
+                             peer: str = "", producer_id: int | None = None) -> "Client":
         """Handshake on a stream already connected (the stream is closed on failure).
 
         `peer` names the daemon (socket path or host:port) in error messages.
+        `producer_id`: None (default) picks a random one, so a batch resent on
+        a new Client with the same producer id and producer sequence is stored
+        once; 0 names no producer (at least once).
         """
-        client = cls(stream, tenant_id, peer)
+        if producer_id is None:
+            producer_id = secrets.randbits(64) or 1
+        client = cls(stream, tenant_id, peer, producer_id)
         try:
             await client._handshake(token, client_name)
         except BaseException:
@@ -88,7 +103,8 @@ class Client:
     @classmethod
     async def connect_tcp(cls, host: str, port: int, tenant_id: int, *, token: bytes | str,
                           ssl_context: ssl.SSLContext | None = None, plaintext: bool = False,
-                          client_name: str = "ringtail-client") -> "Client":
+                          client_name: str = "ringtail-client",
+                          producer_id: int | None = None) -> "Client":
         """Connect over TCP, TLS unless `plaintext` (the daemon allows that on loopback only).
 
         `ssl_context` defaults to the system's trust store
@@ -112,10 +128,11 @@ class Client:
                                     f"TLS handshake with {host}:{port} failed: "
                                     f"{error.__cause__ or error}") from error
         return await cls.connect_stream(stream, tenant_id, token=token, client_name=client_name,
-                                        peer=f"{host}:{port}")
+                                        peer=f"{host}:{port}", producer_id=producer_id)
 
     async def _handshake(self, token: bytes, client_name: str) -> None:
-        await self._send(Hello(self.tenant_id, token, client_name))
+        await self._send(Hello(self.tenant_id, token, client_name,
+                               producer_id=self.producer_id))
         event = await self.next_event()
         if isinstance(event, Error):
             raise RingtailError.from_event(event)
@@ -194,8 +211,15 @@ class Client:
         return acks[0]
 
     async def publish_many(self, batches: Iterable[bytes],
-                           window: int = PIPELINE_BATCH_COUNT_MAX) -> list[Ack]:
+                           window: int = PIPELINE_BATCH_COUNT_MAX,
+                           producer_sequences: Iterable[int] | None = None) -> list[Ack]:
         """Publish batches with up to `window` unacknowledged; acks in order.
+
+        A producer Client numbers them from `next_producer_sequence`, or with
+        `producer_sequences` (one per batch: to resend batches that got no
+        answer, with the numbers they were first sent with, for example on a
+        new Client with the same `producer_id`). The daemon answers a batch it
+        already stored with its original Ack.
 
         Raises:
             RingtailError: the first rejected batch, once every batch already
@@ -203,6 +227,11 @@ class Client:
                 later batches are not sent. Its `acks` are this call's stored
                 batches, in order. A fatal error is raised at once.
         """
+        if self.producer_id and window > PRODUCER_ACK_COUNT_MAX:
+            raise ValueError(f"window {window} is over PRODUCER_ACK_COUNT_MAX "
+                             f"({PRODUCER_ACK_COUNT_MAX}): a producer's resends must stay within "
+                             "the daemon's window of its last stored batches")
+        sequences = None if producer_sequences is None else iter(producer_sequences)
         acks: list[Ack] = []
         in_flight: collections.deque[int] = collections.deque()
         rejection: RingtailError | None = None
@@ -212,7 +241,14 @@ class Client:
             if rejection is not None:
                 break
             batch_id = next(self._batch_ids)
-            await self._send(Publish(batch_id, records))
+            sequence = None
+            if self.producer_id:
+                if sequences is None:
+                    sequence = self.next_producer_sequence
+                    self.next_producer_sequence += 1
+                else:
+                    sequence = next(sequences)
+            await self._send(Publish(batch_id, records, sequence))
             in_flight.append(batch_id)
         while in_flight:
             rejection = await self._collect(in_flight.popleft(), acks, rejection)

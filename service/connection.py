@@ -52,6 +52,7 @@ from ringtail.ioring import RingCorruptError
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service import protocol
 from ringtail.service.auth import Peer
+from ringtail.service.batcher import ProducerWindowPassed
 from ringtail.service.gate import Admission, ConnectionSlot, Gate, Refused
 from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode, Hello, Ping, Pong,
                                        ProtocolError, Publish, RemoteProtocolError, Restore,
@@ -308,7 +309,7 @@ class ConnectionHandler:
         ring = self.tenant.ring
         await self.send(Welcome(hello.tenant_id, protocol.PUBLISH_RECORD_COUNT_MAX,
                                 ring.oldest_sequence, ring.next_sequence, ring.capacity,
-                                "ringtail"))
+                                "ringtail", hello.protocol_version))
         send_replies, receive_replies = trio.open_memory_channel(
             CONNECTION_UNACKED_BATCH_COUNT_MAX)
         async with trio.open_nursery() as nursery:
@@ -454,8 +455,7 @@ class ConnectionHandler:
                             await self.refuse_batch(replies, refusal,
                                                     len(event.records) // RECORD_SIZE_BYTES)
                         else:
-                            request = await self.tenant.writer.publish(event.records)
-                            await replies.send((event.batch_id, request, None))
+                            await self._queue_publish(replies, event)
                 elif isinstance(event, Subscribe):
                     self.gate.admit_subscribe(self.admission)
                     self.subscription_scope = trio.CancelScope()
@@ -481,6 +481,20 @@ class ConnectionHandler:
         await self.send(dataclasses.replace(
             self.connection.welcome, oldest_sequence=ring.oldest_sequence,
             next_sequence=ring.next_sequence, capacity=ring.capacity))
+
+    async def _queue_publish(self, replies, event: Publish) -> None:
+        """Queue an admitted batch with the tenant's writer; its answer follows in order."""
+        try:
+            request = await self.tenant.writer.publish(
+                event.records, self.connection.hello.producer_id, event.producer_sequence or 0)
+        except ProducerWindowPassed as passed:
+            self._answered(len(event.records))  # counted as 0 records by the refusal below
+            await self._reply_room(0)
+            await self.refuse_batch(replies, RemoteProtocolError(
+                ErrorCode.PRODUCER_WINDOW_PASSED, str(passed), batch_id=event.batch_id),
+                event.record_count)
+            return
+        await replies.send((event.batch_id, request, None))
 
     async def refuse(self, refusal: Refused, deadline: float) -> None:
         """Answer a connection the gate refused with its Error, by `deadline`

@@ -202,6 +202,9 @@ def _tenant_families(registry, gate):
     records_in = _counter("ringtail_records_in", "Records made durable (acknowledged)",
                           ["tenant"])
     bytes_in = _counter("ringtail_bytes_in", "Record bytes made durable", ["tenant"])
+    duplicates = _counter("ringtail_duplicate_batches",
+                          "Producers' resent batches answered with their original Ack, not "
+                          "stored again (exactly once)", ["tenant"])
     batches = _counter("ringtail_batches", "Ring batches written (group commits)",
                        ["tenant"])
     fdatasyncs = _counter("ringtail_fdatasyncs", "fdatasync calls on the ring file",
@@ -236,6 +239,7 @@ def _tenant_families(registry, gate):
         records_in.add_metric(label, writer.records)
         bytes_in.add_metric(label, writer.records * RECORD_SIZE_BYTES)
         batches.add_metric(label, writer.batches)
+        duplicates.add_metric(label, writer.duplicate_batches)
         fdatasyncs.add_metric(label, ring.fdatasync_count)
         _add_histogram(batch_records, label, writer.batch_record_count)
         _add_histogram(commit_seconds, label, writer.commit_latency_ns, 1e9)
@@ -250,7 +254,7 @@ def _tenant_families(registry, gate):
         next_sequence.add_metric(label, ring.next_sequence)
         failed.add_metric(label, 1 if writer.failed else 0)
         backend.add_metric([str(tenant_id), ring.backend], 1)
-    yield from (records_in, bytes_in, batches, fdatasyncs, batch_records, commit_seconds,
+    yield from (records_in, bytes_in, batches, duplicates, fdatasyncs, batch_records, commit_seconds,
                 ack_seconds, pending, subscribers, capacity, retained, fill,
                 next_sequence, failed, backend)
 

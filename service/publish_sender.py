@@ -44,9 +44,15 @@ What it does:
 - Fatal Error frames, EOF and protocol violations end the connection:
   `receive_data()` raises ConnectionEndedError with the reason.
 
-Issue 10 (exactly once) will add a producer id to the Hello this object
-builds and a per-batch producer sequence to each Publish: `_Batch` is where
-that sequence lives (fixed at the cut, kept across resends).
+Exactly once (docs/PROTOCOL.md 4.12): when the Hello names a producer id,
+each batch gets a producer sequence the first time it is sent, and keeps it
+across resends after a lost connection, so the daemon answers a batch it
+already stored with the original Ack. A batch refused with a non-fatal
+Error was not stored: it loses its number and gets a new one when it is
+sent again (so a resend after a backoff is never taken for one the window
+has passed). The window (`window_batch_count_max`) is at most the daemon's
+PRODUCER_ACK_COUNT_MAX, so every batch it can resend is in the daemon's
+window.
 
 Ordering: without transient refusals and BATCH_TOO_LARGE, batches are stored
 in cut order; a refused batch resent later may be stored after batches cut
@@ -61,6 +67,7 @@ from typing import Protocol
 
 import numpy
 
+from ringtail.ioring.producers import PRODUCER_ACK_COUNT_MAX
 from ringtail.ioring.record import (RECORD_DTYPE, RECORD_FAULT_MAGIC, RECORD_MAGIC,
                                     RECORD_SIZE_BYTES, check_records)
 from ringtail.service.errors import RingtailError, connection_lost_error
@@ -82,6 +89,9 @@ log = logging.getLogger("ringtail.publisher")
 # (64), so the daemon never stops reading us; enough to cover the fsync of one
 # group commit while the next gathers.
 UNACKED_BATCH_COUNT_MAX = 16
+# Every batch a producer can resend is among its last PRODUCER_ACK_COUNT_MAX
+# stored ones, which the daemon remembers (docs/PROTOCOL.md 4.12).
+assert UNACKED_BATCH_COUNT_MAX <= PRODUCER_ACK_COUNT_MAX
 # Resends of one batch refused with a transient code (QUOTA_EXCEEDED,
 # STORAGE_FAILED), with a capped doubling delay between them (RETRY_DELAY_S_MIN
 # x 2^retry, at most RETRY_DELAY_S_MAX; the Publisher's reconnect backoff),
@@ -136,10 +146,12 @@ class ConnectionEndedError(ConnectionError):
 class _Batch:
     """One Publish batch: its records are fixed when it is cut and resent as they are."""
 
-    __slots__ = ("batch_id", "records", "count", "ordinal", "sent", "resend", "retry_count")
+    __slots__ = ("batch_id", "records", "count", "ordinal", "sent", "resend", "retry_count",
+                 "producer_sequence")
 
     def __init__(self, batch_id: int, records: bytes, ordinal: int):
         self.batch_id = batch_id
+        self.producer_sequence: int | None = None  # set when first sent (producers only)
         self.records = records
         self.count = len(records) // RECORD_SIZE_BYTES
         self.ordinal = ordinal  # ordinal of the first taken record this batch answers for
@@ -204,6 +216,8 @@ class PublishSender:
         self._staged_offset = 0  # bytes of _staged already cut
         self._cut_ordinal = 0  # ordinal of the first taken record not yet cut
         self._next_batch_id = 1
+        self._producer = hello.producer_id  # 0: no producer, at least once
+        self._next_producer_sequence = 0
         self._batch_record_count_max = PUBLISH_RECORD_COUNT_MAX
         self.send_not_before = 0.0  # `now` before which nothing is sent (transient refusal)
         self._rejection_logged = False  # log the first rejection; count the others
@@ -297,6 +311,7 @@ class PublishSender:
                                        f"not in flight on this connection: {error}")
         self._in_flight -= 1
         batch.sent = False
+        batch.producer_sequence = None  # refused, so not stored: a resend is a new batch
         if event.code in TRANSIENT_CODES and batch.retry_count < TRANSIENT_RETRY_COUNT_MAX:
             self._source.note_error(error)
             batch.retry_count += 1
@@ -353,7 +368,11 @@ class PublishSender:
             self._source.count_resent(batch.count)
         batch.sent = True
         self._in_flight += 1
-        return self._connection.send(Publish(batch.batch_id, batch.records))
+        if self._producer and batch.producer_sequence is None:
+            batch.producer_sequence = self._next_producer_sequence
+            self._next_producer_sequence += 1
+        return self._connection.send(Publish(batch.batch_id, batch.records,
+                                             batch.producer_sequence))
 
     def _cut_batch(self) -> _Batch | None:
         """The next batch from the taken records (checked, if asked), or None."""

@@ -55,16 +55,23 @@ how many of its records were taken; it never raises into the caller's loop
 except PublisherFullError when asked, ValueError for a length that is not a
 positive multiple of 64 (a bug), and PublisherClosedError after close().
 
-Delivery is at-least-once, in publish order:
+Delivery is exactly once by default (``exactly_once=True``), in publish order:
 
 - When the connection breaks (daemon killed or restarted, socket error, a
   fatal Error frame, a protocol violation), the sender reconnects with capped
   exponential backoff (RECONNECT_DELAY_S_MIN doubling to RECONNECT_DELAY_S_MAX,
   without end while the publisher is open) and first resends, in their
   original order and with byte-identical records, every batch that was sent
-  but not acknowledged. A batch that the old daemon made durable but whose Ack
-  was lost is therefore stored twice: duplicates are always whole batches,
-  never partial ones, and no acknowledged or buffered record goes missing.
+  but not acknowledged. No acknowledged or buffered record goes missing.
+- The Publisher names itself with a random producer id and numbers its
+  batches (docs/PROTOCOL.md 4.12): a resent batch that the daemon already
+  made durable (its Ack was lost) is answered with its original Ack and not
+  stored again, also across a daemon restart or `kill -9`. The exceptions
+  are listed there (a daemon too old for protocol version 2 refuses the
+  Hello; a tenant whose ring file is format version 1 has no window; a
+  kept batch split because the daemon lowered its batch limit in between).
+  With ``exactly_once=False`` (no producer id) it is at least once: such a
+  batch is stored twice; duplicates are always whole batches, never partial.
 - A batch refused with a transient code (QUOTA_EXCEEDED, STORAGE_FAILED) is
   resent after a backoff, up to TRANSIENT_RETRY_COUNT_MAX times, then counted
   as rejected. Batches sent after it may be stored before it.
@@ -115,9 +122,11 @@ Error handling:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
+import secrets
 import selectors
 import socket
 import threading
@@ -202,6 +211,8 @@ class Publisher:
         buffer_record_count_max: records buffered at most, 1..BUFFER_RECORD_COUNT_MAX.
         check_records: check magic and tenant_id in the sender thread, so a
             bad record is dropped alone rather than sinking its whole batch.
+        exactly_once: name this Publisher with a random producer id so the
+            daemon stores a resent batch once (module docstring).
 
     Raises:
         ValueError: an argument is out of range.
@@ -223,9 +234,12 @@ class Publisher:
                  client_name: str = "ringtail-publisher", policy: str = "block",
                  block_timeout_s: float = BLOCK_TIMEOUT_S_DEFAULT, raise_on_full: bool = False,
                  buffer_record_count_max: int = BUFFER_RECORD_COUNT_MAX,
-                 check_records: bool = True):
+                 check_records: bool = True, exactly_once: bool = True):
         hello = _check_arguments(tenant_id, token, client_name, policy, block_timeout_s,
                                  buffer_record_count_max)
+        if exactly_once:  # a random producer id: one per Publisher (PROTOCOL.md 4.12)
+            hello = dataclasses.replace(hello, producer_id=secrets.randbits(64) or 1)
+        self.producer_id = hello.producer_id  # 0: at least once
         self.socket_path = socket_path
         self.tenant_id = tenant_id
         self._buffer = PublishBuffer(self._wake, policy=policy, block_timeout_s=block_timeout_s,

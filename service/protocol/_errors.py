@@ -47,6 +47,7 @@ class ErrorCode(enum.IntEnum):
     CONNECTION_LOST = 23
     IDLE_TIMEOUT = 24
     RESTORE_REFUSED = 25
+    PRODUCER_WINDOW_PASSED = 26
 
     @property
     def fatal(self) -> bool:
@@ -147,6 +148,12 @@ ERROR_CODE_INFO: dict[ErrorCode, ErrorCodeInfo] = {
               " not fit the tenant's capacity (the message says which)",
         "restore into an empty tenant no one else uses, on a new connection; the message"
         " says how to start over"),
+    _E.PRODUCER_WINDOW_PASSED: ErrorCodeInfo(
+        False, "a producer's Publish names a producer_sequence older than every batch of that"
+               " producer the daemon remembers (its last 16 stored): it may already be stored,"
+               " so it is neither stored nor acknowledged",
+        "keep at most 16 batches unacknowledged per producer (the Publisher does); treat the"
+        " batch as possibly stored"),
 }
 assert set(ERROR_CODE_INFO) == set(ErrorCode)
 

@@ -17,8 +17,11 @@ from trio.testing import wait_all_tasks_blocked
 
 from ringtail.ioring import RingError, open_ring
 from ringtail.ioring.batch import BatchTicket
+from ringtail.ioring.producers import (PRODUCER_ACK_COUNT_MAX, PRODUCER_CHAIN_WRITE_COUNT_MAX,
+                                       ProducerAck)
 from ringtail.ioring.record import RECORD_SIZE_BYTES
-from ringtail.service.batcher import PENDING_RECORD_COUNT_MAX, TenantWriter
+from ringtail.service.batcher import (PENDING_RECORD_COUNT_MAX, ProducerWindowPassed,
+                                      TenantWriter)
 
 TIMEOUT_S = 30  # a hang guard, never a synchronisation
 
@@ -26,6 +29,17 @@ TIMEOUT_S = 30  # a hang guard, never a synchronisation
 def records(count: int, fill: int) -> bytes:
     """`count` 64-byte records whose every byte is `fill` (the writer does not look)."""
     return bytes([fill]) * (count * RECORD_SIZE_BYTES)
+
+
+class GatedProducers:
+    """The part of ioring's ProducerTable the writer reads: each producer's last
+    PRODUCER_ACK_COUNT_MAX acks, installed when their chain completes."""
+
+    def __init__(self):
+        self.installed: dict[int, list[ProducerAck]] = {}
+
+    def acks(self, producer_id: int) -> tuple[ProducerAck, ...]:
+        return tuple(self.installed.get(producer_id, ())[-PRODUCER_ACK_COUNT_MAX:])
 
 
 class GatedRing:
@@ -37,6 +51,8 @@ class GatedRing:
         self.failed = None
         self.next_sequence = 0
         self.submitted: list[bytes] = []  # each chain's records, in order
+        self.submitted_acks: list[tuple] = []  # each chain's (producer, ack) pairs
+        self.producers = GatedProducers()
         self._pending: BatchTicket | None = None
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
@@ -49,12 +65,14 @@ class GatedRing:
     def in_flight(self) -> bool:
         return self._pending is not None
 
-    def submit(self, data: bytes) -> BatchTicket:
+    def submit(self, data: bytes, acks: tuple = ()) -> BatchTicket:
         assert self._pending is None, "the writer submitted a chain while one was in flight"
         assert 0 < len(data) // RECORD_SIZE_BYTES <= self.batch_record_count_max
+        assert len({producer for producer, _ in acks}) <= PRODUCER_CHAIN_WRITE_COUNT_MAX
         self._pending = BatchTicket(len(self.submitted) + 1, self.next_sequence,
                                     len(data) // RECORD_SIZE_BYTES)
         self.submitted.append(data)
+        self.submitted_acks.append(acks)
         return self._pending
 
     def complete(self) -> None:
@@ -69,6 +87,8 @@ class GatedRing:
             return []
         ticket, self._pending = self._pending, None
         self.next_sequence = ticket.next_sequence
+        for producer, ack in self.submitted_acks[ticket.tag - 1]:
+            self.producers.installed.setdefault(producer, []).append(ack)
         return [ticket]
 
     def close(self) -> None:
@@ -222,3 +242,119 @@ async def test_the_writer_on_a_real_ring_stores_every_request_at_its_acknowledge
         # The writer's count of chains is the ring's own count of commits (group
         # commit may merge requests, so the number itself is not fixed).
         assert statistics.batches == real_ring.statistics().batches_committed
+
+
+# -- exactly once: the producer window (docs/PROTOCOL.md 4.12) -------------------------
+
+
+async def test_a_producer_resend_is_answered_with_the_original_sequences_not_written(ring):
+    writer = TenantWriter(ring, lambda first, data: None)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            other = await writer.publish(records(2, 9))  # not a producer's: no ack kept
+            await wait_all_tasks_blocked()
+            first = await writer.publish(records(3, 1), producer_id=77, producer_sequence=5)
+            ring.complete()
+            await other.done.wait()
+            await wait_all_tasks_blocked()
+            ring.complete()
+            await first.done.wait()
+            assert ring.submitted_acks == [(), ((77, ProducerAck(5, 2, 3)),)]
+
+            again = await writer.publish(records(3, 1), producer_id=77, producer_sequence=5)
+            assert again.done.is_set() and again.duplicate and again.error is None
+            assert (again.first_sequence, again.last_sequence) == (2, 4)
+            # Another producer's same number, and this producer's next, are new batches.
+            new = [await writer.publish(records(1, 2), producer_id=78, producer_sequence=5),
+                   await writer.publish(records(1, 3), producer_id=77, producer_sequence=6)]
+            await wait_all_tasks_blocked()
+            ring.complete()
+            for request in new:
+                await request.done.wait()
+            assert [(r.first_sequence, r.duplicate) for r in new] == [(5, False), (6, False)]
+            writer.close()
+    assert len(ring.submitted) == 3
+    assert writer.statistics().duplicate_batches == 1
+
+
+async def test_a_resend_while_the_first_copy_is_in_flight_shares_its_answer(ring):
+    writer = TenantWriter(ring, lambda first, data: None)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            blocker = await writer.publish(records(1, 0))
+            await wait_all_tasks_blocked()
+            queued = await writer.publish(records(2, 1), producer_id=7, producer_sequence=0)
+            resent = await writer.publish(records(2, 1), producer_id=7, producer_sequence=0)
+            assert resent is queued  # queued, not yet written: one request, two answers
+            ring.complete()
+            await blocker.done.wait()
+            await wait_all_tasks_blocked()
+            in_flight = await writer.publish(records(2, 1), producer_id=7, producer_sequence=0)
+            assert in_flight is queued  # in flight now: still the same request
+            ring.complete()
+            await queued.done.wait()
+            writer.close()
+    assert [len(chain) // RECORD_SIZE_BYTES for chain in ring.submitted] == [1, 2]
+    assert (queued.first_sequence, queued.last_sequence) == (1, 2)
+    assert writer.statistics().duplicate_batches == 2
+
+
+async def test_a_sequence_older_than_a_full_window_is_refused_not_stored(ring):
+    writer = TenantWriter(ring, lambda first, data: None)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            for sequence in range(10, 10 + PRODUCER_ACK_COUNT_MAX):
+                request = await writer.publish(records(1, 1), producer_id=3,
+                                               producer_sequence=sequence)
+                await wait_all_tasks_blocked()
+                ring.complete()
+                await request.done.wait()
+            # Inside the window's range but never stored (a refused batch's old
+            # number): new. Below the window's oldest: it may be stored, refused.
+            assert (await writer.publish(records(1, 1), producer_id=3,
+                                         producer_sequence=10)).duplicate
+            with pytest.raises(ProducerWindowPassed, match="producer 0x3 sent producer_sequence 9,"
+                               " older than the 16 stored batches the daemon remembers for it"
+                               r" \(oldest 10\)"):
+                await writer.publish(records(1, 1), producer_id=3, producer_sequence=9)
+            writer.close()
+    assert len(ring.submitted) == PRODUCER_ACK_COUNT_MAX
+
+
+async def test_a_chain_carries_at_most_eight_producers_and_acks_a_split_request_with_its_last_part():
+    ring = GatedRing(batch_record_count_max=64)
+    try:
+        writer = TenantWriter(ring, lambda first, data: None)
+        with trio.fail_after(TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                blocker = await writer.publish(records(1, 0))
+                await wait_all_tasks_blocked()
+                requests = [await writer.publish(records(1, p), producer_id=100 + p,
+                                                 producer_sequence=p)
+                            for p in range(PRODUCER_CHAIN_WRITE_COUNT_MAX + 1)]
+                ring.complete()
+                await blocker.done.wait()
+                await wait_all_tasks_blocked()
+                # The ninth producer waits for the next chain.
+                assert len(ring.submitted[1]) // RECORD_SIZE_BYTES == PRODUCER_CHAIN_WRITE_COUNT_MAX
+                big = await writer.publish(records(100, 5), producer_id=100, producer_sequence=50)
+                ring.complete()
+                await requests[-2].done.wait()
+                await wait_all_tasks_blocked()
+                ring.complete()  # the ninth and the first 63 records of the big one
+                await requests[-1].done.wait()
+                await wait_all_tasks_blocked()
+                ring.complete()
+                await big.done.wait()
+                writer.close()
+    finally:
+        ring.close()
+    assert [len(acks) for acks in ring.submitted_acks] == [0, 8, 1, 1]
+    assert ring.submitted_acks[2] == ((108, ProducerAck(8, 9, 1)),)
+    # The split request's ack rides with its last part, naming its whole range.
+    assert ring.submitted_acks[3] == ((100, ProducerAck(50, 10, 100)),)
+    assert (big.first_sequence, big.last_sequence) == (10, 109)

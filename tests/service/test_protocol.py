@@ -196,15 +196,16 @@ def test_wire_numbers_never_change():
              " AUTH_FAILED FORBIDDEN QUOTA_EXCEEDED BATCH_TOO_LARGE UNKNOWN_TENANT STORAGE_FAILED"
              " SHUTTING_DOWN BAD_SUBSCRIBE HANDSHAKE_TIMEOUT TOO_MANY_CONNECTIONS"
              " TOO_MANY_SUBSCRIBERS INTERNAL TENANT_UNAVAILABLE CONNECTION_LOST IDLE_TIMEOUT"
-             " RESTORE_REFUSED").split()
-    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 26)))
+             " RESTORE_REFUSED PRODUCER_WINDOW_PASSED").split()
+    assert [(code.name, int(code)) for code in ErrorCode] == list(zip(codes, range(1, 27)))
     frame_types = ("HELLO WELCOME PUBLISH ACK SUBSCRIBE RECORDS GAP END ERROR PING PONG"
                    " RESTORE").split()
     assert [(t.name, int(t)) for t in FrameType] == list(zip(frame_types, range(1, 13)))
     assert [int(kind) for kind in StartKind] == [0, 1, 2, 3]
     assert {c for c in ErrorCode if not c.fatal} == {
         ErrorCode.BAD_RECORD_SIZE, ErrorCode.BAD_RECORD_MAGIC, ErrorCode.WRONG_TENANT,
-        ErrorCode.QUOTA_EXCEEDED, ErrorCode.BATCH_TOO_LARGE, ErrorCode.STORAGE_FAILED}
+        ErrorCode.QUOTA_EXCEEDED, ErrorCode.BATCH_TOO_LARGE, ErrorCode.STORAGE_FAILED,
+        ErrorCode.PRODUCER_WINDOW_PASSED}
 
 
 def test_public_surface_is_pinned():
