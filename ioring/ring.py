@@ -287,9 +287,10 @@ class RingFile:
             committed.extend(self.reap())
         return committed
 
-    def append(self, records: bytes) -> BatchTicket:
+    def append(self, records: bytes,
+               acks: tuple[tuple[int, ProducerAck], ...] = ()) -> BatchTicket:
         """Submit one batch and wait for it: the blocking convenience."""
-        ticket = self.submit(records)
+        ticket = self.submit(records, acks)
         self.wait()
         return ticket
 
