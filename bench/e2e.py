@@ -159,7 +159,8 @@ def histogram_quantile(before: dict, after: dict, name: str, tenant: int, q: flo
         if count >= target:
             if bound == float("inf"):
                 return previous_bound
-            share = (target - previous_count) / (count - previous_count) if count > previous_count else 1
+            share = ((target - previous_count) / (count - previous_count)
+                     if count > previous_count else 1)
             return previous_bound + (bound - previous_bound) * share
         previous_bound, previous_count = bound, count
     return previous_bound
@@ -951,10 +952,11 @@ def table_rows(results: dict) -> list[str]:
         what = ("unfiltered" if name == "unfiltered" else
                 f"opcode filter (1 in 16 pass: {cell['delivered']:,} sent)")
         pipe = replay.get("pipe", {}).get("records_per_s")
+        versus = _ratio(cell["records_per_s"], redis_replay_rate) if name == "unfiltered" else "—"
         rows.append(f"| 3 replay | {replay['records']:,} retained, from oldest, {what} "
                     f"| {_n(cell['records_per_s'])} | | | | {_n(cell['cpu_s_per_m'], 2)} "
                     f"| {_n(cell['peak_rss_mib'], 1)} "
-                    f"| {_ratio(cell['records_per_s'], redis_replay_rate) if name == 'unfiltered' else '—'} "
+                    f"| {versus} "
                     f"| {_percent(cell['records_per_s'], pipe)} of the pipe ceiling |")
     if replay.get("pipe"):
         rows.append(f"| 3 replay | pipe ceiling: the same {replay['records']:,} records' bytes, "
@@ -1296,7 +1298,7 @@ a fast disk the daemon is CPU-bound; on a slow one the disk hides it. Read
 the ratios of one run, and both runs for the CPU-bound targets.
 
 **Replay** (missed: 7% of the pipe ceiling unfiltered, 7% filtered; target
-50% / 30%). Profiled with `.venv/bin/python -m bench.profile replay`
+50% / 30%). Profiled with `.venv/bin/python -m ringtail.bench.profile replay`
 (py-spy, 250 Hz, 10 s of back-to-back replays of 3 M records, load ~4), on
 the tree before this work (1cb3d59) and after it (46aa35a), self % of the
 daemon's samples:
@@ -1346,14 +1348,24 @@ ioring/batch.py, ring.py: the lead's files).
 **1-record frames, 4 and 16 publishers, window 16** (missed: 158-212 µs of
 daemon CPU per record, target 10; 0.05-0.11x Redis `-P 16 -c 4|16` above,
 0.13-0.47x in the fast-disk run). Group commit works (9 and 25 records per
-fdatasync), so each frame's own cost is the bound: one `recv` and one
-`send` per frame, several Trio task wake-ups and an Event per request, the
-codec's per-frame checks (the `ingest-small` profile in the previous
-revision: 26% socket syscalls, the rest per-frame Python). 10 µs per
-record is ~20x below what one frame costs in this design. What would reach
-it: parse every whole frame of a receive in one pass and hand the batcher
-one request per read, acknowledge per read (one Ack covering them), no
-Event per request (service/connection.py, batcher.py: the lead's files).
+fdatasync), so each frame's own cost is the bound. Profiled at 04:46 on
+the same tree (`-m ringtail.bench.profile ingest-small`, 4 x 1 record, window 16:
+4,283 records/s at 164 µs of CPU per record; total % of the daemon's
+samples):
+
+| total % | where |
+|---:|---|
+| 38.3 | the receive loop (`ConnectionHandler.receive_loop`): 9.8 the `recv` per frame, 13 Trio `CancelScope` enter/exit (`_next_event_or_idle` opens one per frame for the idle timeout), 6 the codec's `next_event`, 3.4 queueing the publish |
+| 20.0 | the writer (`TenantWriter.run`): 12.3 `RingFile.submit` (6.5 of it `io_uring_enter`), 2.8 planning |
+| 18.7 | the reply loop: 13.6 one `send` per Ack |
+| ~20 | Trio's scheduler between the three tasks (wake-ups, reschedules) |
+
+10 µs per record is ~16x below what one frame costs in this design. What
+would reach it: parse every whole frame of a receive in one pass and hand
+the batcher one request per read, one Ack write per read (or per commit)
+for all the frames it answers, one idle-timeout scope per connection whose
+deadline moves instead of a new CancelScope per frame, no Event per request
+(service/connection.py, batcher.py: the lead's files).
 
 **1 record awaiting each ack** (met above, 0.58x, because the plain
 pwrite + fdatasync took 3 ms p50 on that disk; missed in the fast-disk run,

@@ -1,8 +1,8 @@
 """Profile the daemon under one bench load with py-spy; print self/total time by function.
 
-    .venv/bin/python -m bench.profile ingest          # sync=batch, 4 publishers x 1,024
-    .venv/bin/python -m bench.profile ingest-small    # sync=batch, 4 publishers x 1 record
-    .venv/bin/python -m bench.profile replay          # unfiltered replays from oldest, looped
+    .venv/bin/python -m ringtail.bench.profile ingest          # sync=batch, 4 publishers x 1,024
+    .venv/bin/python -m ringtail.bench.profile ingest-small    # sync=batch, 4 publishers x 1 record
+    .venv/bin/python -m ringtail.bench.profile replay          # unfiltered replays from oldest, looped
 
 Needs py-spy (in the test extra's venv) and permission to ptrace the daemon
 (same user; root in a container). The raw profile is kept with --out.
