@@ -17,7 +17,7 @@ import pytest
 from ringtail.ioring.format import Layout
 from ringtail.ioring.record import FAILURE_CLASS_NAMES
 from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX
-from tests.service.conftest import RINGTAIL, RecordFactory, split_records
+from tests.service.conftest import RINGTAIL, RecordFactory, run_cli, split_records
 
 TENANT = 21
 COMMAND_TIMEOUT_S = 60
@@ -26,6 +26,16 @@ VRRL_HEADER = struct.Struct("<8sIIQQ")
 
 def ringtail(*args: str, input: bytes = b"", cwd: str | None = None
              ) -> subprocess.CompletedProcess:
+    """`ringtail ARGS` in this process: run_cli calls the console script's entry point
+    (cli.main, whose return value the script exits with), so the exit status and the
+    output are the command's own, without a Python start-up per call. The tests of
+    the process itself (`serve`, signals, the working directory) use `ringtail_process`."""
+    return run_cli(*args, input=input, cwd=cwd)
+
+
+def ringtail_process(*args: str, input: bytes = b"", cwd: str | None = None
+                     ) -> subprocess.CompletedProcess:
+    """`ringtail ARGS` as its own process, through the console script."""
     return subprocess.run([RINGTAIL, *args], input=input, capture_output=True,
                           timeout=COMMAND_TIMEOUT_S, cwd=cwd)
 
@@ -159,7 +169,10 @@ def test_inspect_prints_the_ring_header_as_a_table(daemon):
     ["serve", "--capacity", "100", "--data-dir", "never-created"],  # not a usable capacity
 ], ids=["missing-tenant", "bad-format", "unknown-command", "bad-capacity"])
 def test_usage_errors_exit_2(tmp_path, argv):
-    result = ringtail(*argv, cwd=os.fspath(tmp_path))
+    # A process for `serve` (in this process a regression would serve forever)
+    # and for the unknown command (argparse's exit through the console script).
+    run = ringtail_process if argv[0] in ("serve", "no-such-command") else ringtail
+    result = run(*argv, cwd=os.fspath(tmp_path))
     assert result.returncode == 2, result.stderr.decode()
     assert result.stderr.strip(), "a usage error says what is wrong"
     assert not (tmp_path / "never-created").exists()
@@ -295,10 +308,11 @@ def test_commands_default_to_the_embedded_socket_in_the_working_directory(daemon
     server = daemon(data_dir=os.fspath(workdir / "ringtail-data"),
                     socket_path=os.fspath(workdir / "ringtail.sock"))
     data = RecordFactory(TENANT, seed=36).records(5)
-    result = ringtail("publish", "--raw", "--tenant", str(TENANT), input=data,
-                      cwd=os.fspath(workdir))
+    result = ringtail_process("publish", "--raw", "--tenant", str(TENANT), input=data,
+                              cwd=os.fspath(workdir))
     assert acked_range(result) == (5, 0, 4)
-    result = ringtail("tail", "--format", "raw", "--tenant", str(TENANT), cwd=os.fspath(workdir))
+    result = ringtail_process("tail", "--format", "raw", "--tenant", str(TENANT),
+                              cwd=os.fspath(workdir))
     assert result.returncode == 0 and result.stdout == data
     assert server.kill(signal.SIGTERM) == 0
 
