@@ -56,9 +56,10 @@ CONFIG = f"""
 """
 
 
-@pytest.fixture
-def browser():
-    """A headless Chromium; fails (never skips) without chromium, chromedriver or selenium."""
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the module (starting one takes seconds); fails
+    (never skips) without chromium, chromedriver or selenium."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
     if missing:
         pytest.fail(f"{' and '.join(missing)} not found: run `make test-tools` (installs "
@@ -77,6 +78,19 @@ def browser():
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The module's Chromium, on a blank page. Each test's daemon listens on its own
+    port, so its page is another origin: nothing of an earlier test's page (the
+    token in sessionStorage, its event streams) is seen. After the test the tab
+    goes back to a blank page, which ends that page's scripts and streams."""
+    chromium.get("about:blank")
+    try:
+        yield chromium
+    finally:
+        chromium.get("about:blank")
 
 
 def free_port() -> int:
