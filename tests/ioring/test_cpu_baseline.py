@@ -71,18 +71,32 @@ def qemu() -> str:
     return path
 
 
-def run_python(arguments: list[str], cpu_model: str | None, qemu_path: str | None
-               ) -> subprocess.CompletedProcess:
+def python_command(arguments: list[str], cpu_model: str | None, qemu_path: str | None
+                   ) -> list[str]:
     """The venv's Python with `arguments`, emulated on `cpu_model` unless it is None."""
     command = [sys.executable, *arguments]
     if cpu_model is not None:
         command = [qemu_path, "-cpu", cpu_model, *command]
+    return command
+
+
+def start_python(arguments: list[str], cpu_model: str | None, qemu_path: str | None
+                 ) -> subprocess.Popen:
+    return subprocess.Popen(python_command(arguments, cpu_model, qemu_path),
+                            cwd=REPOSITORY_ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_python(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a start_python process (at most QEMU_RUN_TIMEOUT_S) and return its result."""
     try:
-        return subprocess.run(command, cwd=REPOSITORY_ROOT, capture_output=True, text=True,
-                              timeout=QEMU_RUN_TIMEOUT_S)
+        stdout, stderr = process.communicate(timeout=QEMU_RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(command[:4])} ... did not finish within "
+        process.kill()
+        process.communicate()
+        pytest.fail(f"{' '.join(process.args[:4])} ... did not finish within "
                     f"{QEMU_RUN_TIMEOUT_S} s")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def describe_status(returncode: int) -> str:
@@ -205,8 +219,8 @@ NATIVE_LIBRARY_PREFIXES = ("blake3.", "_multiarray_umath.", "_umath_linalg.",
                            "libscipy_openblas", "_ssl.", "libcrypto.", "_ctypes.")
 
 
-def run_child(cpu_model: str | None, qemu_path: str | None) -> dict:
-    result = run_python(["-c", CHILD_SOURCE], cpu_model, qemu_path)
+def child_report(result: subprocess.CompletedProcess, cpu_model: str | None) -> dict:
+    """The child's report; fails naming how it died where it did not finish."""
     where = f"under qemu -cpu {cpu_model}" if cpu_model else "natively"
     assert result.returncode == 0, (
         f"the daemon's native calls failed {where}: {describe_status(result.returncode)} "
@@ -216,14 +230,30 @@ def run_child(cpu_model: str | None, qemu_path: str | None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def native_report() -> dict:
-    return run_child(None, None)
+def child_results(qemu) -> dict[str | None, subprocess.CompletedProcess]:
+    """The child's run natively (key None) and under each CPU model, all started at
+    once: each emulated run is one CPU-bound process of 5-7 s, so on a machine with
+    two cores or more they take the time of one instead of the sum."""
+    started = {model: start_python(["-c", CHILD_SOURCE], model, qemu if model else None)
+               for model in [None, *(model for model, _ in CPU_MODELS)]}
+    try:
+        return {model: finish_python(process) for model, process in started.items()}
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+@pytest.fixture(scope="module")
+def native_report(child_results) -> dict:
+    return child_report(child_results[None], None)
 
 
 @pytest.mark.parametrize("cpu_model, level", CPU_MODELS)
 def test_daemon_native_calls_run_on_an_emulated_cpu_without_avx512(
-        qemu, native_report, cpu_model, level):
-    report = run_child(cpu_model, qemu)
+        child_results, native_report, cpu_model, level):
+    report = child_report(child_results[cpu_model], cpu_model)
 
     for section in COMPUTED_SECTIONS:
         assert report[section] == native_report[section], (
@@ -254,13 +284,16 @@ print("ran")
 @pytest.mark.parametrize("cpu_model, level", CPU_MODELS)
 def test_an_instruction_above_the_emulated_level_dies_with_sigill(qemu, cpu_model, level):
     allowed_text, allowed_code = INSTRUCTIONS[level]
-    result = run_python(["-c", INSTRUCTION_SOURCE, allowed_code], cpu_model, qemu)
+    above_text, above_code = INSTRUCTIONS[LEVEL_ABOVE[level]]
+    # Both emulated runs at once (independent processes), then their checks in turn.
+    allowed = start_python(["-c", INSTRUCTION_SOURCE, allowed_code], cpu_model, qemu)
+    above = start_python(["-c", INSTRUCTION_SOURCE, above_code], cpu_model, qemu)
+    result, above_result = finish_python(allowed), finish_python(above)
     assert (result.returncode, result.stdout) == (0, "ran\n"), (
         f"{allowed_text} ({level}) should run under -cpu {cpu_model}: "
         f"{describe_status(result.returncode)}; stderr:\n{result.stderr[-2000:]}")
 
-    above_text, above_code = INSTRUCTIONS[LEVEL_ABOVE[level]]
-    result = run_python(["-c", INSTRUCTION_SOURCE, above_code], cpu_model, qemu)
+    result = above_result
     assert result.returncode == -signal.SIGILL, (
         f"{above_text} ({LEVEL_ABOVE[level]}) should die with SIGILL under -cpu {cpu_model}, "
         f"so the guard above can fail; got {describe_status(result.returncode)}")
