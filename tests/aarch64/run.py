@@ -24,6 +24,7 @@ passed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -31,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -177,6 +179,9 @@ def reusable(sysroot: pathlib.Path, with_wheels: bool) -> dict | None:
     return stamp
 
 
+PRINT_LOCK = threading.Lock()
+
+
 def emulated_check(sysroot: pathlib.Path, tree: str, import_mode: str, expect: str,
                    timings: dict) -> dict:
     """One run of check_binding.py under qemu-aarch64; returns its JSON report."""
@@ -199,7 +204,8 @@ def emulated_check(sysroot: pathlib.Path, tree: str, import_mode: str, expect: s
     except (IndexError, ValueError):
         raise SystemExit(f"check-aarch64: check_binding.py ({expect}) exited with status "
                          f"{result.returncode} and no report:\n{result.stderr.strip()}")
-    print(json.dumps(report, sort_keys=True), flush=True)
+    with PRINT_LOCK:  # the two checks run at once (main); one whole line each
+        print(json.dumps(report, sort_keys=True), flush=True)
     assert report["ok"] == (result.returncode == 0), (report["ok"], result.returncode)
     return report
 
@@ -234,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         timings["sysroot_build_s"] = round(time.monotonic() - started, 2)
     else:
         log(f"reusing the sysroot in {sysroot} (--rebuild fetches again)")
-    reports = [emulated_check(sysroot, "with-libatomic", arguments.import_mode, "libatomic",
-                              timings),
-               emulated_check(sysroot, "without-libatomic", arguments.import_mode,
-                              "no-libatomic", timings)]
+    # Two independent emulated processes (5-10 s each): run at once.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        checks = [pool.submit(emulated_check, sysroot, "with-libatomic", arguments.import_mode,
+                              "libatomic", timings),
+                  pool.submit(emulated_check, sysroot, "without-libatomic",
+                              arguments.import_mode, "no-libatomic", timings)]
+        reports = [check.result() for check in checks]
     host = host_layout()
     layouts_match = all(report.get("layout") == host for report in reports)
     summary = {"summary": True, "host_machine": platform.machine(), "sysroot": str(sysroot),
