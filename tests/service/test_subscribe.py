@@ -7,19 +7,46 @@ Waiting is always on protocol events (acks, Records frames), never on time.
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 
+import pytest
 import trio
 
 from ringtail.ioring.record import SlotRecord
 from ringtail.service.client import Client
 from ringtail.service.protocol import End, Gap, Records, StartKind, Subscribe, Welcome, encode_event
-from tests.service.conftest import (RawPeer, RecordFactory, frame_records, read_all,
-                                    split_records, write_config)
+from tests.service.conftest import (DaemonProcess, RawPeer, RecordFactory, frame_records,
+                                    read_all, short_socket_dir, split_records, write_config)
 from tests.service.test_metrics import METRICS_URL, http_get, samples, value
 
 TENANT = 11
 TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One `ringtail serve` (default options) for the tests that need nothing of
+    their own but a tenant: each gets a tenant nobody else uses (`tenant`), and
+    what they check lives in that tenant's ring and subscriptions."""
+    tmp_path = tmp_path_factory.mktemp("subscribe")
+    server = DaemonProcess(os.fspath(tmp_path / "data"),
+                           os.path.join(short_socket_dir(tmp_path), "subscribe.sock"), {},
+                           cwd=os.fspath(tmp_path))
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+_tenant_ids = itertools.count(100)
+
+
+@pytest.fixture
+def tenant() -> int:
+    """A tenant id no other test of this module uses."""
+    return next(_tenant_ids)
 
 
 class Published:
@@ -78,9 +105,10 @@ class Follower:
                     raise AssertionError(f"a follow subscription got {event!r}")
 
 
-async def test_follower_started_while_publishing_sees_every_sequence_once_in_order(daemon):
-    server = daemon()
-    factory = RecordFactory(TENANT, seed=21)
+async def test_follower_started_while_publishing_sees_every_sequence_once_in_order(
+        shared_daemon, tenant):
+    server = shared_daemon
+    factory = RecordFactory(tenant, seed=21)
     rng = random.Random(21)
     published = Published()
     follower = Follower()
@@ -92,10 +120,10 @@ async def test_follower_started_while_publishing_sees_every_sequence_once_in_ord
 
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
-            async with await Client.connect(server.socket_path, TENANT) as one, \
-                    await Client.connect(server.socket_path, TENANT) as two:
+            async with await Client.connect(server.socket_path, tenant) as one, \
+                    await Client.connect(server.socket_path, tenant) as two:
                 await publish(one, 20)  # history
-                nursery.start_soon(follower.run, server.socket_path, TENANT)
+                nursery.start_soon(follower.run, server.socket_path, tenant)
                 await follower.first_frame.wait()  # replaying now: keep publishing
                 async with trio.open_nursery() as publishers:
                     publishers.start_soon(publish, one, 40)
@@ -110,17 +138,17 @@ async def test_follower_started_while_publishing_sees_every_sequence_once_in_ord
     assert dict(follower.records) == published.by_sequence
 
 
-async def test_start_at_latest_sees_only_records_published_after_it(daemon):
-    server = daemon()
-    factory = RecordFactory(TENANT, seed=22)
+async def test_start_at_latest_sees_only_records_published_after_it(shared_daemon, tenant):
+    server = shared_daemon
+    factory = RecordFactory(tenant, seed=22)
     published = Published()
     follower = Follower()
     with trio.fail_after(TIMEOUT_S):
-        async with await Client.connect(server.socket_path, TENANT) as client:
+        async with await Client.connect(server.socket_path, tenant) as client:
             history = factory.records(500)
             published.add(await client.publish(history), history)
             async with trio.open_nursery() as nursery:
-                await nursery.start(follower.run, server.socket_path, TENANT, StartKind.LATEST)
+                await nursery.start(follower.run, server.socket_path, tenant, StartKind.LATEST)
                 # Publish until the subscription shows it is live, then a few more.
                 while not follower.first_frame.is_set():
                     batch = factory.records(7)
@@ -141,26 +169,26 @@ async def test_start_at_latest_sees_only_records_published_after_it(daemon):
                for sequence, record in follower.records)
 
 
-async def test_start_at_sequence_replays_from_it_and_ends_at_the_cursor(daemon):
-    server = daemon()
-    factory = RecordFactory(TENANT, seed=23)
+async def test_start_at_sequence_replays_from_it_and_ends_at_the_cursor(shared_daemon, tenant):
+    server = shared_daemon
+    factory = RecordFactory(tenant, seed=23)
     data = factory.records(1000)
-    async with await Client.connect(server.socket_path, TENANT) as client:
+    async with await Client.connect(server.socket_path, tenant) as client:
         await client.publish_many([data[:640 * 64], data[640 * 64:]])
-    replay = await read_all(server.socket_path, TENANT, StartKind.SEQUENCE, 437)
+    replay = await read_all(server.socket_path, tenant, StartKind.SEQUENCE, 437)
     assert replay.sequences == list(range(437, 1000))
     assert replay.data == data[437 * 64:]
     assert replay.end == End(1000) and replay.gaps == []
 
-    at_cursor = await read_all(server.socket_path, TENANT, StartKind.SEQUENCE, 1000)
+    at_cursor = await read_all(server.socket_path, tenant, StartKind.SEQUENCE, 1000)
     assert at_cursor.records == [] and at_cursor.end == End(1000)
 
 
-async def test_start_at_time_begins_at_the_first_record_not_older_than_it(daemon):
-    server = daemon()
-    factory = RecordFactory(TENANT, seed=24)
+async def test_start_at_time_begins_at_the_first_record_not_older_than_it(shared_daemon, tenant):
+    server = shared_daemon
+    factory = RecordFactory(tenant, seed=24)
     data = factory.records(2000)
-    async with await Client.connect(server.socket_path, TENANT) as client:
+    async with await Client.connect(server.socket_path, tenant) as client:
         await client.publish_many([data[i:i + 300 * 64] for i in range(0, len(data), 300 * 64)])
     timestamps = [SlotRecord.decode(record).timestamp_ns for record in split_records(data)]
     assert timestamps == sorted(set(timestamps))
@@ -171,20 +199,21 @@ async def test_start_at_time_begins_at_the_first_record_not_older_than_it(daemon
             (timestamps[1233] + 1, 1234),
             (timestamps[0] - 10**9, 0),  # before everything: the oldest
             (timestamps[1999], 1999)]:
-        replay = await read_all(server.socket_path, TENANT, StartKind.TIME, start_time)
+        replay = await read_all(server.socket_path, tenant, StartKind.TIME, start_time)
         assert replay.sequences == list(range(expected_first, 2000)), start_time
         assert replay.data == data[expected_first * 64:]
 
-    after_everything = await read_all(server.socket_path, TENANT, StartKind.TIME,
+    after_everything = await read_all(server.socket_path, tenant, StartKind.TIME,
                                       timestamps[-1] + 1)
     assert after_everything.records == [] and after_everything.end == End(2000)
 
 
-async def test_filters_return_exactly_the_matching_records_with_their_sequences(daemon):
-    server = daemon()
-    factory = RecordFactory(TENANT, seed=25)
+async def test_filters_return_exactly_the_matching_records_with_their_sequences(
+        shared_daemon, tenant):
+    server = shared_daemon
+    factory = RecordFactory(tenant, seed=25)
     data = factory.records(6000)  # more than one replay read (4,096 records)
-    async with await Client.connect(server.socket_path, TENANT) as client:
+    async with await Client.connect(server.socket_path, tenant) as client:
         await client.publish_many([data[i:i + 1000 * 64] for i in range(0, len(data), 1000 * 64)])
     decoded = [(sequence, SlotRecord.decode(record), record)
                for sequence, record in enumerate(split_records(data))]
@@ -200,22 +229,22 @@ async def test_filters_return_exactly_the_matching_records_with_their_sequences(
     for filters, matches in cases:
         expected = [(sequence, record) for sequence, slot, record in decoded if matches(slot)]
         assert len(expected) < len(decoded)
-        replay = await read_all(server.socket_path, TENANT, **filters)
+        replay = await read_all(server.socket_path, tenant, **filters)
         assert replay.records == expected, filters
         assert all(frame.sequences is not None for frame in replay.frames), "filtered: sparse"
         assert replay.end == End(6000) and replay.gaps == []
 
 
-async def test_replay_without_follow_ends_with_end_even_when_empty(daemon):
-    server = daemon()
-    empty = await read_all(server.socket_path, TENANT)
+async def test_replay_without_follow_ends_with_end_even_when_empty(shared_daemon, tenant):
+    server = shared_daemon
+    empty = await read_all(server.socket_path, tenant)
     assert empty.records == [] and empty.end == End(0)
-    factory = RecordFactory(TENANT, seed=26)
-    async with await Client.connect(server.socket_path, TENANT) as client:
+    factory = RecordFactory(tenant, seed=26)
+    async with await Client.connect(server.socket_path, tenant) as client:
         ack = await client.publish(factory.records(10))
-    full = await read_all(server.socket_path, TENANT)
+    full = await read_all(server.socket_path, tenant)
     assert full.sequences == list(range(10)) and full.end == End(ack.last_sequence + 1)
-    latest = await read_all(server.socket_path, TENANT, StartKind.LATEST)
+    latest = await read_all(server.socket_path, tenant, StartKind.LATEST)
     assert latest.records == [] and latest.end == End(10)
 
 
