@@ -236,6 +236,8 @@ class TenantWriter:
 
         At most PRODUCER_CHAIN_WRITE_COUNT_MAX producers per chain (each costs
         a slot write in it); the next producer's request starts the next chain.
+        A producer's request that does not fit whole starts the next chain too
+        (split only when it alone exceeds batch_max).
         """
         parts = []
         buffers = []
@@ -243,10 +245,17 @@ class TenantWriter:
         producers: set[int] = set()
         while self._queue and room:
             request, start = self._queue[0]
-            if request.producer_id and request.producer_id not in producers:
-                if len(producers) == PRODUCER_CHAIN_WRITE_COUNT_MAX:
+            if request.producer_id:
+                # A producer's request is never split over chains unless it
+                # alone is over the ring's batch maximum: a crash between the
+                # chains would keep a part the window does not know of, and
+                # the resend would store that part twice.
+                if parts and request.record_count - start > room:
                     break
-                producers.add(request.producer_id)
+                if request.producer_id not in producers:
+                    if len(producers) == PRODUCER_CHAIN_WRITE_COUNT_MAX:
+                        break
+                    producers.add(request.producer_id)
             count = min(request.record_count - start, room)
             if start == 0 and count == request.record_count:
                 buffers.append(request.records)

@@ -324,7 +324,7 @@ async def test_a_sequence_older_than_a_full_window_is_refused_not_stored(ring):
     assert len(ring.submitted) == PRODUCER_ACK_COUNT_MAX
 
 
-async def test_a_chain_carries_at_most_eight_producers_and_acks_a_split_request_with_its_last_part():
+async def test_a_chain_carries_at_most_eight_producers_and_splits_no_producer_request_that_fits():
     ring = GatedRing(batch_record_count_max=64)
     try:
         writer = TenantWriter(ring, lambda first, data: None)
@@ -336,25 +336,24 @@ async def test_a_chain_carries_at_most_eight_producers_and_acks_a_split_request_
                 requests = [await writer.publish(records(1, p), producer_id=100 + p,
                                                  producer_sequence=p)
                             for p in range(PRODUCER_CHAIN_WRITE_COUNT_MAX + 1)]
-                ring.complete()
-                await blocker.done.wait()
-                await wait_all_tasks_blocked()
-                # The ninth producer waits for the next chain.
-                assert len(ring.submitted[1]) // RECORD_SIZE_BYTES == PRODUCER_CHAIN_WRITE_COUNT_MAX
+                # 60 records that fit no chain already holding some: never split.
+                whole = await writer.publish(records(60, 6), producer_id=101, producer_sequence=40)
                 big = await writer.publish(records(100, 5), producer_id=100, producer_sequence=50)
-                ring.complete()
-                await requests[-2].done.wait()
+                for _ in range(8):  # complete each chain as it comes
+                    await wait_all_tasks_blocked()
+                    if ring.in_flight:
+                        ring.complete()
                 await wait_all_tasks_blocked()
-                ring.complete()  # the ninth and the first 63 records of the big one
-                await requests[-1].done.wait()
-                await wait_all_tasks_blocked()
-                ring.complete()
-                await big.done.wait()
+                assert all(r.done.is_set() for r in [blocker, *requests, whole, big])
                 writer.close()
     finally:
         ring.close()
-    assert [len(acks) for acks in ring.submitted_acks] == [0, 8, 1, 1]
-    assert ring.submitted_acks[2] == ((108, ProducerAck(8, 9, 1)),)
+    # Chains: the blocker; 8 producers; the ninth and the 60 (61 of 64: the
+    # 100-record request is not split to fill the 3 left); then that request,
+    # over the chain maximum on its own, in two parts.
+    assert [len(chain) // RECORD_SIZE_BYTES for chain in ring.submitted] == [1, 8, 61, 64, 36]
+    assert [len(acks) for acks in ring.submitted_acks] == [0, 8, 2, 0, 1]
+    assert ring.submitted_acks[2] == ((108, ProducerAck(8, 9, 1)), (101, ProducerAck(40, 10, 60)))
     # The split request's ack rides with its last part, naming its whole range.
-    assert ring.submitted_acks[3] == ((100, ProducerAck(50, 10, 100)),)
-    assert (big.first_sequence, big.last_sequence) == (10, 109)
+    assert ring.submitted_acks[4] == ((100, ProducerAck(50, 70, 100)),)
+    assert (big.first_sequence, big.last_sequence) == (70, 169)
