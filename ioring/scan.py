@@ -61,6 +61,8 @@ class RingInfo:
         return [
             ("path", self.path),
             ("format version", str(header.format_version)),
+            ("producer slots", f"{header.producer_slot_count} (exactly-once window)"
+             if header.producer_slot_count else "none (version 1: at least once)"),
             ("tenant id", str(header.tenant_id)),
             ("capacity", f"{header.capacity} records"),
             ("oldest sequence", str(header.oldest_sequence)),

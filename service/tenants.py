@@ -178,6 +178,11 @@ class TenantRegistry:
         """Serve an opened ring: log its recovery, register it, start its writer."""
         log.info("tenant %d: %s; io=%s sync=%s capacity=%d", tenant_id,
                  ring.recovery_report.summary(), ring.backend, ring.sync, ring.capacity)
+        if not ring.producers.slot_count:
+            log.warning("tenant %d: %s is ring format version 1 (no producer slots): producers'"
+                        " resent batches are stored again (at least once); to give it the"
+                        " exactly-once window, snapshot the tenant and restore it into a new"
+                        " file (docs/FORMAT.md, \"Version rules\")", tenant_id, ring.path)
         tenant = Tenant(tenant_id, ring)
         self.tenants[tenant_id] = tenant
         if self._nursery is not None:

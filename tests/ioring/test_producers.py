@@ -214,3 +214,30 @@ def test_a_power_loss_never_adopts_an_ack_whose_records_are_not_all_back(recorde
                 for producer in (1, 3):
                     assert acks[producer] == recorded.acks_before[producer], (landed, torn)
     assert states > 100
+
+
+def test_a_version_1_file_is_read_and_written_as_version_1_without_a_window(ring_path):
+    # A file as ringtail wrote it before format version 2: no producer slots.
+    from ringtail.ioring.format import HEADER_COPY_OFFSETS, Header, decode_header
+    layout = Layout(CAPACITY, 0)
+    header = Header(generation=1, capacity=CAPACITY, oldest_sequence=0, next_sequence=0,
+                    batch_first_sequence=0, tenant_id=TENANT_ID, created_ns=1, file_id=99,
+                    format_version=1)
+    with open(ring_path, "wb") as file:
+        file.truncate(layout.file_size_bytes)
+        for generation in (0, 1):
+            copy = Header(**{**{f: getattr(header, f) for f in header.__dataclass_fields__},
+                             "generation": generation})
+            file.seek(HEADER_COPY_OFFSETS[generation])
+            file.write(copy.encode())
+    with open_ring(ring_path, tenant_id=TENANT_ID, io="threads") as ring:
+        assert ring.producers.slot_count == 0
+        ring.append(records_for(0, 5, 1), ((1, ProducerAck(0, 0, 5)),))  # no slot to keep it in
+        assert ring.producers.acks(1) == ()
+    assert os.path.getsize(ring_path) == layout.file_size_bytes  # nothing written past the data
+    with open(ring_path, "rb") as file:
+        data = file.read(8192)
+    assert {decode_header(data[offset:offset + 128]).format_version
+            for offset in HEADER_COPY_OFFSETS} == {1}
+    with open_ring(ring_path, tenant_id=TENANT_ID, io="threads") as ring:
+        assert ring.read(0, 5) == records_for(0, 5, 1)
