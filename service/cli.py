@@ -700,16 +700,17 @@ def add_replay_parsers(commands) -> None:
     restore.add_argument("--socket",
                          default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE, DEFAULT_SOCKET),
                          help="the running daemon to restore through (needs the admin role "
-                              "on the tenant); with no daemon there, restore offline")
+                              "on the tenant); with no daemon there, restore offline only if "
+                              "--data-dir or --offline was given")
     restore.add_argument("--token", default=os.environ.get(TOKEN_ENVIRONMENT_VARIABLE, ""),
                          help=f"bearer token for the daemon "
                               f"(default: ${TOKEN_ENVIRONMENT_VARIABLE})")
     restore.add_argument("--offline", action="store_true",
                          help="write the ring file directly (daemon stopped, or tenant not "
                               "open), even if a daemon answers at --socket")
-    restore.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+    restore.add_argument("--data-dir", default=None,
                          help=f"offline: the daemon's data directory "
-                              f"(default: ./{DEFAULT_DATA_DIR})")
+                              f"(default with --offline: ./{DEFAULT_DATA_DIR})")
     restore.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY_RECORD_COUNT,
                          help=f"offline: records the new ring holds at least (default: "
                               f"{DEFAULT_CAPACITY_RECORD_COUNT:,}, or the snapshot's count)")

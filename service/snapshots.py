@@ -189,7 +189,8 @@ async def restore_through_daemon(client, snapshot_path: str, info, progress=None
 
 def command_restore(args) -> int:
     from ringtail.ioring.restore import restore_snapshot, verify_for_restore
-    from ringtail.service.commandline import EXIT_OK, EXIT_USAGE, progress_bar
+    from ringtail.service.commandline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, progress_bar
+    from ringtail.service.config import DEFAULT_DATA_DIR
     from ringtail.service.tenants import ring_file_name
     if args.tenant < 0 or args.tenant > 0xFFFF_FFFF or args.capacity < 1:
         print("ringtail restore: --tenant must be a u32 and --capacity positive",
@@ -215,8 +216,16 @@ def command_restore(args) -> int:
             print(f"restored {sent} records ({span}) into tenant {args.tenant} through the "
                   f"daemon at {args.socket}; its next sequence is {header.next_sequence}")
             return EXIT_OK
+        if args.data_dir is None:  # never write into a default directory by surprise
+            print(f"ringtail restore: no daemon answers at {args.socket}: start it (a restore "
+                  "goes through the running daemon), point --socket at it, or restore offline "
+                  "into a stopped daemon's data directory with --data-dir DIR (or --offline "
+                  f"for ./{DEFAULT_DATA_DIR}); nothing was written", file=sys.stderr)
+            return EXIT_FAILURE
         print(f"ringtail restore: no daemon at {args.socket}; restoring offline into "
               f"{args.data_dir}", file=sys.stderr)
+    if args.data_dir is None:
+        args.data_dir = DEFAULT_DATA_DIR
     os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
     ring_path = os.path.join(args.data_dir, ring_file_name(args.tenant))
     report = restore_snapshot(args.file, ring_path, args.tenant, args.capacity,

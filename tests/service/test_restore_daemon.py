@@ -30,10 +30,10 @@ RESTORED_LINE = re.compile(rb"restored (\d+) records \(sequences (\d+)\.\.(\d+)\
                            rb"(\d+) through the daemon at .+; its next sequence is (\d+)\n")
 
 
-async def ringtail(*args: str) -> trio.CompletedProcess:
+async def ringtail(*args: str, cwd: str | None = None) -> trio.CompletedProcess:
     with trio.fail_after(COMMAND_TIMEOUT_S):
         return await trio.run_process([RINGTAIL, *args], capture_stdout=True,
-                                      capture_stderr=True, check=False)
+                                      capture_stderr=True, check=False, cwd=cwd)
 
 
 async def publish(socket_path: str, tenant_id: int, data: bytes) -> None:
@@ -389,3 +389,19 @@ async def test_progress_bars_on_a_terminal_through_the_daemon(daemon, tmp_path):
     assert status == 0 and b"restored 900 records" in stdout and b"through the daemon" in stdout
     assert b"restore: verify [" in stderr and b"restore: restore [" in stderr, stderr
     assert stderr.count(b"100.0%") == 2, stderr
+
+
+async def test_with_no_daemon_and_no_data_dir_restore_writes_nothing(tmp_path, daemon):
+    # A mistyped --socket must not send the snapshot into ./ringtail-data.
+    server = daemon(io="threads")
+    await publish(server.socket_path, 1, RecordFactory(1, seed=3).records(10))
+    out = os.fspath(tmp_path / "t.snap")
+    assert (await ringtail("snapshot", "--tenant", "1", "--out", out, "--socket",
+                           server.socket_path)).returncode == 0
+    missing = os.fspath(tmp_path / "nothing-here.sock")
+    result = await ringtail("restore", out, "--tenant", "2", "--socket", missing,
+                            cwd=os.fspath(tmp_path))
+    assert result.returncode == 1
+    assert f"no daemon answers at {missing}: start it" in result.stderr.decode()
+    assert "nothing was written" in result.stderr.decode()
+    assert not os.path.exists(tmp_path / "ringtail-data")
