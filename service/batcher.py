@@ -156,6 +156,12 @@ class TenantWriter:
         self._work.set()
         return request
 
+    def has_room(self, record_count: int) -> bool:
+        """Whether publish() of `record_count` records would queue them at once
+        (no wait for room, hence no checkpoint in it)."""
+        return not (self._pending_records
+                    and self._pending_records + record_count > PENDING_RECORD_COUNT_MAX)
+
     def _known(self, request: PublishRequest) -> PublishRequest | None:
         """The answer the producer window has for `request`, or None if it is new."""
         key = (request.producer_id, request.producer_sequence)

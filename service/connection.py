@@ -83,6 +83,16 @@ CONNECTION_UNACKED_BATCH_COUNT_MAX = 64
 # connection at worst (service/limits.py sums it).
 CONNECTION_UNACKED_SIZE_BYTES_MAX = 4 * protocol.PUBLISH_RECORD_COUNT_MAX * RECORD_SIZE_BYTES
 RECEIVE_SIZE_BYTES = protocol.RECEIVE_SIZE_BYTES
+# Bytes a receive asks for after one that did not fill its request (a peer
+# of small frames): under glibc's mmap threshold (service/limits.py,
+# MALLOC_MMAP_THRESHOLD_BYTES = 128 KiB; tests/service/test_subscribers.py
+# asserts the relation), so the bytes object a receive returns comes from the
+# heap. Asking for RECEIVE_SIZE_BYTES (256 KiB) each time cost an mmap, an
+# mremap to the size received and a munmap per receive (strace of 1-record
+# frames, 4 publishers: 3 of the daemon's 9 syscalls per receive). A
+# receive that fills it asks for RECEIVE_SIZE_BYTES next (full batches).
+RECEIVE_SMALL_SIZE_BYTES = 64 * 1024
+assert RECEIVE_SMALL_SIZE_BYTES < RECEIVE_SIZE_BYTES
 # Seconds a subscription ended by shutdown or a reload may still take to finish
 # the frame it is writing (a Records frame is at most 294,924 B), so its peer
 # gets whole frames and then the fatal Error; a peer that reads nothing for
@@ -216,6 +226,7 @@ class ConnectionHandler:
         self.unanswered_size_bytes = 0
         self.reply_room = trio.Event()
         self.published = False  # a Publish was read (a Restore must come before any)
+        self.receive_size_bytes = RECEIVE_SMALL_SIZE_BYTES  # the next receive's; see there
 
     @property
     def tenant(self):
@@ -388,11 +399,21 @@ class ConnectionHandler:
         if self.subscription_ending:  # end_subscription() came meanwhile: stop now
             self.subscription_scope.cancel()
 
-    async def refuse_batch(self, replies, error: ProtocolError, record_count: int) -> None:
+    def refuse_batch(self, replies, error: ProtocolError, record_count: int) -> None:
         """Answer one publish batch with its Error (in order); the connection goes on.
-        The one place a refused batch is counted."""
+        The one place a refused batch is counted. No checkpoint (_queue_answer)."""
         self.counters._count_rejected(self.tenant.tenant_id, error.code, record_count)
-        await replies.send((error.batch_id, None, error))
+        self._queue_answer(replies, (error.batch_id, None, error))
+
+    @staticmethod
+    def _queue_answer(replies, item) -> None:
+        """Hand one batch's answer to the reply loop, with no checkpoint (so no
+        cancellation can come between queueing a batch and queueing its
+        answer). The channel never blocks: it holds at most the batches counted
+        unanswered (_reply_room counts each before its answer is queued, and
+        the reply loop takes an item before it answers it), at most
+        CONNECTION_UNACKED_BATCH_COUNT_MAX, its capacity (session_loop)."""
+        replies.send_nowait(item)
 
     async def _next_event_or_idle(self, idle: trio.CancelScope):
         """next_event() inside the connection's idle scope (see receive_loop), or
@@ -405,8 +426,10 @@ class ConnectionHandler:
             if event is not NEED_DATA:
                 return event
             idle.deadline = trio.current_time() + self.gate.limits().idle_timeout_s
-            data = await self.stream.receive_some(RECEIVE_SIZE_BYTES)
+            data = await self.stream.receive_some(self.receive_size_bytes)
             idle.deadline = math.inf
+            self.receive_size_bytes = (RECEIVE_SIZE_BYTES if len(data) >= self.receive_size_bytes
+                                       else RECEIVE_SMALL_SIZE_BYTES)
             self.connection.receive_data(data)
             if idle.cancel_called:
                 # The deadline passed as these bytes came in: the scope would
@@ -467,7 +490,7 @@ class ConnectionHandler:
             except RemoteProtocolError as error:
                 if not error.fatal:  # a malformed batch: no whole records to count
                     await self._reply_room(0)
-                    await self.refuse_batch(replies, error, 0)
+                    self.refuse_batch(replies, error, 0)
                     continue
                 self.protocol_error_after_replies(error)
                 return True
@@ -484,12 +507,18 @@ class ConnectionHandler:
                     # answer and was not stored).
                     await self._reply_room(0 if refusal is not None else len(event.records))
                     # A batch read off the socket is answered (and, if admitted,
-                    # queued) even if shutdown starts meanwhile.
-                    with trio.CancelScope(shield=True):
-                        if refusal is not None:
-                            await self.refuse_batch(replies, refusal,
-                                                    len(event.records) // RECORD_SIZE_BYTES)
-                        else:
+                    # queued) even if shutdown starts meanwhile: refusing and
+                    # queueing take no checkpoint (no cancellation can land)
+                    # unless the writer must wait for room, which is shielded.
+                    # (A shield scope per frame was ~10% of the daemon's CPU
+                    # with 1-record frames, issue 13.)
+                    if refusal is not None:
+                        self.refuse_batch(replies, refusal,
+                                          len(event.records) // RECORD_SIZE_BYTES)
+                    elif self.tenant.writer.has_room(event.record_count):
+                        await self._queue_publish(replies, event)
+                    else:
+                        with trio.CancelScope(shield=True):
                             await self._queue_publish(replies, event)
                 elif isinstance(event, Subscribe):
                     self.gate.admit_subscribe(self.admission)
@@ -518,18 +547,22 @@ class ConnectionHandler:
             next_sequence=ring.next_sequence, capacity=ring.capacity))
 
     async def _queue_publish(self, replies, event: Publish) -> None:
-        """Queue an admitted batch with the tenant's writer; its answer follows in order."""
+        """Queue an admitted batch with the tenant's writer; its answer follows in
+        order. Takes no checkpoint when the writer has room (the caller relies
+        on it: see receive_loop)."""
         try:
             request = await self.tenant.writer.publish(
                 event.records, self.connection.hello.producer_id, event.producer_sequence or 0)
         except ProducerWindowPassed as passed:
-            self._answered(len(event.records))  # counted as 0 records by the refusal below
-            await self._reply_room(0)
-            await self.refuse_batch(replies, RemoteProtocolError(
+            # Counted again as 0 records: the slot it held is free, so this
+            # takes it back with no wait (and no checkpoint).
+            self._answered(len(event.records))
+            self.unanswered_count += 1
+            self.refuse_batch(replies, RemoteProtocolError(
                 ErrorCode.PRODUCER_WINDOW_PASSED, str(passed), batch_id=event.batch_id),
                 event.record_count)
             return
-        await replies.send((event.batch_id, request, None))
+        self._queue_answer(replies, (event.batch_id, request, None))
 
     async def refuse(self, refusal: Refused, deadline: float) -> None:
         """Answer a connection the gate refused with its Error, by `deadline`
