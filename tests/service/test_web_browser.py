@@ -34,6 +34,10 @@ CHROMIUM_ARGUMENTS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-
 # Seconds an explicit wait may take before the test fails (a hang guard: the
 # conditions are met in well under a second on an idle machine).
 WAIT_S = 30.0
+# Seconds between two checks of a wait's condition (Selenium's default is 0.5 s,
+# which each wait may add after its condition holds; a check is one WebDriver
+# round trip of a few milliseconds).
+WAIT_POLL_S = 0.05
 TOKEN_A, TOKEN_B = "rt_browser_reader_a", "rt_browser_reader_b"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "web-page.png"
 
@@ -126,7 +130,7 @@ def publish(process: DaemonProcess, tenant_id: int, records: list[SlotRecord]) -
 
 def wait(driver, condition, message: str):
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, WAIT_S).until(condition, message)
+    return WebDriverWait(driver, WAIT_S, poll_frequency=WAIT_POLL_S).until(condition, message)
 
 
 def status_is(text: str):
