@@ -75,7 +75,10 @@ def run_cli(*argv: str, input: bytes = b"", cwd: str | None = None
     its exit status gets the same answer here. Tests about the process itself
     (a signal, a terminal, the console script, `ringtail serve`) keep a
     subprocess. Call it from synchronous code only (the commands run trio.run).
-    stdout is not a terminal, as with capture_output: no progress bars.
+    stdout is not a terminal, as with capture_output: no progress bars. Output to a
+    stream bound at import time (a `file=sys.stderr` default argument, as
+    fleet.print_gap has) is not captured: a test that looks for it fails, so such
+    a command stays a subprocess.
     """
     from ringtail.service.cli import main
     stdin = io.TextIOWrapper(io.BytesIO(input))
