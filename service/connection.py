@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -59,7 +60,9 @@ from ringtail.service.protocol import (CLOSED, NEED_DATA, Ack, Error, ErrorCode,
                                        ProtocolError, Publish, RemoteProtocolError, Restore,
                                        Subscribe,
                                        Welcome)
-from ringtail.service.subscribers import SubscriptionCounters, run_subscription
+from ringtail.service.subscribers import (REPLAY_COPIED_FRAME_RECORD_COUNT_MAX,
+                                          REPLAY_FRAME_RECORD_COUNT_MAX, SubscriptionCounters,
+                                          run_subscription)
 
 log = logging.getLogger("ringtail.server")
 
@@ -248,10 +251,42 @@ class ConnectionHandler:
             await self._send_all(self.connection.send(event))
 
     async def send_records(self, first_sequence: int, records: bytes, sequences) -> None:
+        """One Records frame. On a plain socket (Unix or TCP without TLS) a dense
+        frame goes out as its header and `records` in one sendmsg, with no copy
+        of the records into a frame (_sendmsg_all); TLS gets the joined frame."""
         async with self.send_lock:
             if self.connection.state is protocol.State.CLOSING or self.send_incomplete:
                 return  # as in send(): nothing follows a fatal Error
-            await self._send_all(self.connection.send_records(first_sequence, records, sequences))
+            head, payload = self.connection.send_records_parts(first_sequence, records, sequences)
+            if isinstance(self.stream, trio.SocketStream) and len(payload):
+                await self._sendmsg_all(head, payload)
+            else:
+                await self._send_all(b"".join((head, payload)) if len(payload) else head)
+
+    async def _sendmsg_all(self, head: bytes, payload) -> None:
+        """head + payload on the stream's socket, gathered (sendmsg), all of it;
+        the stream's errors as SocketStream.send_all raises them. Send lock
+        held; send_incomplete as in _send_all."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.send_incomplete = True
+        sock = self.stream.socket
+        parts = [memoryview(head), memoryview(payload)]
+        try:
+            while parts:
+                sent = await sock.sendmsg(parts)
+                while sent:  # drop what went; a part sent in part goes on from there
+                    if sent >= parts[0].nbytes:
+                        sent -= parts.pop(0).nbytes
+                    else:
+                        parts[0] = parts[0][sent:]
+                        sent = 0
+        except trio.ClosedResourceError:
+            raise
+        except OSError as error:
+            if error.errno == errno.EBADF:
+                raise trio.ClosedResourceError("the connection's socket was closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {error}") from error
+        self.send_incomplete = False
 
     async def send_error(self, code: ErrorCode, message: str, batch_id: int = 0,
                          record_index: int = protocol.RECORD_INDEX_NONE) -> None:
@@ -656,7 +691,11 @@ class ConnectionHandler:
                 await run_subscription(
                     tenant, event, functools.partial(self._subscription_write, self.send),
                     functools.partial(self._subscription_write, self.send_records),
-                    self.session.subscriptions)
+                    self.session.subscriptions,
+                    # TLS: each frame is a copy (send_records), kept under the mmap threshold.
+                    frame_record_count_max=(REPLAY_FRAME_RECORD_COUNT_MAX
+                                            if isinstance(self.stream, trio.SocketStream)
+                                            else REPLAY_COPIED_FRAME_RECORD_COUNT_MAX))
         except RemoteProtocolError as error:  # BAD_SUBSCRIBE found against the ring
             self.protocol_error_after_replies(error)
         except RingCorruptError as error:

@@ -23,7 +23,8 @@ subscriber (a web page's event stream) alike::
         await run_subscription(tenant, Subscribe(start=StartKind.LATEST, follow=True),
                                send, send_records, daemon.subscriptions)
 
-- `run_subscription(tenant, subscribe, send, send_records, counters=None)`
+- `run_subscription(tenant, subscribe, send, send_records, counters=None,
+  frame_record_count_max=REPLAY_FRAME_RECORD_COUNT_MAX)`
   streams until the end (no follow) or until cancelled; `send` gets Gap and
   End events, `send_records(first_sequence, records, sequences)` gets each
   read's records (64-byte rows; `sequences` is None when every sequence from
@@ -89,19 +90,26 @@ REPLAY_READ_RECORD_COUNT_MAX = 4096
 REPLAY_READ_BUFFER_SIZE_BYTES = read_buffer_size_bytes(REPLAY_READ_RECORD_COUNT_MAX)
 assert REPLAY_READ_BUFFER_SIZE_BYTES == (REPLAY_READ_RECORD_COUNT_MAX
                                          + CHUNK_RECORD_COUNT) * RECORD_SIZE_BYTES
-# Records handed to one send_records call at most: a read is sent in even
-# pieces of at most this many. The Records frame the connection encodes from
-# them (a copy: 8 + 8 B of header and 64 B per record, or 12 B and 72 B per
-# record when sparse, 129,036 B at most, plus the bytes object's own ~33 B)
-# then stays under glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_BYTES,
-# 128 KiB; service/limits.py imports this module, so
-# tests/service/test_subscribers.py asserts the relation): it comes from the
-# heap, not from a fresh mmap with page faults per frame as a 256 KiB frame
-# did. Measured (run_subscription + the frame's encoding in one process,
-# 1 M records, CPU time, load ~4 on 2 CPUs): unfiltered replay ~140-240 ->
-# ~90-112 ns per record. (Sending a frame's header and the buffer's view
-# with one sendmsg, no frame copy, would make this split moot.)
-REPLAY_FRAME_RECORD_COUNT_MAX = 1792
+# Records handed to one send_records call at most, unfiltered: a whole read.
+# The connection sends a frame's header and this view of the read buffer in
+# one sendmsg on a plain socket (service/connection.py), so a frame costs no
+# copy, whatever its size; it was capped at 1,792 records while every frame
+# was a copy (below). Measured end to end (replay of 1 M-3 M records from
+# oldest, daemon CPU): see docs/BENCHMARKS.md, issue 13 round 2.
+REPLAY_FRAME_RECORD_COUNT_MAX = REPLAY_READ_RECORD_COUNT_MAX
+# Records per send_records call where the frame is a copy: sparse (filtered)
+# frames always, and every frame of a consumer that copies the records into a
+# frame (a TLS stream: the connection passes it as `frame_record_count_max`).
+# A read is sent in even pieces of at most this many, so the frame (8 + 8 B
+# of header and 64 B per record, or 12 B and 72 B per record when sparse,
+# 129,036 B at most, plus the bytes object's own ~33 B) stays under glibc's
+# mmap threshold (MALLOC_MMAP_THRESHOLD_BYTES, 128 KiB; service/limits.py
+# imports this module, so tests/service/test_subscribers.py asserts the
+# relation): it comes from the heap, not from a fresh mmap with page faults
+# per frame as a 256 KiB frame did (unfiltered replay ~140-240 -> ~90-112 ns
+# per record in one process, when every frame was a copy).
+REPLAY_COPIED_FRAME_RECORD_COUNT_MAX = 1792
+assert REPLAY_COPIED_FRAME_RECORD_COUNT_MAX <= REPLAY_FRAME_RECORD_COUNT_MAX
 _TIMESTAMP_OFFSET = RECORD_DTYPE.fields["timestamp_ns"][1]
 
 
@@ -220,14 +228,18 @@ SendRecords = Callable[[int, bytes, "tuple[int, ...] | None"], Awaitable[None]]
 
 async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent,
                            send_records: SendRecords,
-                           counters: SubscriptionCounters | None = None) -> None:
+                           counters: SubscriptionCounters | None = None, *,
+                           frame_record_count_max: int = REPLAY_FRAME_RECORD_COUNT_MAX
+                           ) -> None:
     """Stream records until the end (no follow) or cancellation.
 
     `send` takes Gap and End events; `send_records(first, records, sequences)`
     sends a Records frame without building an event (the replay hot path).
     `counters` (optional) counts records, bytes and gaps, each counted as
     handed to `send_records` / `send`, before that await returns: a consumer
-    that has them finds them counted.
+    that has them finds them counted. `frame_record_count_max`: records per
+    unfiltered send_records call at most (REPLAY_COPIED_FRAME_RECORD_COUNT_MAX
+    for a consumer that copies them into a frame).
 
     Raises:
         RingCorruptError: stored bytes failed verification, after every verified
@@ -267,7 +279,7 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
         count = len(data) // RECORD_SIZE_BYTES
         if count:
             await _send_read(tenant_id, position, data, record_filter, unfiltered,
-                             send_records, counters)
+                             send_records, counters, frame_record_count_max)
         position += count
         if damage is not None:
             raise damage
@@ -277,13 +289,13 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
 
 async def _send_read(tenant_id: int, position: int, data: memoryview | bytes,
                      record_filter: RecordFilter, unfiltered: bool, send_records: SendRecords,
-                     counters: SubscriptionCounters) -> None:
+                     counters: SubscriptionCounters, frame_record_count_max: int) -> None:
     """Send one read's records (those passing the filter) in even pieces. A
     function of its own so that no view of the read buffer outlives it (a
     follower lets the buffer go while it waits)."""
     if unfiltered:
         count = len(data) // RECORD_SIZE_BYTES
-        step = _piece_size(count)
+        step = _piece_size(count, frame_record_count_max)
         for start in range(0, count, step):
             piece = data[start * RECORD_SIZE_BYTES:(start + step) * RECORD_SIZE_BYTES]
             counters._sent(tenant_id, piece)
@@ -293,7 +305,7 @@ async def _send_read(tenant_id: int, position: int, data: memoryview | bytes,
     if not len(selected):
         return
     records = numpy.frombuffer(data, dtype=RECORD_DTYPE)
-    step = _piece_size(len(selected))
+    step = _piece_size(len(selected), REPLAY_COPIED_FRAME_RECORD_COUNT_MAX)  # sparse: a copy
     for start in range(0, len(selected), step):
         chosen = selected[start:start + step]
         rows = records[chosen].tobytes()
@@ -301,10 +313,9 @@ async def _send_read(tenant_id: int, position: int, data: memoryview | bytes,
         await send_records(position + int(chosen[0]), rows, tuple((chosen + position).tolist()))
 
 
-def _piece_size(count: int) -> int:
-    """Records per send_records call: `count` in even pieces of at most
-    REPLAY_FRAME_RECORD_COUNT_MAX."""
-    pieces = -(-count // REPLAY_FRAME_RECORD_COUNT_MAX)
+def _piece_size(count: int, piece_max: int) -> int:
+    """Records per send_records call: `count` in even pieces of at most `piece_max`."""
+    pieces = -(-count // piece_max)
     return -(-count // pieces)
 
 

@@ -14,7 +14,8 @@ import dataclasses
 from ringtail.service.protocol._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ringtail.service.protocol._events import Event, Hello, Welcome
 from ringtail.service.protocol._frames import (ENCODERS, FRAME_SPECS, HEADER, check_header,
-                                               decode_payload, encode_records_frame)
+                                               decode_payload, encode_records_frame,
+                                               encode_records_frame_parts)
 from ringtail.service.protocol._limits import FRAME_HEADER_SIZE_BYTES, RECEIVE_BUFFER_BYTES_MAX
 from ringtail.service.protocol._state import CLIENT, SERVER, ConnectionState, Role, State
 
@@ -202,3 +203,15 @@ class Connection:
         self._bytes_sent += len(data)
         self._frames_sent += 1
         return data
+
+    def send_records_parts(self, first_sequence: int, records: bytes | memoryview,
+                           sequences: tuple[int, ...] | None = None
+                           ) -> tuple[bytes, bytes | memoryview]:
+        """send_records() as (head, payload), the frame being head + payload; a
+        dense frame's payload is `records` itself, not copied (a gathered send).
+        Same checks and raises as send_records()."""
+        self._cstate.process_records(self.role, LocalProtocolError)
+        head, payload = encode_records_frame_parts(first_sequence, records, sequences)
+        self._bytes_sent += len(head) + memoryview(payload).nbytes
+        self._frames_sent += 1
+        return head, payload

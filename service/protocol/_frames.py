@@ -132,6 +132,20 @@ def encode_records_frame(first_sequence: int, records: bytes | memoryview,
                      struct.pack(f"<{count}Q", *event.sequences), event.records))
 
 
+def encode_records_frame_parts(first_sequence: int, records: bytes | memoryview,
+                               sequences: tuple[int, ...] | None = None
+                               ) -> tuple[bytes, bytes | memoryview]:
+    """encode_records_frame() as (head, payload), the frame being head + payload:
+    a dense frame's payload is `records` itself, not copied (for one gathered
+    send, sendmsg); any other frame is whole in head and the payload empty."""
+    size = memoryview(records).nbytes
+    count, rest = divmod(size, RECORD_SIZE_BYTES)
+    if sequences is None and not rest and 0 < count <= RECORDS_FRAME_RECORD_COUNT_MAX and (
+            type(first_sequence) is int and 0 <= first_sequence <= U64_MAX - count + 1):
+        return _HEADER_U64.pack(8 + size, FrameType.RECORDS, 0, first_sequence), records
+    return encode_records_frame(first_sequence, records, sequences), b""
+
+
 def _encode_error(event: Error) -> bytes:
     message = event.message.encode("utf-8")
     return _frame(FrameType.ERROR, 0, _ERROR_HEAD.pack(

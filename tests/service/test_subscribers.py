@@ -23,7 +23,9 @@ from ringtail.service.protocol import End, ErrorCode, Gap, RemoteProtocolError, 
 from ringtail.service.limits import MALLOC_MMAP_THRESHOLD_BYTES
 from ringtail.service import subscribers
 from ringtail.service.protocol import encode_records_frame
-from ringtail.service.subscribers import (REPLAY_FRAME_RECORD_COUNT_MAX,
+from ringtail.service.connection import RECEIVE_SMALL_SIZE_BYTES
+from ringtail.service.subscribers import (REPLAY_COPIED_FRAME_RECORD_COUNT_MAX,
+                                          REPLAY_FRAME_RECORD_COUNT_MAX,
                                           REPLAY_READ_BUFFER_SIZE_BYTES,
                                           REPLAY_READ_RECORD_COUNT_MAX, RecordFilter,
                                           SubscriptionCounters, run_subscription, start_position)
@@ -160,13 +162,32 @@ async def test_a_follower_that_caught_up_holds_no_read_buffer(tenant):
     assert held < REPLAY_READ_BUFFER_SIZE_BYTES // 8, f"{held} bytes still held while idle"
 
 
-def test_a_replay_frame_stays_under_the_mmap_threshold():
-    # The frame the connection encodes per send_records (sparse: the larger)
-    # comes from the heap, not a fresh mmap (service/subscribers.py).
-    sparse = encode_records_frame(0, bytes(RECORD_SIZE_BYTES * REPLAY_FRAME_RECORD_COUNT_MAX),
-                                  tuple(range(0, 2 * REPLAY_FRAME_RECORD_COUNT_MAX, 2)))
+def test_a_copied_replay_frame_stays_under_the_mmap_threshold():
+    # A frame the connection copies per send_records (sparse: the larger; any
+    # frame on TLS) comes from the heap, not a fresh mmap (service/subscribers.py).
+    count = REPLAY_COPIED_FRAME_RECORD_COUNT_MAX
+    sparse = encode_records_frame(0, bytes(RECORD_SIZE_BYTES * count),
+                                  tuple(range(0, 2 * count, 2)))
     assert sys.getsizeof(sparse) < MALLOC_MMAP_THRESHOLD_BYTES
-    assert REPLAY_FRAME_RECORD_COUNT_MAX < REPLAY_READ_RECORD_COUNT_MAX
+    assert REPLAY_COPIED_FRAME_RECORD_COUNT_MAX < REPLAY_READ_RECORD_COUNT_MAX
+    # A frame sent as header + view is not copied: a whole read per frame.
+    assert REPLAY_FRAME_RECORD_COUNT_MAX == REPLAY_READ_RECORD_COUNT_MAX
+    # The connection's small receive (a bytes object per receive) is heap too.
+    assert RECEIVE_SMALL_SIZE_BYTES + sys.getsizeof(b"") < MALLOC_MMAP_THRESHOLD_BYTES
+
+
+async def test_a_consumer_that_copies_frames_gets_a_read_in_even_pieces(tenant):
+    data = RecordFactory(TENANT, seed=9).records(REPLAY_READ_RECORD_COUNT_MAX)
+    append(tenant, data)
+    sent = Sent()
+    with trio.fail_after(TIMEOUT_S):
+        await run_subscription(tenant, Subscribe(), sent.send, sent.send_records,
+                               frame_record_count_max=REPLAY_COPIED_FRAME_RECORD_COUNT_MAX)
+    pieces = -(-REPLAY_READ_RECORD_COUNT_MAX // REPLAY_COPIED_FRAME_RECORD_COUNT_MAX)
+    sizes = [len(records) // RECORD_SIZE_BYTES for _, _, records in sent.frames]
+    assert len(sizes) == pieces and max(sizes) - min(sizes) < pieces  # even: one size, the last less
+    assert max(sizes) <= REPLAY_COPIED_FRAME_RECORD_COUNT_MAX
+    assert b"".join(records for _, _, records in sent.frames) == data
 
 
 async def test_a_filter_that_passes_a_whole_read_sends_it_in_even_frames(tenant):
@@ -174,9 +195,10 @@ async def test_a_filter_that_passes_a_whole_read_sends_it_in_even_frames(tenant)
     append(tenant, data)
     sent = await replay(tenant, Subscribe(epoch_max=0xFFFF_FFFE))  # a filter all pass
     assert sent.records == list(enumerate(split_records(data)))
-    assert all(len(sequences) <= REPLAY_FRAME_RECORD_COUNT_MAX
+    assert all(len(sequences) <= REPLAY_COPIED_FRAME_RECORD_COUNT_MAX
                for _, sequences, _ in sent.frames)
-    assert len(sent.frames) == -(-REPLAY_READ_RECORD_COUNT_MAX // REPLAY_FRAME_RECORD_COUNT_MAX)
+    assert len(sent.frames) == -(-REPLAY_READ_RECORD_COUNT_MAX
+                                 // REPLAY_COPIED_FRAME_RECORD_COUNT_MAX)
 
 
 async def test_a_replay_reads_every_step_into_one_buffer_and_sends_from_it(tenant):
@@ -302,3 +324,17 @@ async def test_a_follower_that_falls_behind_the_ring_gets_a_gap_then_the_oldest(
     assert counted.gaps == {TENANT: 1}
     assert counted.records_out == {TENANT: len(sent.records)}
     assert counted.bytes_out == {TENANT: len(sent.records) * RECORD_SIZE_BYTES}
+
+
+def test_a_dense_frame_in_parts_is_the_frame_with_the_records_not_copied():
+    # The connection sends (head, payload) with one sendmsg on a plain socket.
+    from ringtail.service.protocol._frames import encode_records_frame_parts
+    records = RecordFactory(TENANT, seed=10).records(REPLAY_FRAME_RECORD_COUNT_MAX)
+    view = memoryview(bytearray(records))
+    head, payload = encode_records_frame_parts(5, view)
+    assert payload is view
+    assert head + bytes(payload) == encode_records_frame(5, records)
+    sequences = tuple(range(0, 2 * 3, 2))
+    head, payload = encode_records_frame_parts(0, records[:3 * RECORD_SIZE_BYTES], sequences)
+    assert (head, payload) == (encode_records_frame(0, records[:3 * RECORD_SIZE_BYTES],
+                                                    sequences), b"")
