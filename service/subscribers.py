@@ -2,11 +2,15 @@
 
 A subscription is a position in the tenant's sequence space. It reads
 committed records from the ring file (verified, a chunk run at a time) and
-sends them; when it reaches the cursor it waits for the next commit and reads
-again. History and live tail are the same path, so the seam has no gap and no
-duplicate by construction, and a subscriber never holds up a publisher: the
-writer only sets an event. The subscriber's buffer is one read of at most
-REPLAY_READ_RECORD_COUNT_MAX records plus the socket's buffer. One that falls
+sends them; when it reaches the cursor it waits for the next commit and sends
+that commit's records from the writer's memory (the bytes just written and
+made durable, Tenant.take_commit), or reads again if it was not at the cursor
+when the commit came. History and live tail are one loop over one position
+(a hand-off starts exactly at it and moves it past the commit), so the seam
+has no gap and no duplicate by construction, and a subscriber never holds up
+a publisher: the writer only sets an event. The subscriber's buffer is one
+read of at most REPLAY_READ_RECORD_COUNT_MAX records (or the one commit it
+was handed) plus the socket's buffer. One that falls
 behind the oldest retained record gets a Gap naming the lost range and goes
 on from the oldest.
 
@@ -267,6 +271,14 @@ async def run_subscription(tenant: Tenant, subscribe: Subscribe, send: SendEvent
                 return
             buffer = data = None  # an idle follower holds no read buffer
             await tenant.wait_beyond(position)
+            # Live hand-off: the batch just committed at the cursor, from the
+            # writer's memory (Tenant.take_commit), not read back and
+            # verified from the file; a follower that was behind reads it.
+            committed = tenant.take_commit(position)
+            if committed is not None:
+                await _send_read(tenant_id, position, committed, record_filter, unfiltered,
+                                 send_records, counters, frame_record_count_max)
+                position += len(committed) // RECORD_SIZE_BYTES
             continue
         count = min(next_sequence - position, REPLAY_READ_RECORD_COUNT_MAX)
         if buffer is None or buffer.nbytes < read_buffer_size_bytes(count):

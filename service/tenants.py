@@ -70,22 +70,59 @@ class TenantSettings:
 
 
 class Tenant:
-    """One tenant's ring, its writer, and the signal subscribers wait on."""
+    """One tenant's ring, its writer, and the signal subscribers wait on.
+
+    Live hand-off (issue 13): a commit's bytes (the chain the writer just
+    wrote and made durable) are kept for the followers waiting at that
+    moment, each takes them once with `take_commit` right after
+    `wait_beyond` returns, and the last one to take them lets them go. So a
+    follower at the cursor sends a new batch from memory instead of reading
+    it back from the file; one that was behind reads the file as before.
+    Memory: at most one chain (the ring's batch_record_count_max x 64 B) per
+    tenant, while some follower woken by it has not run yet.
+    """
 
     def __init__(self, tenant_id: int, ring: RingFile):
         self.tenant_id = tenant_id
         self.ring = ring
         self.writer = TenantWriter(ring, self._committed_batch)
         self._committed = trio.Event()
+        self._waiting = 0  # followers inside wait_beyond
+        # (first sequence, bytes) of the last commit, and how many of the
+        # followers waiting at it have still to take it (take_commit).
+        self._commit: tuple[int, bytes] | None = None
+        self._commit_takers = 0
 
     def _committed_batch(self, first_sequence: int, data: bytes) -> None:
+        self._commit = (first_sequence, data) if self._waiting else None
+        self._commit_takers = self._waiting
         committed, self._committed = self._committed, trio.Event()
         committed.set()
 
     async def wait_beyond(self, sequence: int) -> None:
-        """Return once a record at or past `sequence` is committed."""
-        while self.ring.next_sequence <= sequence:
-            await self._committed.wait()
+        """Return once a record at or past `sequence` is committed. A caller
+        that is a follower calls take_commit(sequence) right after (no await
+        in between): the commit keeps its bytes until each follower woken by
+        it did."""
+        self._waiting += 1
+        try:
+            while self.ring.next_sequence <= sequence:
+                await self._committed.wait()
+        finally:
+            self._waiting -= 1
+
+    def take_commit(self, sequence: int) -> bytes | None:
+        """The records of the last commit if it starts at `sequence` (a follower
+        that waited at the cursor), else None (read them from the file).
+        They are the bytes the writer handed to the ring for that chain,
+        which is durable: what a read would return, without the read."""
+        commit = self._commit
+        if commit is None:
+            return None
+        self._commit_takers -= 1
+        if self._commit_takers <= 0:
+            self._commit = None
+        return commit[1] if commit[0] == sequence else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -309,6 +346,7 @@ class TenantRegistry:
                  first_sequence)
         tenant.ring = ring
         tenant.writer = TenantWriter(ring, tenant._committed_batch)
+        tenant._commit = None  # the old ring's last commit (live hand-off) is gone with it
         if self._nursery is not None:
             self._nursery.start_soon(tenant.writer.run)
 

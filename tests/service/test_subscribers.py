@@ -278,8 +278,44 @@ async def test_a_follower_sends_new_commits_as_the_writer_makes_them(tenant):
             await wait_all_tasks_blocked()
             assert sent.records == list(enumerate(split_records(history + live)))
             assert not any(isinstance(event, (Gap, End)) for event in sent.events)
+            # Waiting at the cursor, it was handed the commit's bytes (the
+            # history came as views of its read buffer), and the tenant let
+            # them go once its one waiting follower took them.
+            assert all(isinstance(view, memoryview) for view in sent.handed[:-1])
+            assert type(sent.handed[-1]) is bytes and sent.handed[-1] == live
+            assert tenant.take_commit(20) is None
             nursery.cancel_scope.cancel()
             tenant.writer.close()
+
+
+async def test_followers_at_the_cursor_are_handed_each_commit_filtered_or_not(tenant):
+    factory = RecordFactory(TENANT, seed=11)
+    plain, filtered = Sent(), Sent()
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tenant.writer.run)
+            nursery.start_soon(run_subscription, tenant, Subscribe(follow=True), plain.send,
+                               plain.send_records)
+            nursery.start_soon(run_subscription, tenant,
+                               Subscribe(follow=True, failure_only=True),
+                               filtered.send, filtered.send_records)
+            await wait_all_tasks_blocked()
+            published = b""
+            for count in (1, 5, 64, 200):
+                data = factory.records(count)
+                request = await tenant.writer.publish(data)
+                await request.done.wait()
+                await wait_all_tasks_blocked()
+                published += data
+                assert plain.records == list(enumerate(split_records(published)))
+            nursery.cancel_scope.cancel()
+            tenant.writer.close()
+    assert all(type(records) is bytes for records in plain.handed)  # all handed, none read
+    expected = RecordFilter(failure_only=True)
+    rows = split_records(published)
+    assert filtered.records == [(index, rows[index]) for index in
+                                expected.select(published).tolist()]
+    assert 0 < len(filtered.records) < len(rows)
 
 
 async def test_a_follower_that_falls_behind_the_ring_gets_a_gap_then_the_oldest(tmp_path):
@@ -316,6 +352,8 @@ async def test_a_follower_that_falls_behind_the_ring_gets_a_gap_then_the_oldest(
                 tenant.writer.close()
 
     everything = split_records(history + later)
+    # Stuck in a send when the commits came, it read every record from the file.
+    assert all(isinstance(view, memoryview) for view in sent.handed)
     assert sent.events == ["records", Gap(100, oldest - 1),
                            *["records"] * (len(sent.frames) - 1)]
     assert sent.records == (list(enumerate(everything[:100]))
@@ -338,3 +376,27 @@ def test_a_dense_frame_in_parts_is_the_frame_with_the_records_not_copied():
     head, payload = encode_records_frame_parts(0, records[:3 * RECORD_SIZE_BYTES], sequences)
     assert (head, payload) == (encode_records_frame(0, records[:3 * RECORD_SIZE_BYTES],
                                                     sequences), b"")
+
+
+async def test_a_commit_is_handed_only_at_its_first_sequence_and_once_per_waiter(tenant):
+    factory = RecordFactory(TENANT, seed=12)
+    append(tenant, factory.records(20))
+    taken = []
+
+    async def follower(position: int, at: int) -> None:
+        await tenant.wait_beyond(position)
+        taken.append(tenant.take_commit(at))
+
+    live = factory.records(3)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tenant.writer.run)
+            nursery.start_soon(follower, 20, 20)
+            nursery.start_soon(follower, 20, 21)  # not at the commit's first sequence
+            await wait_all_tasks_blocked()
+            request = await tenant.writer.publish(live)
+            await request.done.wait()
+            await wait_all_tasks_blocked()
+            tenant.writer.close()
+    assert sorted(taken, key=lambda item: item is None) == [live, None]
+    assert tenant.take_commit(20) is None  # both waiters took it: let go
