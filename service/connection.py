@@ -656,7 +656,8 @@ class ConnectionHandler:
         if error is not None:
             self._answered(0)
             return Error(int(error.code), error.message, batch_id, error.record_index)
-        await request.done.wait()
+        if not request.done.is_set():  # Event.wait() on a set event still yields:
+            await request.done.wait()  # a scheduler pass per coalesced answer
         self._answered(len(request.records))
         if request.error is not None:
             message = f"batch {batch_id} is not durable: {request.error}"
