@@ -184,7 +184,7 @@ async def unknown_frame_type(scene: Scene) -> None:
 
 async def wrong_protocol_version(scene: Scene) -> None:
     peer = await RawPeer.connect(scene.socket_path)
-    await peer.send(encode_event(Hello(TENANT, b"", "old client", protocol_version=2)))
+    await peer.send(encode_event(Hello(TENANT, b"", "new client", protocol_version=3)))
     await expect_fatal(peer, ErrorCode.UNSUPPORTED_VERSION)
 
 

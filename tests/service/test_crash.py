@@ -68,7 +68,9 @@ async def storm_client(socket_path: str, factory: RecordFactory, rng: random.Ran
     """Publish until the daemon goes away; record every batch and every answer."""
     by_id: dict[int, Batch] = {}
     window = trio.Semaphore(WINDOW)
-    async with await Client.connect(socket_path, TENANT) as client:
+    # No producer id: raw Publish frames, at least once (exactly once is
+    # test_exactly_once's and test_publisher's).
+    async with await Client.connect(socket_path, TENANT, producer_id=0) as client:
         state.welcome_next_sequence = client.welcome.next_sequence
 
         async def sender() -> None:

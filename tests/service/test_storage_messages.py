@@ -47,6 +47,10 @@ async def test_storage_failed_names_enospc_and_what_to_do_in_full(daemon, tmp_pa
         with open(path, "wb") as file:  # the pages after the first data page are a hole
             file.write(allocated)
             file.truncate(layout.file_size_bytes)
+            # The producer slots stay allocated (zero: empty), so the first
+            # write to fail is the records' (a short write), not a slot copy's.
+            file.seek(layout.producer_offset)
+            file.write(bytes(layout.file_size_bytes - layout.producer_offset))
         server = daemon(data_dir=data_dir, capacity=CAPACITY, io="threads")
         try:
             fill_file_system(mount)
