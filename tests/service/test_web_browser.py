@@ -129,8 +129,14 @@ def publish(process: DaemonProcess, tenant_id: int, records: list[SlotRecord]) -
 
 
 def wait(driver, condition, message: str):
+    """Until `condition(driver)` holds. A row the page replaced between finding
+    it and reading it (it trims to WEB_ROWS_KEPT_MAX rows as records arrive)
+    is a stale element: the condition is simply checked again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, WAIT_S, poll_frequency=WAIT_POLL_S).until(condition, message)
+    return WebDriverWait(driver, WAIT_S, poll_frequency=WAIT_POLL_S,
+                         ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(condition, message)
 
 
 def status_is(text: str):
