@@ -144,3 +144,24 @@ async def test_a_silent_peer_gets_handshake_timeout_at_the_limit(connect, autoju
     assert HANDSHAKE_TIMEOUT_S <= waited < HANDSHAKE_TIMEOUT_S + 1  # virtual seconds
     await finished.wait()
     assert await peer.read_frame() is None
+
+
+async def test_a_frame_that_comes_as_the_idle_deadline_passes_is_handled(
+        connect, in_process_daemon, mock_clock):
+    # The handler waits in its receive with the idle deadline set; the Ping
+    # wakes it and, before it runs, virtual time passes the deadline, so
+    # the idle scope is cancelled with the bytes already taken. They must be
+    # handled (a Pong), not cut by the spent scope into an IDLE_TIMEOUT.
+    idle_timeout_s = in_process_daemon.gate.limits().idle_timeout_s
+    with trio.fail_after(TIMEOUT_S + 2 * (idle_timeout_s + 1)):  # the jumps below are in it
+        peer, finished = await welcomed(connect)
+        await wait_all_tasks_blocked()
+        await peer.send(encode_event(Ping(5)))  # no checkpoint after the bytes are put
+        mock_clock.jump(idle_timeout_s + 1)
+        assert await peer.read_frame() == Pong(5)
+        await wait_all_tasks_blocked()
+        assert not finished.is_set()
+        # The next silence is an idle timeout as usual.
+        mock_clock.jump(idle_timeout_s + 1)
+        error = await peer.read_frame()
+        assert isinstance(error, Error) and error.code == ErrorCode.IDLE_TIMEOUT, error
