@@ -69,6 +69,7 @@ _COPY_CHECKED_SIZE = PRODUCER_SLOT_COPY_SIZE_BYTES - CHECKSUM_SIZE_BYTES
 _KEY = struct.Struct("<QII")  # file_id, slot, copy: mixed into the checksum
 assert _COPY_HEAD.size + PRODUCER_ACK_COUNT_MAX * _ACK.size <= _COPY_CHECKED_SIZE
 EMPTY_COPY = bytes(PRODUCER_SLOT_COPY_SIZE_BYTES)
+_ZEROS = bytes(_COPY_CHECKED_SIZE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,13 +96,14 @@ class SlotCopy:
     acks: tuple[ProducerAck, ...]  # oldest first, 1..PRODUCER_ACK_COUNT_MAX
 
     def encode(self, file_id: int, slot: int, copy: int) -> bytes:
-        body = bytearray(_COPY_CHECKED_SIZE)
-        _COPY_HEAD.pack_into(body, 0, self.producer_id, self.commit_generation,
-                             self.chain_next_sequence, self.chain_write_count, len(self.acks))
-        for index, ack in enumerate(self.acks):
-            _ACK.pack_into(body, _COPY_HEAD.size + index * _ACK.size, ack.producer_sequence,
-                           ack.first_sequence, ack.record_count, 0)
-        return bytes(body) + checksum(_KEY.pack(file_id, slot, copy) + body)
+        acks = self.acks
+        body = b"".join((_COPY_HEAD.pack(self.producer_id, self.commit_generation,
+                                         self.chain_next_sequence, self.chain_write_count,
+                                         len(acks)),
+                         *[_ACK.pack(ack.producer_sequence, ack.first_sequence,
+                                     ack.record_count, 0) for ack in acks],
+                         _ZEROS[:_COPY_CHECKED_SIZE - _COPY_HEAD.size - len(acks) * _ACK.size]))
+        return body + checksum(_KEY.pack(file_id, slot, copy) + body)
 
 
 class SlotCopyDecodeError(ValueError):
@@ -187,11 +189,13 @@ class ProducerTable:
         assert len(grouped) <= PRODUCER_CHAIN_WRITE_COUNT_MAX, len(grouped)
         if not grouped or not self.slots:
             return ProducerPlan((), ())
-        victims = self._victims(grouped)
+        victims = None  # sorted only when a producer needs a slot (rare after start-up)
         writes, installs = [], []
         for producer_id, new in grouped.items():
             index = self._by_producer.get(producer_id)
             if index is None:
+                if victims is None:
+                    victims = self._victims(grouped)
                 index, old = next(victims), ()
             else:
                 old = self.slots[index].content.acks
