@@ -280,9 +280,7 @@ class ConnectionHandler:
                     else:
                         parts[0] = parts[0][sent:]
                         sent = 0
-        except trio.ClosedResourceError:
-            raise
-        except OSError as error:
+        except OSError as error:  # as trio's SocketStream translates them
             if error.errno == errno.EBADF:
                 raise trio.ClosedResourceError("the connection's socket was closed") from None
             raise trio.BrokenResourceError(f"socket connection broken: {error}") from error

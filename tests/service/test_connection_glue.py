@@ -18,10 +18,11 @@ import pytest
 import trio
 from trio.testing import memory_stream_pair, wait_all_tasks_blocked
 
+from ringtail.service.auth import Peer
 from ringtail.service.config import ServeConfig
-from ringtail.service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler
-from ringtail.service.protocol import (Ack, Error, ErrorCode, Hello, Ping, Pong,
-                                       Publish, Welcome, encode_event)
+from ringtail.service.connection import HANDSHAKE_TIMEOUT_S, ConnectionHandler, serve_connection
+from ringtail.service.protocol import (Ack, End, Error, ErrorCode, Hello, Ping, Pong,
+                                       Publish, Records, Subscribe, Welcome, encode_event)
 from ringtail.service.server import Daemon
 from tests.service.conftest import RawPeer, RecordFactory, short_socket_dir
 
@@ -165,3 +166,53 @@ async def test_a_frame_that_comes_as_the_idle_deadline_passes_is_handled(
         mock_clock.jump(idle_timeout_s + 1)
         error = await peer.read_frame()
         assert isinstance(error, Error) and error.code == ErrorCode.IDLE_TIMEOUT, error
+
+
+@pytest.fixture
+async def replay_daemon(tmp_path):
+    """An in-process daemon whose tenant holds several replay reads of records."""
+    socket_path = os.path.join(short_socket_dir(tmp_path), "replay.sock")
+    config = ServeConfig(data_dir=os.fspath(tmp_path / "data"), socket=socket_path,
+                         io="threads", sync="none", capacity=16384)
+    server = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        server.shutdown()
+
+
+async def test_a_replay_over_a_socket_sends_whole_frames_and_a_peer_gone_mid_replay_is_counted(
+        replay_daemon):
+    # A plain socket: Records frames go out as header + the read buffer's
+    # view (sendmsg), in parts when the socket is full.
+    factory = RecordFactory(TENANT, seed=13)
+    data = factory.records(3 * 4096)
+    tenant = replay_daemon.registry.get(TENANT)
+    with trio.fail_after(TIMEOUT_S):
+        for offset in range(0, len(data), 4096 * 64):
+            request = await tenant.writer.publish(data[offset:offset + 4096 * 64])
+            await request.done.wait()
+        for hang_up in (False, True):
+            counters = replay_daemon.session.counters
+            before = counters.statistics()
+            daemon_end, peer_end = trio.socket.socketpair()
+            peer = RawPeer(trio.SocketStream(peer_end))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_connection, replay_daemon.session,
+                                   trio.SocketStream(daemon_end), Peer("unix"))
+                assert isinstance(await peer.hello(TENANT), Welcome)
+                await peer.send(encode_event(Subscribe()))
+                if hang_up:  # read a little, then go: the daemon is in a send
+                    await peer.stream.receive_some(1000)
+                    await peer.stream.aclose()
+                else:
+                    received = b""
+                    while (frame := await peer.read_frame()) != End(3 * 4096):
+                        assert isinstance(frame, Records), frame
+                        assert frame.first_sequence * 64 == len(received)
+                        received += frame.records
+                    assert received == data
+                    await peer.stream.aclose()
+            after = counters.statistics()  # the connection has ended (its task returned)
+            assert after.internal_errors == before.internal_errors
+            assert after.peers_gone == before.peers_gone + hang_up
