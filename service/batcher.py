@@ -169,21 +169,20 @@ class TenantWriter:
         if pending is not None:
             self._duplicates += 1
             return pending
-        acks = self.ring.producers.acks(request.producer_id)
-        for ack in acks:
-            if ack.producer_sequence == request.producer_sequence:
-                self._duplicates += 1
-                request.first_sequence, request.last_sequence = ack.first_sequence, \
-                    ack.last_sequence
-                request.duplicate = True
-                request.done.set()
-                return request
-        if len(acks) == PRODUCER_ACK_COUNT_MAX and \
-                request.producer_sequence < acks[0].producer_sequence:
+        ack, count, oldest = self.ring.producers.find(request.producer_id,
+                                                      request.producer_sequence)
+        if ack is not None:
+            self._duplicates += 1
+            request.first_sequence, request.last_sequence = ack.first_sequence, \
+                ack.last_sequence
+            request.duplicate = True
+            request.done.set()
+            return request
+        if count == PRODUCER_ACK_COUNT_MAX and request.producer_sequence < oldest:
             raise ProducerWindowPassed(
                 f"producer {request.producer_id:#x} sent producer_sequence "
                 f"{request.producer_sequence}, older than the {PRODUCER_ACK_COUNT_MAX} stored "
-                f"batches the daemon remembers for it (oldest {acks[0].producer_sequence}): it "
+                f"batches the daemon remembers for it (oldest {oldest}): it "
                 "may already be stored, so it is neither stored nor acknowledged; keep at most "
                 f"{PRODUCER_ACK_COUNT_MAX} batches unacknowledged per producer")
         return None

@@ -41,6 +41,12 @@ class GatedProducers:
     def acks(self, producer_id: int) -> tuple[ProducerAck, ...]:
         return tuple(self.installed.get(producer_id, ())[-PRODUCER_ACK_COUNT_MAX:])
 
+    def find(self, producer_id: int, producer_sequence: int):
+        acks = self.acks(producer_id)
+        found = [ack for ack in acks if ack.producer_sequence == producer_sequence]
+        return (found[0] if found else None, len(acks),
+                acks[0].producer_sequence if acks else None)
+
 
 class GatedRing:
     """The part of RingFile the writer uses; a chain completes on `complete()`."""
