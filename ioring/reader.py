@@ -113,15 +113,8 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
     chunk_first = first_sequence // CHUNK_RECORD_COUNT
     chunk_last = (end - 1) // CHUNK_RECORD_COUNT
     pieces = []
-    chunk = chunk_first
-    while chunk <= chunk_last:
-        # One pread per run of chunks that lie contiguously in the file.
-        position = chunk % layout.chunk_count
-        run = min(chunk_last - chunk + 1, layout.chunk_count - position)
-        run_start = chunk * CHUNK_RECORD_COUNT
-        run_end = min((chunk + run) * CHUNK_RECORD_COUNT, next_sequence)
-        offset = layout.record_offset(run_start)
-        size = (run_end - run_start) * RECORD_SIZE_BYTES
+    for chunk, run, run_start, run_end, offset, size in _chunk_runs(
+            layout, chunk_first, chunk_last, next_sequence):
         data = _read_cached(fd, size, offset) if cached_only else os.pread(fd, size, offset)
         if len(data) != size:
             raise RingCorruptError(path, offset + len(data),
@@ -131,7 +124,6 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
         skip = (max(first_sequence, run_start) - run_start) * RECORD_SIZE_BYTES
         take = (min(end, run_end) - max(first_sequence, run_start)) * RECORD_SIZE_BYTES
         pieces.append(view[skip:skip + take] if skip or take != size else data)
-        chunk += run
     # One whole run is returned as read (bytes, or the bytearray of a cached-only read).
     return pieces[0] if len(pieces) == 1 and not isinstance(pieces[0], memoryview) \
         else b"".join(pieces)
@@ -166,16 +158,8 @@ def read_verified_into(fd: int, path: str, table: ChunkTable, file_id: int,
                          f"{covering} bytes of chunks holding records {first_sequence}.."
                          f"{end - 1}; size it with read_buffer_size_bytes({count})")
     at = 0  # where the next run lands in `buffer`: runs follow each other
-    chunk = chunk_first
-    while chunk <= chunk_last:
-        # One preadv per run of chunks that lie contiguously in the file (two
-        # at most: the ring wraps once).
-        position = chunk % layout.chunk_count
-        run = min(chunk_last - chunk + 1, layout.chunk_count - position)
-        run_start = chunk * CHUNK_RECORD_COUNT
-        run_end = min((chunk + run) * CHUNK_RECORD_COUNT, next_sequence)
-        offset = layout.record_offset(run_start)
-        size = (run_end - run_start) * RECORD_SIZE_BYTES
+    for chunk, run, _, _, offset, size in _chunk_runs(layout, chunk_first, chunk_last,
+                                                      next_sequence):
         view = buffer[at:at + size]
         got = _read_into_cached(fd, view, offset) if cached_only else os.preadv(fd, [view], offset)
         if got != size:
@@ -183,11 +167,25 @@ def read_verified_into(fd: int, path: str, table: ChunkTable, file_id: int,
                                    f"file ends inside the data region (read {got} of {size} bytes)")
         verify_run(path, table, file_id, chunk, run, view, offset)
         at += size
-        chunk += run
     # Only the first run can start before first_sequence and only the last
     # can run past `end`: the records are one contiguous slice.
     skip = (first_sequence - chunk_first * CHUNK_RECORD_COUNT) * RECORD_SIZE_BYTES
     return buffer[skip:skip + count * RECORD_SIZE_BYTES]
+
+
+def _chunk_runs(layout, chunk_first: int, chunk_last: int, next_sequence: int):
+    """The runs of chunks chunk_first..chunk_last that lie contiguously in the
+    file (two at most: the ring wraps once), one read each: (first chunk, chunk
+    count, first sequence, end sequence (capped at the cursor), file offset,
+    bytes)."""
+    chunk = chunk_first
+    while chunk <= chunk_last:
+        run = min(chunk_last - chunk + 1, layout.chunk_count - chunk % layout.chunk_count)
+        run_start = chunk * CHUNK_RECORD_COUNT
+        run_end = min((chunk + run) * CHUNK_RECORD_COUNT, next_sequence)
+        yield (chunk, run, run_start, run_end, layout.record_offset(run_start),
+               (run_end - run_start) * RECORD_SIZE_BYTES)
+        chunk += run
 
 
 def read_buffer_size_bytes(record_count_max: int) -> int:
