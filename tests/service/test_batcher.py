@@ -17,8 +17,9 @@ from trio.testing import wait_all_tasks_blocked
 
 from ringtail.ioring import RingError, open_ring
 from ringtail.ioring.batch import BatchTicket
+from ringtail.ioring.format import CAPACITY_RECORD_COUNT_MAX, PRODUCER_SLOT_COUNT, Layout
 from ringtail.ioring.producers import (PRODUCER_ACK_COUNT_MAX, PRODUCER_CHAIN_WRITE_COUNT_MAX,
-                                       ProducerAck)
+                                       ProducerAck, empty_table)
 from ringtail.ioring.record import RECORD_SIZE_BYTES
 from ringtail.service.batcher import (PENDING_RECORD_COUNT_MAX, ProducerWindowPassed,
                                       TenantWriter)
@@ -31,23 +32,6 @@ def records(count: int, fill: int) -> bytes:
     return bytes([fill]) * (count * RECORD_SIZE_BYTES)
 
 
-class GatedProducers:
-    """The part of ioring's ProducerTable the writer reads: each producer's last
-    PRODUCER_ACK_COUNT_MAX acks, installed when their chain completes."""
-
-    def __init__(self):
-        self.installed: dict[int, list[ProducerAck]] = {}
-
-    def acks(self, producer_id: int) -> tuple[ProducerAck, ...]:
-        return tuple(self.installed.get(producer_id, ())[-PRODUCER_ACK_COUNT_MAX:])
-
-    def find(self, producer_id: int, producer_sequence: int):
-        acks = self.acks(producer_id)
-        found = [ack for ack in acks if ack.producer_sequence == producer_sequence]
-        return (found[0] if found else None, len(acks),
-                acks[0].producer_sequence if acks else None)
-
-
 class GatedRing:
     """The part of RingFile the writer uses; a chain completes on `complete()`."""
 
@@ -58,7 +42,8 @@ class GatedRing:
         self.next_sequence = 0
         self.submitted: list[bytes] = []  # each chain's records, in order
         self.submitted_acks: list[tuple] = []  # each chain's (producer, ack) pairs
-        self.producers = GatedProducers()
+        # The real producer window, installed when a chain completes.
+        self.producers = empty_table(PRODUCER_SLOT_COUNT)
         self._pending: BatchTicket | None = None
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
@@ -93,8 +78,9 @@ class GatedRing:
             return []
         ticket, self._pending = self._pending, None
         self.next_sequence = ticket.next_sequence
-        for producer, ack in self.submitted_acks[ticket.tag - 1]:
-            self.producers.installed.setdefault(producer, []).append(ack)
+        self.producers.install(self.producers.plan(
+            self.submitted_acks[ticket.tag - 1], ticket.tag, ticket.next_sequence, 0,
+            Layout(CAPACITY_RECORD_COUNT_MAX)))
         return [ticket]
 
     def close(self) -> None:
@@ -318,8 +304,8 @@ async def test_a_sequence_older_than_a_full_window_is_refused_not_stored(ring):
                 await wait_all_tasks_blocked()
                 ring.complete()
                 await request.done.wait()
-            # Inside the window's range but never stored (a refused batch's old
-            # number): new. Below the window's oldest: it may be stored, refused.
+            # The oldest batch the window holds is still answered from it; one
+            # below it may have been stored, so it is refused.
             assert (await writer.publish(records(1, 1), producer_id=3,
                                          producer_sequence=10)).duplicate
             with pytest.raises(ProducerWindowPassed, match="producer 0x3 sent producer_sequence 9,"
