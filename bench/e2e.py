@@ -417,11 +417,7 @@ def ingest_cell(daemon: Daemon, workers: Workers, publishers: int, batch: int, w
                      end_ns=end_ns)
     wait_until(start_ns)
     daemon.reset_peak()
-    cpu_before = daemon.cpu_seconds()
-    metrics_before = daemon.metrics() if daemon.http_port else None
-    wait_until(end_ns)
-    cpu = daemon.cpu_seconds() - cpu_before
-    metrics_after = daemon.metrics() if daemon.http_port else None
+    cpu, metrics_before, metrics_after = measure_until(daemon, end_ns)
     results = [workers.receive(index) for index in range(publishers)]
     acked = sum(result["acked"] for result in results)
     latencies = numpy.concatenate([numpy.asarray(result["latencies_ns"], dtype=numpy.int64)
@@ -536,11 +532,7 @@ def run_tail(directory: str, profile: dict, workers: Workers, progress) -> list[
             workers.send(1, "tail_publish", socket_path=daemon.socket, tenant_id=TAIL_TENANT,
                          rate=rate, warm_ns=warm_ns, end_ns=end_ns)
             wait_until(start_ns)
-            cpu_before = daemon.cpu_seconds()
-            metrics_before = daemon.metrics()
-            wait_until(end_ns)
-            cpu = daemon.cpu_seconds() - cpu_before
-            metrics_after = daemon.metrics()
+            cpu, metrics_before, metrics_after = measure_until(daemon, end_ns)
             published = workers.receive(1)
             received = workers.receive(0)
             latencies = received["latencies_ns"]
@@ -558,6 +550,16 @@ def run_tail(directory: str, profile: dict, workers: Workers, progress) -> list[
     finally:
         daemon.stop()
     return rows, publisher
+
+
+def measure_until(daemon: Daemon, end_ns: int) -> tuple[float, dict | None, dict | None]:
+    """From now to `end_ns`: the daemon's CPU seconds, and its /metrics at
+    both ends (None without --http)."""
+    cpu_before = daemon.cpu_seconds()
+    metrics_before = daemon.metrics() if daemon.http_port else None
+    wait_until(end_ns)
+    cpu = daemon.cpu_seconds() - cpu_before
+    return cpu, metrics_before, daemon.metrics() if daemon.http_port else None
 
 
 def commit_p99(before: dict, after: dict, tenant: int) -> dict:
@@ -590,11 +592,7 @@ def run_fanout(directory: str, profile: dict, workers: Workers, progress) -> lis
             workers.send(0, "tail_publish", socket_path=daemon.socket, tenant_id=TAIL_TENANT,
                          rate=FANOUT_RATE, warm_ns=warm_ns, end_ns=end_ns)
             wait_until(start_ns)
-            cpu_before = daemon.cpu_seconds()
-            metrics_before = daemon.metrics()
-            wait_until(end_ns)
-            cpu = daemon.cpu_seconds() - cpu_before
-            metrics_after = daemon.metrics()
+            cpu, metrics_before, metrics_after = measure_until(daemon, end_ns)
             published = workers.receive(0)
             received = [workers.receive(1 + index) for index in range(readers)]
             delivered = sum(item["count"] for item in received)
