@@ -15,8 +15,10 @@ def test_micro_profile_runs_and_renders(tmp_path):
     assert results["ingest"] and all(cell["records_per_s"] > 0 for cell in results["ingest"])
     assert results["replay"]["unfiltered"]["delivered"] == results["replay"]["records"]
     assert results["publisher"]["dropped_full"] == 0
-    # The caller's own CPU is part of the wall time it took.
-    assert 0 < results["publisher"]["caller_cpu_ns"] <= results["publisher"]["amortised_ns"]
+    # Both clocks are reported. They are not compared: the thread CPU clock and
+    # the wall clock have different granularity, and CI once read the caller's
+    # CPU 1 ns over the wall time (303.2 vs 302.2 ns); a timed assertion anyway.
+    assert results["publisher"]["caller_cpu_ns"] > 0 and results["publisher"]["amortised_ns"] > 0
     assert results["replay"]["pipe"]["bytes"] == results["replay"]["records"] * e2e.RECORD_SIZE
     assert [cell["subscribers"] for cell in results["fanout"]] == [1, 2]
     assert all(cell["delivered"] > 0 for cell in results["fanout"])
