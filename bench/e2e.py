@@ -1290,134 +1290,105 @@ under two minutes (smaller counts; the rows say which).
 PROFILE_NOTES = """\
 ### What bounds each target (profiles and measurements, issue 13)
 
-The run above shared the machine's 2 vCPUs with other sessions' test suites
-(load average 3-5 throughout), and the disk changed speed between runs: in
-an earlier full run of the same code the same hour (load 4-5), one 64-byte
-pwrite + fdatasync took 182 µs p50 (3,035 µs above), the plain loop at
-4,096 records per commit wrote 6.2 M records/s (1.1 M above) and Redis
-`always` 74 k/s (150 k above). The verdicts that compare the daemon's CPU
-with the disk flip with it: in that run ingest was 16.25x Redis (met) but
-19% of the plain loop at 4,096 records per fdatasync (missed), and the
-awaiting-each-ack p50 was 5.30x the plain p50 (963 vs 182 µs, missed). On
-a fast disk the daemon is CPU-bound; on a slow one the disk hides it. Read
-the ratios of one run, and both runs for the CPU-bound targets.
+Read with the run above (2026-12-02 07:03-07:07 UTC, load ~1, a fast disk
+that day: one 64-byte pwrite + fdatasync 197 µs p50). The disk's speed
+flips the verdicts that set the daemon's CPU against it: on the slow-disk
+day of the first revision (3,035 µs p50) durable ingest was 84% of the plain
+loop (met) and the awaiting-each-ack p50 0.58x the plain one (met); on a
+fast disk the daemon is CPU-bound and both are missed. Profiles below are
+`.venv/bin/python -m ringtail.bench.profile SCENARIO` (py-spy, 250 Hz, the
+daemon's samples, self % unless "total") on the same tree, the same hour.
+What was changed for this issue, with an A/B figure per change, is in
+"End to end, issue 13: the changes" below.
 
-**Replay** (missed: 7% of the pipe ceiling unfiltered, 7% filtered; target
-50% / 30%). Profiled with `.venv/bin/python -m ringtail.bench.profile replay`
-(py-spy, 250 Hz, 10 s of back-to-back replays of 3 M records, load ~4), on
-the tree before this work (1cb3d59) and after it (46aa35a), self % of the
-daemon's samples:
+**Durable ingest, 4 x 1,024** (missed here: 9.74x Redis, target 15x; 27% of
+the plain loop at the 4,096 records per fdatasync the daemon reached,
+target 80%). The daemon's CPU is the bound: 0.55-0.63 CPU s per M records,
+so at most ~1.6-1.8 M records/s on one core, where 80% of the plain loop
+is 4.7 M/s, 213 ns per record for everything. Profile `ingest` (1.66 M
+records/s): BLAKE3 of each 64-record chunk 15.0, the `recv` syscalls 9.3,
+epoll 7.9, the codec's receive buffer 7.7, joining a chain's batches 7.6,
+the chunk-table entries 6.1 (Python per chunk), the records' magic and
+tenant check 4.9; nothing else over 2. BLAKE3 alone costs 40-55 ns per
+record on this CPU (below). Tried and dropped: glibc's mmap threshold at
+8 MiB instead of 128 KiB (service/limits.py: every buffer over it is a
+fresh mmap, and a 256 KiB `b"".join` measures 241 µs against 8 µs without
+it): 0.53-0.54 against 0.55-0.57 CPU s per M records, 2 alternated rounds,
+a 4% gain not worth issue 9's promise that freed batches leave at once.
+What would reach it: the receive, check, hash and plan of a chain in native
+code (one copy from the socket into the chain's buffer), or one daemon per
+tenant shard where cores are free (here the publishers use the other one).
+One publisher of 1,024-record batches reached 1.98 M/s = 12.4x Redis.
 
-| function | before | after | what it is |
-|---|---:|---:|---|
-| trio `_nonblocking_helper` | 39.2 | 32.2 | the `send` syscalls of the Records frames (the copy into the socket buffer) |
-| ioring `chunk_digest` | 11.4 | 24.0 | BLAKE3 of each 64-record chunk, one call per chunk |
-| ioring `verify_run` | 4.5 | 10.3 | per-chunk Python of the verification |
-| reader `_read_cached` / `_read_into_cached` | 15.2 | 3.1 | preadv RWF_NOWAIT: before into a fresh 256 KiB bytearray per read (an mmap, 64 page faults, a munmap: glibc's mmap threshold is 128 KiB, service/limits.py), after into the subscription's one buffer |
-| protocol `encode_records_frame` | 10.2 | 2.7 | the Records frame (a copy): before 256 KiB (mmap'd again), after at most 1,792 records (under the threshold: heap) |
-| trio `get_events` | 8.1 | 6.2 | waiting for the socket to drain |
-| replays in the 10 s | 9 | 13 | |
+**1-record frames, 4 and 16 publishers, window 16** (missed: 74.3 and 60.3
+µs of daemon CPU per record, target 10; 0.22x and 0.15x Redis `-P 16`).
+Group commit gathers 23-85 records per fdatasync, so each frame's own path
+is the bound. Profile `ingest-small` (13,043 records/s, 74 µs per record),
+self %: the per-frame Python ~37 (receive 6.0, queueing 5.5, dataclass
+inits 3.8, the writer's publish 3.2 and take 2.8, the reply 2.2 + 3.4, the
+codec's decode 1.8 + 1.6 + 1.4, the gate 1.6), Trio's scheduler and epoll
+~13 (`unrolled_run` 4.6, `get_events` 7.2), the socket syscalls 9.3, the
+io_uring submit 8.5 total. 10 µs per record is ~7x below what one frame
+costs in Python on this design. What would reach it: bigger frames (64
+records per frame cost 2.06 µs per record in the same run; the Publisher
+batches for its callers), or a native receive/Ack loop that hands Python
+one request per read.
 
-In one process (run_subscription over a 1 M-record ring, each frame
-encoded and dropped; CPU time): unfiltered ~140-240 ns per record before,
-~90-112 after (10-11 M records/s on a CPU of its own). End to end the
-daemon shares 2 vCPUs with the reader and the machine's other load, so the
-table's 2.5 M/s is far below that. The pipe ceiling is a bare `preadv` +
-`sendall` of 256 KiB steps: ~27 ns per record (38 M/s). 50% of it leaves
-the daemon ~55 ns per record for verification, framing and the send; the
-verification alone (one BLAKE3 call and ~2 µs of Python per 64-record
-chunk) costs ~50. **Not reachable in Python with per-chunk verification on
-this design.** What would come closer, in order: send the frame header and
-the buffer's view in one `sendmsg` instead of encoding a frame copy
-(service/connection.py `send_records` and a header-only encoder in
-service/protocol: not this work's files; it also makes the 1,792-record
-frame split moot, so frames could go back to 4,096 records); verify a run
-of chunks in one native call (the engine's); a native send loop. The
-filtered replay reads and verifies every record too, so the same bound
-applies (the filter itself is vectorised and sends 1/16 of the bytes).
+**1 record awaiting each ack** (missed here: 4.74x, 931 µs against 197 µs;
+met on the slow disk, 0.58x). The gap is the daemon's path around one
+fdatasync: two socket hops, three Trio tasks' wake-ups (receive, writer,
+reply), the chain's linked writes and fdatasync on io_uring's worker thread
+(the engine section: the chain alone is ~2.1x the plain calls' p50), and
+the reap. What would reach 1.25x: write and fdatasync a lone small batch
+inline on the loop, or a native write path.
 
-**Durable ingest, 4 x 1,024** (met above on a slow disk: 84% of the plain
-loop at 4,096 records per fdatasync, 6.21x Redis; in the fast-disk run
-19% and 16.25x). Group commit reaches 4,096 records per fdatasync (the
-chain's maximum) in every 1,024-record cell, so the disk is not the bound
-on a fast disk: the daemon's CPU is, 0.64-0.76 CPU s per M records, at most
-~1.3-1.6 M records/s on one core, against 5.0 M/s for 80% of the fast run's
-plain loop (≤ 0.2 µs per record). The profile in the previous revision of
-this section (socket syscalls 20%, chunk-table entries 12%, the io_uring
-submit's inline copy 12%, four copies of each record) still describes it.
-What would reach it: `recv_into` a preallocated chain buffer (one copy),
-plan chain N+1 while N is in flight, and one daemon process per tenant
-shard to use the second core (service/connection.py, batcher.py,
-ioring/batch.py, ring.py: the lead's files).
+**Live tail** (missed: p99 +5.7 ms over the commit's own p99 at 10 k/s and
+at 100 k/s, target +1 ms). This is group commit's floor: a record that
+arrives while a chain is flushing is not covered by that flush, so it
+waits for the rest of it, then for its own chain; its p99 is the commit's
+p99 plus up to one more commit. The commit's p99 (7.4-8.8 ms against a
+bare fdatasync's 0.2-0.8 ms p99) is mostly the loop's queueing: the daemon
+used ~75% of a CPU in these cells, beside the publisher and the reader. On
+this disk two flushes overlap (two threads of pwrite + fdatasync on one
+preallocated file made 1.5-2.2x the fdatasyncs/s of one thread, at a
+similar p50: 4,191 -> 9,153 and 7,006 -> 10,342 per s), so two chains in
+flight would remove most of the wait: chain N+1 submitted while N flushes,
+its header written after N's, its acks after N's. Not done: the ring keeps
+one chain in flight, and its recovery (one chain rolled forward past the
+header) and its alternating header and chunk-table copies (a torn write
+leaves the previous copy; docs/FORMAT.md) are built on that: changing it
+needs its own crash tests.
 
-**1-record frames, 4 and 16 publishers, window 16** (missed: 158-212 µs of
-daemon CPU per record, target 10; 0.05-0.11x Redis `-P 16 -c 4|16` above,
-0.13-0.47x in the fast-disk run). Group commit works (9 and 25 records per
-fdatasync), so each frame's own cost is the bound. Profiled at 04:46 on
-the same tree (`-m ringtail.bench.profile ingest-small`, 4 x 1 record, window 16:
-4,283 records/s at 164 µs of CPU per record; total % of the daemon's
-samples):
+**Replay** (missed: 12% of the pipe ceiling unfiltered and filtered,
+target 50% / 30%). Profile `replay` (9.0 M records/s in the profile's own
+loop), self %: BLAKE3 per 64-record chunk 33.9 and the per-chunk
+verification's Python 13.2 (47% verifying), epoll 21.3 (waiting for the
+reader to drain the socket), `sendmsg` 11.6, `preadv` 5.6; framing is gone
+(header + the read buffer's view in one `sendmsg`). One BLAKE3 call per
+4 KiB chunk costs 40-55 ns per record on this CPU (a timeit over 256 KiB:
+the format's hash input 55 ns, the bare chunk 40-53, one 256 KiB call 17):
+verifying alone caps one core at 18-25 M records/s, 50-68% of the 36.5 M/s
+ceiling, before the read, the send and the reader's share of 2 vCPUs. Not
+reachable in Python with per-chunk verification. What would: a native
+verify-and-send loop, or trusting the page cache for chunks verified once
+(which weakens verify-before-send: not done). The filtered replay reads
+and verifies every record too, so the same bound holds.
 
-| total % | where |
-|---:|---|
-| 38.3 | the receive loop (`ConnectionHandler.receive_loop`): 9.8 the `recv` per frame, 13 Trio `CancelScope` enter/exit (`_next_event_or_idle` opens one per frame for the idle timeout), 6 the codec's `next_event`, 3.4 queueing the publish |
-| 20.0 | the writer (`TenantWriter.run`): 12.3 `RingFile.submit` (6.5 of it `io_uring_enter`), 2.8 planning |
-| 18.7 | the reply loop: 13.6 one `send` per Ack |
-| ~20 | Trio's scheduler between the three tasks (wake-ups, reschedules) |
+**Publisher.publish()** (missed: 1,357 ns wall per record; the caller
+thread's own CPU 305 ns, target 300). The caller's CPU is a method call,
+three checks and a deque append; the wall time adds the Publisher's sender
+thread's turns at the GIL (encoding, `sendall`, acks). What would reach it:
+the sender's per-record work off the GIL (native code, or a child process
+fed through shared memory).
 
-10 µs per record is ~16x below what one frame costs in this design. What
-would reach it: parse every whole frame of a receive in one pass and hand
-the batcher one request per read, one Ack write per read (or per commit)
-for all the frames it answers, one idle-timeout scope per connection whose
-deadline moves instead of a new CancelScope per frame, no Event per request
-(service/connection.py, batcher.py: the lead's files).
-
-**1 record awaiting each ack** (met above, 0.58x, because the plain
-pwrite + fdatasync took 3 ms p50 on that disk; missed in the fast-disk run,
-5.30x: 963 µs vs 182 µs). On a fast disk the gap is the daemon's path:
-two socket hops, the batcher, chain planning, the linked write + fdatasync
-on io_uring's worker threads, reap. The engine section measures the
-io_uring chain alone at 2.1x the plain calls' p50. What would reach 1.25x:
-write and fdatasync a lone small batch synchronously on the loop (~0.2 ms
-of loop time) or a native write path (ring.py / batcher.py).
-
-**Live tail** (missed: p99 47 ms at 10 k/s, 222 ms at 100 k/s, against the
-commit's own p99 of 13 and 24 ms from the daemon's histogram; in the
-fast-disk run 18 and 109 ms against 9.6 and 24). The commit histogram
-times a chain from submit to durable; a tailed record also waits for the
-chain in flight before its own, then the subscriber wakes on the commit,
-reads the batch back, verifies and sends it, all on 2 vCPUs shared with
-the publisher and the reader (and here with other sessions' load). The
-100 k/s p50 (69 ms) is far above the commit's, so most of it is queueing
-for the CPU, not the disk. What would help: hand a committed batch's bytes
-to its live followers from memory instead of reading them back (the
-writer's commit callback, service/tenants.py / batcher.py, would pass
-them; run_subscription would take them), which removes one read and one
-verification per batch and follower.
-
-**Publisher.publish()** (missed: 1,643 ns above, 2,916 in the fast-disk
-run, 937 with --quick; target 300; earlier quiet runs 196-507 ns). The
-caller shares the GIL with the Publisher's own sender thread, which
-encodes and sends in the same process, so on a loaded 2-vCPU machine the
-caller waits for GIL hand-offs (switch interval 5 ms; the worst stall, 88
-ms, is that). Not this work's file (service/publisher.py).
-
-**Scale** (RSS met: 105.6 MiB = 110.7 MB with 1,000 tenants and 1,000
-subscribers; 78.5 MiB with the 1,000 rings open and no connection, so
-~27 KiB per subscriber connection). A follower that caught up holds no read
-buffer: the first version of this work's buffer reuse kept a view of it
-alive in the loop while the subscription waited, and this cell measured
-172 MiB (68 KiB per subscriber) until that was fixed (a test now checks it
-with tracemalloc). Fan-out at 100 k records/s: daemon CPU per delivered
-record 5.2 µs (1 follower), 0.66 (10), 0.36 (100): the read, verification
-and per-frame costs are per follower and per frame, and frames grow as
-followers fall behind. The 10 and 100 points are bounded by the readers:
-4 Python processes on 2 vCPUs took 5.3 M of the 30 M records offered to 100
-followers, so their p99 (0.3 s, 1.7 s) is the readers' queueing. Start-up
-with 1,000 rings to /readyz: 2.7 s after SIGTERM, 2.5 s after kill -9
-(5.0 s for the first start, right after the files were written; not
-investigated). The interpreter's own start is ~1.5-1.8 s of each (measured
-with 3 rings).
+**Scale** (met: 110.1 MB RSS with 1,000 tenants and 1,000 subscribers;
+78.6 MiB with the rings open and no connection, so ~27 KiB per subscriber).
+Fan-out at 100 k records/s: 7.27 µs of daemon CPU per delivered record
+with 1 follower, 0.89 with 10, 0.22 with 100; the 100-follower point is
+bounded by the readers (4 Python processes on 2 vCPUs took 13.3 M of the
+30 M records offered), so its p99 (1.7 s) is their queueing. Start-up to
+/readyz with 1,000 rings: 2.48 s after SIGTERM, 2.27 s after kill -9
+(3.17 s fresh, right after the files were written).
 """
 
 
