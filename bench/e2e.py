@@ -304,9 +304,12 @@ class Workers:
 
 # -- 1. ceiling --------------------------------------------------------------------
 
+# The plain loops' file: zero-filled and fsynced before timing, as a ring is.
+PLAIN_FILE_SIZE_BYTES = 64 << 20
 
-def plain_loop(path: str, batch: int, sync: bool, seconds: float) -> float:
-    size = 64 << 20
+
+def open_preallocated(path: str, size: int) -> int:
+    """A descriptor of `path`, at least `size` bytes written (zeros) and fsynced."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_size < size:
@@ -314,6 +317,16 @@ def plain_loop(path: str, batch: int, sync: bool, seconds: float) -> float:
             for offset in range(0, size, len(chunk)):
                 os.pwrite(fd, chunk, offset)
             os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def plain_loop(path: str, batch: int, sync: bool, seconds: float) -> float:
+    size = PLAIN_FILE_SIZE_BYTES
+    fd = open_preallocated(path, size)
+    try:
         data = raw.make_records(1, batch)
         step = len(data)
         offset, count = 0, 0
@@ -341,14 +354,9 @@ def plain_latency(path: str, seconds: float) -> dict:
     """p50/p99 µs of one 64-byte `os.pwrite` + `os.fdatasync` at sequential
     offsets of a preallocated (zero-filled, fsynced) file: the durable
     round trip's floor, for the awaiting-each-ack row."""
-    size = 64 << 20
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    size = PLAIN_FILE_SIZE_BYTES
+    fd = open_preallocated(path, size)
     try:
-        if os.fstat(fd).st_size < size:
-            chunk = bytes(1 << 20)
-            for offset in range(0, size, len(chunk)):
-                os.pwrite(fd, chunk, offset)
-            os.fsync(fd)
         record = raw.make_records(1, 1)
         latencies = []
         offset = 0

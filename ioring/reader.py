@@ -106,12 +106,8 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
         BlockingIOError: `cached_only` and part of the range is not in the page
             cache (or the file system cannot tell): read it where waiting is fine.
     """
-    if count <= 0 or first_sequence < oldest or first_sequence + count > next_sequence:
-        raise RingRangeError(first_sequence, count, oldest, next_sequence)
     layout = table.layout
-    end = first_sequence + count
-    chunk_first = first_sequence // CHUNK_RECORD_COUNT
-    chunk_last = (end - 1) // CHUNK_RECORD_COUNT
+    end, chunk_first, chunk_last = _chunk_span(first_sequence, count, oldest, next_sequence)
     pieces = []
     for chunk, run, run_start, run_end, offset, size in _chunk_runs(
             layout, chunk_first, chunk_last, next_sequence):
@@ -127,6 +123,15 @@ def read_verified(fd: int, path: str, table: ChunkTable, file_id: int,
     # One whole run is returned as read (bytes, or the bytearray of a cached-only read).
     return pieces[0] if len(pieces) == 1 and not isinstance(pieces[0], memoryview) \
         else b"".join(pieces)
+
+
+def _chunk_span(first_sequence: int, count: int, oldest: int,
+                next_sequence: int) -> tuple[int, int, int]:
+    """(end, first chunk, last chunk) of a retained range; RingRangeError if it is not."""
+    if count <= 0 or first_sequence < oldest or first_sequence + count > next_sequence:
+        raise RingRangeError(first_sequence, count, oldest, next_sequence)
+    end = first_sequence + count
+    return end, first_sequence // CHUNK_RECORD_COUNT, (end - 1) // CHUNK_RECORD_COUNT
 
 
 def read_verified_into(fd: int, path: str, table: ChunkTable, file_id: int,
@@ -145,12 +150,8 @@ def read_verified_into(fd: int, path: str, table: ChunkTable, file_id: int,
     Raises: as `read_verified` (RingRangeError, RingCorruptError,
     BlockingIOError for `cached_only`); ValueError if `buffer` is too small.
     """
-    if count <= 0 or first_sequence < oldest or first_sequence + count > next_sequence:
-        raise RingRangeError(first_sequence, count, oldest, next_sequence)
     layout = table.layout
-    end = first_sequence + count
-    chunk_first = first_sequence // CHUNK_RECORD_COUNT
-    chunk_last = (end - 1) // CHUNK_RECORD_COUNT
+    end, chunk_first, chunk_last = _chunk_span(first_sequence, count, oldest, next_sequence)
     covering = (min((chunk_last + 1) * CHUNK_RECORD_COUNT, next_sequence)
                 - chunk_first * CHUNK_RECORD_COUNT) * RECORD_SIZE_BYTES
     if covering > buffer.nbytes:
