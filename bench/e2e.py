@@ -1347,8 +1347,14 @@ met on the slow disk, 0.58x). The gap is the daemon's path around one
 fdatasync: two socket hops, three Trio tasks' wake-ups (receive, writer,
 reply), the chain's linked writes and fdatasync on io_uring's worker thread
 (the engine section: the chain alone is ~2.1x the plain calls' p50), and
-the reap. What would reach 1.25x: write and fdatasync a lone small batch
-inline on the loop, or a native write path.
+the reap. Without the disk the path alone is most of it: the same round
+trip with `--sync none` (nothing flushed) took 481-542 µs p50, and 937-1,060
+with `--sync batch`, on io_uring and on the thread backend alike (a probe
+at 08:00, 2 rounds of 3 s each; under strace one round trip is 12 syscalls:
+two receives, an epoll_ctl per wait, the io_uring_enter, the eventfd read,
+the Ack's send). What would reach 1.25x: write and fdatasync a lone small
+batch inline on the loop (which stalls every other tenant for a flush), or a
+native receive-write-ack path.
 
 **Live tail** (missed: p99 +5.7 ms over the commit's own p99 at 10 k/s and
 at 100 k/s, target +1 ms). This is group commit's floor: a record that
