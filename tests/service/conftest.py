@@ -39,6 +39,7 @@ from ringtail.ioring.record import RECORD_SIZE_BYTES, SlotRecord
 from ringtail.service.client import Client
 
 from ..conftest import require_uring
+from ..ioring.conftest import flip_byte
 from ringtail.service.protocol import (FRAME_HEADER_SIZE_BYTES, End, Gap, Hello, Records, StartKind,
                                        decode_frame, encode_event)
 
@@ -377,6 +378,15 @@ class RecordFactory:
 
     def records(self, count: int, **overrides) -> bytes:
         return b"".join(self.record(**overrides) for _ in range(count))
+
+
+def damage_snapshot(path: str, where: str) -> int:
+    """Flip one bit of the snapshot file at `path` in its "header", a "chunk"
+    (the middle of the file) or its "trailer"; the offset damaged."""
+    size = os.path.getsize(path)
+    offset = {"header": 40, "chunk": size // 2, "trailer": size - 10}[where]
+    flip_byte(path, offset, 0x40)
+    return offset
 
 
 def split_records(data: bytes) -> list[bytes]:

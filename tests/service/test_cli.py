@@ -17,6 +17,7 @@ import pytest
 from ringtail.ioring.format import Layout
 from ringtail.ioring.record import FAILURE_CLASS_NAMES
 from ringtail.service.protocol import PUBLISH_RECORD_COUNT_MAX
+from tests.ioring.conftest import flip_byte
 from tests.service.conftest import RINGTAIL, RecordFactory, run_cli, split_records
 
 TENANT = 21
@@ -106,12 +107,7 @@ def test_json_tail_decodes_every_field(daemon):
 
 
 def flip_record_byte(path: str, capacity: int, sequence: int) -> None:
-    offset = Layout(capacity).record_offset(sequence) + 33
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        byte = file.read(1)
-        file.seek(offset)
-        file.write(bytes([byte[0] ^ 0x40]))
+    flip_byte(path, Layout(capacity).record_offset(sequence) + 33, 0x40)
 
 
 def test_verify_passes_a_healthy_data_dir_and_fails_after_a_flipped_byte(daemon):

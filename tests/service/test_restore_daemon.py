@@ -22,7 +22,7 @@ from ringtail.service.errors import RingtailError
 from ringtail.service.protocol import ErrorCode
 from ringtail.service.snapshots import RESTORE_PIPELINE_BATCH_COUNT, restore_through_daemon
 
-from tests.service.conftest import RINGTAIL, RecordFactory, read_all, write_config
+from tests.service.conftest import RINGTAIL, RecordFactory, damage_snapshot, read_all, write_config
 
 COMMAND_TIMEOUT_S = 120
 TIMEOUT_S = 120
@@ -212,13 +212,7 @@ async def test_a_damaged_snapshot_is_refused_before_anything_is_sent(daemon, tmp
     await publish(server.socket_path, 1, RecordFactory(1, seed=9).records(1000))
     out = os.fspath(tmp_path / "one.snap")
     await take_snapshot(server, 1, out)
-    size = os.path.getsize(out)
-    offset = {"header": 40, "chunk": size // 2, "trailer": size - 10}[where]
-    with open(out, "r+b") as file:
-        file.seek(offset)
-        byte = file.read(1)
-        file.seek(offset)
-        file.write(bytes([byte[0] ^ 0x40]))
+    offset = damage_snapshot(out, where)
     result = await ringtail("restore", out, "--tenant", "2", "--socket", server.socket_path)
     assert result.returncode == 1
     found = re.search(rb"at byte offset (\d+): ", result.stderr)

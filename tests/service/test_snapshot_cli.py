@@ -12,8 +12,8 @@ import trio
 from ringtail.ioring.snapshot import iter_snapshot_chunks, verify_snapshot
 from ringtail.service.client import Client
 
-from tests.service.conftest import (RINGTAIL, DaemonProcess, RecordFactory, read_all, run_cli,
-                                    short_socket_dir)
+from tests.service.conftest import (RINGTAIL, DaemonProcess, RecordFactory, damage_snapshot,
+                                    read_all, run_cli, short_socket_dir)
 
 COMMAND_TIMEOUT_S = 120
 SNAPSHOT_LINE = re.compile(rb"snapshot of tenant (\d+): (\d+) records, sequences (\d+)\.\.(\d+), "
@@ -123,13 +123,7 @@ def test_a_damaged_snapshot_is_refused_with_its_offset_and_nothing_is_written(
     out = os.fspath(tmp_path / "one.snap")
     with open(out, "wb") as file:
         file.write(multi_chunk_snapshot)
-    size = os.path.getsize(out)
-    offset = {"header": 40, "chunk": size // 2, "trailer": size - 10}[where]
-    with open(out, "r+b") as file:
-        file.seek(offset)
-        byte = file.read(1)
-        file.seek(offset)
-        file.write(bytes([byte[0] ^ 0x40]))
+    offset = damage_snapshot(out, where)
     data_dir = os.fspath(tmp_path / "elsewhere")
     result = run_cli("restore", out, "--tenant", "9", "--data-dir", data_dir)
     assert result.returncode == 1

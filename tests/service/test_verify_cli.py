@@ -14,6 +14,7 @@ import subprocess
 from ringtail.ioring.format import HEADER_COPY_OFFSETS, HEADER_SIZE_BYTES, decode_header
 from ringtail.ioring.ring import open_ring
 from ringtail.ioring.record import SlotRecord
+from tests.ioring.conftest import flip_byte
 from tests.service.conftest import RINGTAIL
 
 COMMAND_TIMEOUT_S = 60
@@ -40,20 +41,12 @@ def older_copy(path: str) -> int:
     return generations.index(min(generations))
 
 
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        byte = file.read(1)
-        file.seek(offset)
-        file.write(bytes([byte[0] ^ 0x01]))
-
-
 def test_an_unusable_header_copy_is_reported_with_its_offset_and_fails_with_strict(tmp_path):
     path = os.fspath(tmp_path / "tenant-1.ring")
     write_ring(path, 1, 100)
     copy = older_copy(path)
     offset = HEADER_COPY_OFFSETS[copy]
-    flip(path, offset + 40)  # next_sequence of the copy not in use: its checksum fails
+    flip_byte(path, offset + 40)  # next_sequence of the copy not in use: its checksum fails
 
     plain = ringtail("verify", path)
     # Not data loss (the other copy is in use): exit 0 without --strict, but said.
