@@ -1308,7 +1308,7 @@ fast disk the daemon is CPU-bound and both are missed. Profiles below are
 daemon's samples, self % unless "total") on the same tree, the same hour.
 What was changed for this issue, with an A/B figure per change, is in
 "End to end, issue 13: the changes" below. A `--quick` run on the same tree
-at 08:12 (load ~0.9) flipped two verdicts to met: `Publisher.publish()`
+at 07:30 (load ~0.9) flipped two verdicts to met: `Publisher.publish()`
 227 ns wall per record (178 ns of the caller's CPU), and the live tail at
 10 k/s, p99 +0.76 ms over a commit p99 of 2.3 ms (at 100 k/s +2.2 ms,
 missed); the others kept their verdicts (ingest 10.4x Redis and 22% of the
@@ -1356,7 +1356,7 @@ reply), the chain's linked writes and fdatasync on io_uring's worker thread
 the reap. Without the disk the path alone is most of it: the same round
 trip with `--sync none` (nothing flushed) took 481-542 µs p50, and 937-1,060
 with `--sync batch`, on io_uring and on the thread backend alike (a probe
-at 08:00, 2 rounds of 3 s each; under strace one round trip is 12 syscalls:
+at 07:27, 2 rounds of 3 s each; under strace one round trip is 12 syscalls:
 two receives, an epoll_ctl per wait, the io_uring_enter, the eventfd read,
 the Ack's send). What would reach 1.25x: write and fdatasync a lone small
 batch inline on the loop (which stalls every other tenant for a flush), or a
