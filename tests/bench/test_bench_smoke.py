@@ -19,6 +19,8 @@ def test_micro_profile_runs_and_renders(tmp_path):
     # the wall clock have different granularity, and CI once read the caller's
     # CPU 1 ns over the wall time (303.2 vs 302.2 ns); a timed assertion anyway.
     assert results["publisher"]["caller_cpu_ns"] > 0 and results["publisher"]["amortised_ns"] > 0
+    # The stall is measured unpaced (backpressure) and paced at half that rate.
+    assert results["publisher"]["paced_worst_stall_ns"] > 0 < results["publisher"]["paced_rate"]
     assert results["replay"]["pipe"]["bytes"] == results["replay"]["records"] * e2e.RECORD_SIZE
     assert [cell["subscribers"] for cell in results["fanout"]] == [1, 2]
     assert all(cell["delivered"] > 0 for cell in results["fanout"])
